@@ -1,0 +1,1 @@
+"""Models: the frozen ViT backbone and the LPT prompts around it."""

@@ -1,0 +1,171 @@
+"""LPT around a frozen ViT: shared prompt, group-prompt pool with keys, cosine head.
+
+Parameters (`LPT.init(...)['params']`):
+    backbone/...                  the ViT (big_vision names), frozen in both phases
+    shared_prompt (L, P, D)       VPT-deep prompt, trained in phase 1
+    pool_prompts (M, L-K, P, D)   group prompts for blocks K..L-1, trained in phase 2
+    pool_keys (M, D)              keys matched against the phase-1 query, trained in phase 2
+    head/kernel (D, C)            cosine classifier, trained in both phases
+
+Forward functions (use as `model.apply(variables, images, method=...)`):
+    `phase1`          logits with the shared prompt only;
+    `phase2`          training/inference of phase 2 on the exact shared trunk: blocks 0..K-1
+                      run once, then branch into the query path and the group-prompt path;
+    `phase2_reference` the release's way (two full passes), for tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lpt_jax.models.vit import ViT
+
+# Regexes over parameter paths: what each phase trains (everything else is frozen).
+TRAINABLE = {
+    1: (r"shared_prompt", r"head/.*"),
+    2: (r"pool_prompts", r"pool_keys", r"head/.*"),
+}
+
+
+def l2_normalize(x, axis=-1, eps=1e-12):
+    """x / max(||x||, eps), as torch.nn.functional.normalize."""
+    norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
+    return x / jnp.maximum(norm, eps)
+
+
+def _unit_columns_init(key, shape, dtype=jnp.float32):
+    w = jax.random.uniform(key, shape, dtype, -1.0, 1.0)
+    return l2_normalize(w, axis=0)
+
+
+class CosineHead(nn.Module):
+    """z = normalize(f) . normalize(W) per class column; raw cosines, the scale is the loss's."""
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, feature):
+        w = self.param("kernel", _unit_columns_init, (feature.shape[-1], self.num_classes))
+        f = l2_normalize(feature.astype(jnp.float32))
+        return f @ l2_normalize(w, axis=0)
+
+
+class LPT(nn.Module):
+    backbone: ViT
+    num_classes: int
+    prompt_length: int = 10
+    pool_size: int = 20
+    shared_depth: int = 6          # K: blocks 0..K-1 see the shared prompt only
+    top_k: int = 2
+    head_dropout: float = 0.1
+    prompt_init_std: float = 0.02
+    prompt_position: str = "append"  # or 'after_cls' (equivalent: prompts have no posemb)
+
+    def setup(self):
+        depth, width = self.backbone.depth, self.backbone.width
+        if not 0 <= self.shared_depth <= depth:
+            raise ValueError(f"shared_depth {self.shared_depth} must be within [0, {depth}]")
+        if not 1 <= self.top_k <= self.pool_size:
+            raise ValueError(f"top_k {self.top_k} must be within [1, pool_size={self.pool_size}]")
+        init = nn.initializers.normal(self.prompt_init_std)  # untruncated N(0, std^2)
+        self.shared_prompt = self.param("shared_prompt", init,
+                                        (depth, self.prompt_length, width))
+        self.pool_prompts = self.param(
+            "pool_prompts", init,
+            (self.pool_size, depth - self.shared_depth, self.prompt_length, width))
+        self.pool_keys = self.param("pool_keys", init, (self.pool_size, width))
+        self.head = CosineHead(self.num_classes, name="head")
+        self.dropout = nn.Dropout(self.head_dropout)
+
+    # ---- building blocks ------------------------------------------------------------------
+    def _shared(self, i):
+        return self.shared_prompt[i]
+
+    def _run(self, x, start, stop, extra_for_block):
+        extras = {i: extra_for_block(i) for i in range(start, stop)}
+        return self.backbone.encode(x, start, stop, extras, self.prompt_position)
+
+    def _classify(self, x, train: bool):
+        feature = self.backbone.features(x)
+        feature = self.dropout(feature, deterministic=not train)
+        return self.head(feature)
+
+    def trunk(self, images):
+        """Tokens after blocks 0..K-1 with the shared prompt (identical for query and main pass)."""
+        x = self.backbone.embed(images)
+        return self._run(x, 0, self.shared_depth, self._shared)
+
+    def query_from_trunk(self, x):
+        """Blocks K..L-1 with the shared prompt only -> CLS feature, gradient stopped."""
+        x = self._run(x, self.shared_depth, self.backbone.depth, self._shared)
+        return jax.lax.stop_gradient(self.backbone.features(x))
+
+    def select(self, query):
+        """Per-sample cosine top-k of the keys. Returns (indices (B,k), cosines (B,k))."""
+        sims = l2_normalize(query.astype(jnp.float32)) @ l2_normalize(
+            self.pool_keys.astype(jnp.float32)).T
+        cos, idx = jax.lax.top_k(sims, self.top_k)
+        return idx, cos
+
+    def main_from_trunk(self, x, idx, train: bool):
+        """Blocks K..L-1 with [shared_i ; mean of the selected group prompts] -> logits."""
+        group = jnp.mean(jnp.take(self.pool_prompts, idx, axis=0), axis=1)  # (B, L-K, P, D)
+        b = x.shape[0]
+
+        def extra(i):
+            shared = jnp.broadcast_to(self._shared(i), (b,) + self._shared(i).shape)
+            return jnp.concatenate([shared, group[:, i - self.shared_depth]], axis=1)
+
+        x = self._run(x, self.shared_depth, self.backbone.depth, extra)
+        return self._classify(x, train)
+
+    # ---- forward functions ----------------------------------------------------------------
+    def phase1(self, images, train: bool = False):
+        """Phase 1: the shared prompt at every block -> cosine logits (B, C)."""
+        x = self._run(self.backbone.embed(images), 0, self.backbone.depth, self._shared)
+        return self._classify(x, train)
+
+    def phase2(self, images, train: bool = False, stop_trunk_gradient: bool = True):
+        """Phase 2 on the exact shared trunk (L + (L-K) block evaluations instead of 2L).
+
+        Returns dict(logits (B,C), match S (scalar, mean over batch of summed top-k
+        cosines), indices (B,k), query (B,D)).
+        """
+        x = self.trunk(images)
+        if stop_trunk_gradient:  # backbone and shared prompt are frozen: no backward here
+            x = jax.lax.stop_gradient(x)
+        query = self.query_from_trunk(x)
+        idx, cos = self.select(query)
+        logits = self.main_from_trunk(x, idx, train)
+        return dict(logits=logits, match=jnp.mean(jnp.sum(cos, axis=1)), indices=idx,
+                    query=query)
+
+    def phase2_reference(self, images, train: bool = False):
+        """The release's computation: a full query pass and a full main pass (2L blocks)."""
+        x0 = self.backbone.embed(images)
+        query = jax.lax.stop_gradient(self.backbone.features(
+            self._run(x0, 0, self.backbone.depth, self._shared)))
+        idx, cos = self.select(query)
+        x = self._run(x0, 0, self.shared_depth, self._shared)
+        logits = self.main_from_trunk(x, idx, train)
+        return dict(logits=logits, match=jnp.mean(jnp.sum(cos, axis=1)), indices=idx,
+                    query=query)
+
+    def __call__(self, images, train: bool = False):
+        """Initialises every parameter (phase 2 touches them all)."""
+        return self.phase2_reference(images, train)
+
+
+def lpt_from_config(model_cfg, num_classes: int, backbone: Optional[ViT] = None) -> LPT:
+    """Builds the LPT model from the `model` section of a config (see configs/common.py)."""
+    from lpt_jax.models.vit import vit_from_config
+    backbone = backbone or vit_from_config(model_cfg.vit)
+    lpt = model_cfg.lpt
+    return LPT(backbone=backbone, num_classes=num_classes,
+               prompt_length=lpt.prompt_length, pool_size=lpt.pool_size,
+               shared_depth=lpt.shared_depth, top_k=lpt.top_k,
+               head_dropout=lpt.head_dropout, prompt_init_std=lpt.prompt_init_std,
+               prompt_position=lpt.prompt_position)

@@ -1,0 +1,279 @@
+"""A Linen ViT whose parameter tree uses big_vision's names, with per-block extra tokens.
+
+Parameter tree (what `ViT.init` creates and what `lpt_jax.backbone` loads):
+
+    embedding/{kernel (p, p, 3, D), bias}       patch embedding (a strided conv)
+    pos_embedding (1, N, D)                     learned, no CLS row (big_vision layout)
+    cls (1, 1, D)                               only with pool_type='tok'
+    Transformer/encoderblock_{i}/LayerNorm_0, MultiHeadDotProductAttention_0/{query,key,value,out},
+                                 LayerNorm_1, MlpBlock_0/{Dense_0,Dense_1}
+    Transformer/encoder_norm
+    pre_logits/{kernel,bias}                    only with representation_size
+    head/{kernel,bias}                          only with num_classes
+
+Extra tokens (the mechanism that prompts use): `encode(..., extras={i: tokens})` appends
+`tokens` (T, D) or (B, T, D) to the sequence for block i only and drops the T outputs after
+it, so the next block sees the original sequence length again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# width, depth, mlp_dim, num_heads, as in big_vision's `decode_variant`.
+VARIANTS: Mapping[str, tuple[int, int, int, int]] = {
+    "mu": (32, 1, 128, 2),  # test-sized
+    "Ti": (192, 12, 768, 3),
+    "S": (384, 12, 1536, 6),
+    "M": (512, 12, 2048, 8),
+    "B": (768, 12, 3072, 12),
+    "L": (1024, 24, 4096, 16),
+    "H": (1280, 32, 5120, 16),
+}
+
+
+def decode_variant(variant: str) -> dict:
+    """'B/16' -> dict(width=768, depth=12, mlp_dim=3072, num_heads=12, patch_size=(16, 16))."""
+    try:
+        size, patch = variant.split("/")
+        width, depth, mlp_dim, num_heads = VARIANTS[size]
+        patch_size = int(patch)
+    except (ValueError, KeyError):
+        raise ValueError(
+            f"Unknown ViT variant {variant!r}: expected '<size>/<patch>' with size in "
+            f"{sorted(VARIANTS)} and an integer patch, e.g. 'B/16'.") from None
+    return dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads,
+                patch_size=(patch_size, patch_size))
+
+
+class MlpBlock(nn.Module):
+    mlp_dim: int
+    gelu_approximate: bool = False
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        width = x.shape[-1]
+        dense = lambda n, name: nn.Dense(  # noqa: E731
+            n, dtype=self.dtype, name=name, kernel_init=nn.initializers.xavier_uniform(),
+            bias_init=nn.initializers.normal(stddev=1e-6))
+        x = dense(self.mlp_dim, "Dense_0")(x)
+        x = nn.gelu(x, approximate=self.gelu_approximate)
+        return dense(width, "Dense_1")(x)
+
+
+class MultiHeadDotProductAttention(nn.Module):
+    """Self-attention with Flax's parameter names (query/key/value/out as DenseGeneral)."""
+    num_heads: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        width = x.shape[-1]
+        if width % self.num_heads:
+            raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
+        head_dim = width // self.num_heads
+        proj = lambda name: nn.DenseGeneral(  # noqa: E731
+            (self.num_heads, head_dim), dtype=self.dtype, name=name,
+            kernel_init=nn.initializers.xavier_uniform())
+        q, k, v = proj("query")(x), proj("key")(x), proj("value")(x)  # (B, T, H, hd)
+        # Scale 1/sqrt(head_dim); XLA fuses this, and on GPU it may pick a fused kernel.
+        y = jax.nn.dot_product_attention(q, k, v)
+        return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, name="out",
+                               kernel_init=nn.initializers.xavier_uniform())(y)
+
+
+def _with_extra_tokens(x, extra, position):
+    """Insert `extra` (T, D) or (B, T, D) into x (B, S, D); returns the new sequence."""
+    extra = jnp.asarray(extra, x.dtype)
+    if extra.ndim == 2:
+        extra = jnp.broadcast_to(extra[None], (x.shape[0],) + extra.shape)
+    if position == "append":
+        return jnp.concatenate([x, extra], axis=1)
+    if position == "after_cls":
+        return jnp.concatenate([x[:, :1], extra, x[:, 1:]], axis=1)
+    raise ValueError(f"extra token position must be 'append' or 'after_cls', got {position!r}")
+
+
+def _without_extra_tokens(y, num_extra, position):
+    if position == "append":
+        return y[:, : y.shape[1] - num_extra]
+    return jnp.concatenate([y[:, :1], y[:, 1 + num_extra:]], axis=1)
+
+
+class Encoder1DBlock(nn.Module):
+    """Pre-norm transformer block; optional extra tokens live for this block only."""
+    mlp_dim: int
+    num_heads: int
+    layernorm_epsilon: float = 1e-6
+    gelu_approximate: bool = False
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, extra=None, extra_position: str = "append"):
+        if extra is not None:
+            x = _with_extra_tokens(x, extra, extra_position)
+        norm = lambda name: nn.LayerNorm(  # noqa: E731
+            epsilon=self.layernorm_epsilon, dtype=self.dtype, name=name)
+        y = norm("LayerNorm_0")(x)
+        y = MultiHeadDotProductAttention(self.num_heads, self.dtype,
+                                         name="MultiHeadDotProductAttention_0")(y)
+        x = x + y
+        y = norm("LayerNorm_1")(x)
+        y = MlpBlock(self.mlp_dim, self.gelu_approximate, self.dtype, name="MlpBlock_0")(y)
+        x = x + y
+        if extra is not None:
+            x = _without_extra_tokens(x, extra.shape[-2], extra_position)
+        return x
+
+
+class Encoder(nn.Module):
+    depth: int
+    mlp_dim: int
+    num_heads: int
+    layernorm_epsilon: float = 1e-6
+    gelu_approximate: bool = False
+    dtype: jnp.dtype = jnp.float32
+    remat: bool = False
+
+    def setup(self):
+        block_cls = Encoder1DBlock
+        if self.remat:  # recompute activations in backward: memory for FLOPs
+            block_cls = nn.remat(Encoder1DBlock, static_argnums=(3,))
+        self.blocks = [
+            block_cls(self.mlp_dim, self.num_heads, self.layernorm_epsilon,
+                      self.gelu_approximate, self.dtype, name=f"encoderblock_{i}")
+            for i in range(self.depth)]
+        self.encoder_norm = nn.LayerNorm(epsilon=self.layernorm_epsilon, dtype=self.dtype,
+                                         name="encoder_norm")
+
+    def __call__(self, x, start: int = 0, stop: Optional[int] = None,
+                 extras: Optional[Mapping[int, jax.Array]] = None,
+                 extra_position: str = "append"):
+        """Runs blocks [start, stop); `extras[i]` are tokens appended for block i only."""
+        stop = self.depth if stop is None else stop
+        extras = extras or {}
+        for i in range(start, stop):
+            x = self.blocks[i](x, extras.get(i), extra_position)
+        return x
+
+    def norm(self, x):
+        return self.encoder_norm(x)
+
+
+class ViT(nn.Module):
+    """Vision Transformer with big_vision parameter names.
+
+    Methods (use with `model.apply(variables, ..., method=...)`):
+      `embed(images)` -> tokens (B, [1+]N, D); `encode(tokens, start, stop, extras)`;
+      `features(tokens)` -> pooled pre-logits feature; `logits(feature)`; `__call__` does all.
+    """
+    num_classes: Optional[int] = None
+    image_size: Sequence[int] = (224, 224)
+    patch_size: Sequence[int] = (16, 16)
+    width: int = 768
+    depth: int = 12
+    mlp_dim: Optional[int] = None
+    num_heads: int = 12
+    pool_type: str = "tok"
+    representation_size: Optional[int] = None
+    layernorm_epsilon: float = 1e-6
+    gelu_approximate: bool = False
+    dtype: jnp.dtype = jnp.float32
+    remat: bool = False
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        (h, w), (ph, pw) = _pair(self.image_size), _pair(self.patch_size)
+        if h % ph or w % pw:
+            raise ValueError(f"image size {(h, w)} is not divisible by patch size {(ph, pw)}")
+        return h // ph, w // pw
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return 1 if self.pool_type == "tok" else 0
+
+    def setup(self):
+        if self.pool_type not in ("tok", "gap"):
+            raise ValueError(f"pool_type must be 'tok' or 'gap', got {self.pool_type!r}")
+        gh, gw = self.grid
+        self.embedding = nn.Conv(self.width, tuple(_pair(self.patch_size)),
+                                 strides=tuple(_pair(self.patch_size)), padding="VALID",
+                                 dtype=self.dtype, name="embedding")
+        self.pos_embedding = self.param(
+            "pos_embedding", nn.initializers.normal(stddev=1 / self.width ** 0.5),
+            (1, gh * gw, self.width))
+        if self.pool_type == "tok":
+            self.cls = self.param("cls", nn.initializers.zeros, (1, 1, self.width))
+        self.Transformer = Encoder(
+            self.depth, self.mlp_dim or 4 * self.width, self.num_heads, self.layernorm_epsilon,
+            self.gelu_approximate, self.dtype, self.remat, name="Transformer")
+        if self.representation_size:
+            self.pre_logits = nn.Dense(self.representation_size, dtype=self.dtype,
+                                       name="pre_logits")
+        if self.num_classes:
+            self.head = nn.Dense(self.num_classes, dtype=self.dtype, name="head",
+                                 kernel_init=nn.initializers.zeros)
+
+    def embed(self, images):
+        """NHWC images in [-1, 1] -> tokens (B, [1+]N, D): patches + position, CLS first."""
+        x = self.embedding(jnp.asarray(images, self.dtype))
+        b, h, w, d = x.shape
+        if (h, w) != self.grid:
+            raise ValueError(f"images give a {h}x{w} patch grid, the model was built for "
+                             f"{self.grid}: set image_size to the input size")
+        x = x.reshape(b, h * w, d) + self.pos_embedding.astype(self.dtype)
+        if self.pool_type == "tok":
+            cls = jnp.broadcast_to(self.cls.astype(self.dtype), (b, 1, d))
+            x = jnp.concatenate([cls, x], axis=1)
+        return x
+
+    def encode(self, x, start: int = 0, stop: Optional[int] = None, extras=None,
+               extra_position: str = "append"):
+        return self.Transformer(x, start, stop, extras, extra_position)
+
+    def features(self, x):
+        """Encoded tokens -> the pooled, normed (pre-logits) feature (B, D')."""
+        x = self.Transformer.norm(x)
+        x = x[:, 0] if self.pool_type == "tok" else jnp.mean(x, axis=1)
+        if self.representation_size:
+            x = jnp.tanh(self.pre_logits(x))
+        return x
+
+    def logits(self, feature):
+        if not self.num_classes:
+            raise ValueError("this ViT was built without a head (num_classes is None)")
+        return self.head(feature)
+
+    def __call__(self, images, extras=None, extra_position: str = "append"):
+        """Returns (logits or None, {'pre_logits': feature, 'encoded': tokens})."""
+        x = self.encode(self.embed(images), extras=extras, extra_position=extra_position)
+        feature = self.features(x)
+        logits = self.logits(feature) if self.num_classes else None
+        return logits, {"pre_logits": feature, "encoded": x}
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def vit_from_config(cfg, **overrides) -> ViT:
+    """Builds a ViT from an ml_collections/dict model config (see configs/common.py)."""
+    cfg = dict(cfg)
+    kwargs = decode_variant(cfg.pop("variant")) if cfg.get("variant") else {}
+    fields = {f.name for f in dataclasses.fields(ViT)} - {"parent", "name"}
+    for key, value in cfg.items():
+        if key in fields and value is not None:
+            kwargs[key] = value
+    kwargs.update(overrides)
+    dtype = kwargs.get("dtype", "float32")
+    kwargs["dtype"] = jnp.dtype(dtype) if isinstance(dtype, str) else dtype
+    for key in ("image_size", "patch_size"):
+        if key in kwargs:
+            kwargs[key] = _pair(kwargs[key])
+    return ViT(**kwargs)

@@ -1,0 +1,65 @@
+"""Parameter-tree helpers driven by 'a/b/c' paths: flatten, regex split into trainable/frozen, merge."""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable, Mapping
+
+
+def flatten(tree: Mapping, prefix: str = "") -> dict[str, object]:
+    """{'a': {'b': x}} -> {'a/b': x}."""
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "/"))
+        else:
+            out[key] = v
+    return out
+
+
+def unflatten(flat: Mapping[str, object]) -> dict:
+    """{'a/b': x} -> {'a': {'b': x}}."""
+    tree: dict = {}
+    for key, v in flat.items():
+        node = tree
+        *parents, leaf = key.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = v
+    return tree
+
+
+def matches(path: str, patterns: Iterable[str]) -> bool:
+    """True if any regex in `patterns` fully matches `path`."""
+    return any(re.fullmatch(p, path) for p in patterns)
+
+
+def split(params: Mapping, trainable_patterns: Iterable[str]) -> tuple[dict, dict]:
+    """Splits a nested tree into (trainable, frozen) nested trees by full-match regexes on paths."""
+    patterns = tuple(trainable_patterns)
+    flat = flatten(params)
+    trainable = {k: v for k, v in flat.items() if matches(k, patterns)}
+    if not trainable:
+        raise ValueError(f"no parameter matches the trainable patterns {patterns}; "
+                         f"paths are e.g. {sorted(flat)[:5]}")
+    frozen = {k: v for k, v in flat.items() if k not in trainable}
+    return unflatten(trainable), unflatten(frozen)
+
+
+def merge(*trees: Mapping) -> dict:
+    """Inverse of `split`: the union of disjoint nested trees."""
+    flat: dict = {}
+    for t in trees:
+        for k, v in flatten(t).items():
+            if k in flat:
+                raise ValueError(f"parameter {k} is in more than one tree")
+            flat[k] = v
+    return unflatten(flat)
+
+
+def labels(params: Mapping, trainable_patterns: Iterable[str]) -> dict:
+    """The same tree with 'trainable' / 'frozen' leaves, for optax.partition."""
+    patterns = tuple(trainable_patterns)
+    return unflatten({k: "trainable" if matches(k, patterns) else "frozen"
+                      for k in flatten(params)})

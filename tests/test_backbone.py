@@ -1,0 +1,208 @@
+"""Checkpoint loading: both layouts, scan layout, bf16, posemb resampling, and clear errors."""
+
+import io
+import zipfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.ndimage
+
+from lpt_jax import backbone
+from lpt_jax.backbone import CheckpointError
+from lpt_jax.models.vit import ViT
+from lpt_jax.tree import flatten
+
+
+def _vit(**kw):
+    args = dict(num_classes=5, image_size=(32, 32), patch_size=(8, 8), width=16, depth=2,
+                num_heads=2, mlp_dim=32)
+    args.update(kw)
+    return ViT(**args)
+
+
+def _params(model, seed=0):
+    x = jnp.zeros((1,) + tuple(model.image_size) + (3,))
+    p = model.init(jax.random.key(seed), x)["params"]
+    # Random everywhere (init has zeros in cls/head) so a wrong mapping changes outputs.
+    leaves, treedef = jax.tree.flatten(p)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    return jax.tree.unflatten(treedef, [np.asarray(0.3 * jax.random.normal(k, l.shape))
+                                        for k, l in zip(keys, leaves)])
+
+
+def _to_vit_jax_layout(params):
+    """Writes big_vision params in the old vit_jax/AugReg names (independent of the loader)."""
+    flat = {k: np.asarray(v) for k, v in flatten(params).items()}
+    out = {}
+    for k, v in flat.items():
+        k = (k.replace("MultiHeadDotProductAttention_0", "MultiHeadDotProductAttention_1")
+              .replace("LayerNorm_1", "LayerNorm_2").replace("MlpBlock_0", "MlpBlock_3"))
+        out[k] = v
+    pos = out.pop("pos_embedding")
+    if "cls" in out:
+        # vit_jax stores a CLS position row and adds it to the token: split cls arbitrarily.
+        row = np.full_like(out["cls"], 0.25)
+        out["cls"] = out["cls"] - row
+        pos = np.concatenate([row, pos], axis=1)
+    out["Transformer/posembed_input/pos_embedding"] = pos
+    return out
+
+
+def _save(path, arrays):
+    np.savez(path, **arrays)
+    return str(path)
+
+
+def _same(a, b):
+    fa, fb = flatten(a), flatten(b)
+    assert sorted(fa) == sorted(fb)
+    for k in fa:
+        np.testing.assert_allclose(np.asarray(fa[k]), np.asarray(fb[k]), rtol=0, atol=1e-6,
+                                   err_msg=k)
+
+
+@pytest.mark.parametrize("pool_type", ["tok", "gap"])
+def test_layouts_load_to_identical_params(tmp_path, pool_type):
+    model = _vit(pool_type=pool_type)
+    ref = _params(model)
+    init = _params(model, seed=7)
+    bv = backbone.load_params(_save(tmp_path / "bv.npz", flatten(ref)), init)
+    _same(bv, ref)
+    prefixed = {f"params/{k}": v for k, v in flatten(ref).items()}
+    _same(backbone.load_params(_save(tmp_path / "pre.npz", prefixed), init), ref)
+    backbone.save_big_vision_npz(str(tmp_path / "scan.npz"), ref, scan=True)
+    with np.load(tmp_path / "scan.npz") as z:
+        assert "Transformer/encoderblock/LayerNorm_0/scale" in z.files
+        assert z["Transformer/encoderblock/LayerNorm_0/scale"].shape == (2, 16)
+    _same(backbone.load_params(str(tmp_path / "scan.npz"), init), ref)
+    old = backbone.load_params(_save(tmp_path / "old.npz", _to_vit_jax_layout(ref)), init)
+    _same(old, ref)
+
+
+def test_vit_jax_layout_gives_same_outputs(tmp_path):
+    model = _vit()
+    ref = _params(model)
+    loaded = backbone.load_params(_save(tmp_path / "old.npz", _to_vit_jax_layout(ref)),
+                                  _params(model, 3))
+    x = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3), minval=-1, maxval=1)
+    a, _ = model.apply({"params": ref}, x)
+    b, _ = model.apply({"params": loaded}, x)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_bf16_saved_as_void(tmp_path):
+    model = _vit()
+    ref = _params(model)
+    flat = {k: np.asarray(jnp.asarray(v, jnp.bfloat16)) for k, v in flatten(ref).items()}
+    np.savez(tmp_path / "bf16.npz", **flat)
+    with np.load(tmp_path / "bf16.npz") as z:  # what numpy makes of bfloat16 on disk
+        assert z["cls"].dtype.kind == "V" and z["cls"].dtype.itemsize == 2
+    loaded = backbone.load_params(str(tmp_path / "bf16.npz"), _params(model, 1))
+    for k, v in flatten(loaded).items():
+        want = np.asarray(jnp.asarray(flatten(ref)[k], jnp.bfloat16).astype(jnp.float32))
+        np.testing.assert_array_equal(v, want, err_msg=k)
+
+
+@pytest.mark.parametrize("old,new", [(4, 6), (7, 3), (2, 5), (5, 5)])
+def test_posemb_resampling_matches_scipy_zoom(old, new):
+    rng = np.random.default_rng(0)
+    posemb = rng.normal(size=(1, old * old, 3)).astype(np.float32)
+    got = backbone.resample_posemb(posemb, (new, new))
+    grid = posemb.reshape(old, old, 3)
+    want = scipy.ndimage.zoom(grid, (new / old, new / old, 1), order=1).reshape(1, -1, 3)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_loading_resamples_to_model_grid(tmp_path):
+    small, big = _vit(image_size=(32, 32)), _vit(image_size=(48, 48))
+    ref = _params(small)
+    loaded = backbone.load_params(_save(tmp_path / "c.npz", flatten(ref)), _params(big))
+    assert loaded["pos_embedding"].shape == (1, 36, 16)
+    want = scipy.ndimage.zoom(np.asarray(ref["pos_embedding"]).reshape(4, 4, 16),
+                              (1.5, 1.5, 1), order=1).reshape(1, 36, 16)
+    np.testing.assert_allclose(loaded["pos_embedding"], want, atol=1e-5)
+
+
+def test_dont_load_and_ignore(tmp_path):
+    with_head, headless = _vit(), _vit(num_classes=None)
+    ref = _params(with_head)
+    path = _save(tmp_path / "c.npz", flatten(ref))
+    with pytest.raises(CheckpointError, match=r"unexpected.*head/bias \(5,\).*head/kernel"):
+        backbone.load_params(path, _params(headless))
+    loaded = backbone.load_params(path, _params(headless), ignore=[r"head/.*"])
+    assert "head" not in loaded
+    init = _params(_vit(num_classes=9), seed=4)
+    kept = backbone.load_params(path, init, dont_load=[r"head/.*"])
+    np.testing.assert_array_equal(kept["head"]["kernel"], init["head"]["kernel"])
+    np.testing.assert_array_equal(kept["cls"], ref["cls"])
+
+
+def test_strict_check_lists_every_problem(tmp_path):
+    model = _vit()
+    flat = {k: np.asarray(v) for k, v in flatten(_params(model)).items()}
+    del flat["Transformer/encoder_norm/scale"]
+    flat["Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel"] = np.zeros((16, 33))
+    flat["extra/thing"] = np.zeros((2, 2))
+    with pytest.raises(CheckpointError) as err:
+        backbone.load_params(_save(tmp_path / "bad.npz", flat), _params(model))
+    msg = str(err.value)
+    assert "missing from checkpoint (1): Transformer/encoder_norm/scale (16,)" in msg
+    assert "MlpBlock_0/Dense_0/kernel: checkpoint (16, 33) vs model (16, 32)" in msg
+    assert "extra/thing (2, 2)" in msg
+
+
+def test_checkpoint_of_another_size(tmp_path):
+    path = _save(tmp_path / "wide.npz", flatten(_params(_vit(width=24, num_heads=2))))
+    with pytest.raises(CheckpointError, match="shape mismatch"):
+        backbone.load_params(path, _params(_vit()))
+
+
+@pytest.mark.parametrize("case", ["missing", "truncated", "text", "pickle", "plain_npy"])
+def test_unreadable_files_give_one_line_errors(tmp_path, case):
+    model = _vit()
+    path = tmp_path / "ckpt.npz"
+    if case == "truncated":
+        _save(path, flatten(_params(model)))
+        path.write_bytes(path.read_bytes()[:2000])
+    elif case == "text":
+        path.write_text("this is not a checkpoint\n")
+    elif case == "pickle":
+        np.save(tmp_path / "ckpt.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+        path = tmp_path / "ckpt.npy"
+    elif case == "plain_npy":
+        np.save(tmp_path / "ckpt.npy", np.zeros(3))
+        path = tmp_path / "ckpt.npy"
+    with pytest.raises(CheckpointError) as err:
+        backbone.load_params(str(path), _params(model))
+    msg = str(err.value)
+    assert str(path) in msg and "\n" not in msg
+
+
+def test_structured_npy_loads(tmp_path):
+    model = _vit()
+    ref = {k: np.asarray(v) for k, v in flatten(_params(model)).items()}
+    dtype = np.dtype([(k, v.dtype, v.shape) for k, v in ref.items()])
+    record = np.zeros((), dtype)
+    for k, v in ref.items():
+        record[k] = v
+    np.save(tmp_path / "c.npy", record)
+    _same(backbone.load_params(str(tmp_path / "c.npy"), _params(model, 2)),
+          backbone.unflatten(ref))
+
+
+def test_remote_paths_go_through_gfile(tmp_path, monkeypatch):
+    """`gs://` paths are read via tf.io.gfile; exercised here with TF's in-memory filesystem."""
+    tf = pytest.importorskip("tensorflow")
+    model = _vit()
+    ref = _params(model)
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.asarray(v) for k, v in flatten(ref).items()})
+    path = "ram://ckpts/vit.npz"
+    with tf.io.gfile.GFile(path, "wb") as f:
+        f.write(buf.getvalue())
+    _same(backbone.load_params(path, _params(model, 5)), ref)
+    with pytest.raises(CheckpointError, match="not found: ram://ckpts/nope.npz"):
+        backbone.load_params("ram://ckpts/nope.npz", _params(model))
+    assert zipfile.is_zipfile(io.BytesIO(buf.getvalue()))
