@@ -1,0 +1,70 @@
+"""Shared defaults of every LPT config (LPT_SPEC.md); dataset configs override a few fields.
+
+Every field can be overridden on the command line, e.g. `--config.phase1.epochs=5`.
+"""
+
+import ml_collections
+
+from lpt_jax import data, losses
+
+AUGREG_B16_IN21K = ("gs://vit_models/augreg/"
+                    "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    # The frozen ViT (§1): ViT-B/16, class token, LayerNorm eps 1e-5, exact GELU.
+    c.model = ml_collections.ConfigDict()
+    c.model.vit = dict(variant="B/16", image_size=224, pool_type="tok",
+                       representation_size=0, layernorm_epsilon=1e-5, gelu_approximate=False,
+                       dtype="float32", remat=False)
+    # Prompts, pool and head (§2).
+    c.model.lpt = dict(prompt_length=10, pool_size=20, shared_depth=6, top_k=2,
+                       head_dropout=0.1, prompt_init_std=0.02, prompt_position="append")
+
+    c.backbone = ml_collections.ConfigDict()
+    c.backbone.checkpoint = AUGREG_B16_IN21K
+    c.backbone.ignore = ("head/.*", "pre_logits/.*")  # checkpoint arrays we do not use
+    c.backbone.dont_load = ()                          # model params that keep their init
+
+    c.data = data.default_config()
+
+    # A-GCL per branch (§3); `name` picks the loss from lpt_jax.losses.LOSSES.
+    c.loss = ml_collections.ConfigDict()
+    branch = dict(scale=20.0, margin=0.1, cloud_weight=0.5, cloud_std=1 / 3,
+                  label_smoothing=0.1)
+    gammas = losses.agcl_branch_defaults()
+    c.loss.cb = dict(name="agcl", **branch, **gammas["cb"])
+    c.loss.ib = dict(name="agcl", **branch, **gammas["ib"])
+    c.loss.match_weight = 0.5       # L = loss_cb - w*S_cb + eta_e*(loss_ib - w*S_ib)
+    c.loss.dual_sampling = True     # False: only the instance-balanced batch, weight 1
+
+    # SGD (§5): coupled weight decay, lr = base_lr * B / 256, epoch 0 at warmup_lr.
+    c.optim = dict(base_lr=0.02, lr_reference_batch=256, momentum=0.9, weight_decay=0.01,
+                   warmup_lr=1e-6, warmup_epochs=1)
+
+    # Per phase: batch is per stream (a step sees 2 x batch_size images).
+    c.phase1 = dict(epochs=10, batch_size=256)
+    c.phase2 = dict(epochs=10, batch_size=256)
+
+    c.train = ml_collections.ConfigDict()
+    c.train.phases = "1,2"              # '1', '2' or '1,2'
+    c.train.log_every_steps = 50
+    c.train.checkpoint_every_steps = 500
+    c.train.keep_checkpoints = 3
+    c.train.max_steps = 0               # >0: stop each phase early (smoke tests)
+    c.train.on_nonfinite = "stop"       # 'stop' | 'skip' (skip the update and count it)
+    c.train.phase1_export = ""          # phase 2 alone: phase 1's export.npz ('' = workdir's)
+    c.train.allow_config_change = False # resume a workdir whose run had another config
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.batch_size = 256
+    c.eval.every_epochs = 0             # >0: validation accuracy during training
+    c.eval.final_split = "test"         # the table's split; model selection never uses it
+    c.eval.max_examples = 0             # >0: evaluate on a prefix (smoke tests)
+    c.eval.plot = True
+
+    c.predict = dict(top_k=5, batch_size=64)
+    return c
