@@ -6,6 +6,7 @@ Every field can be overridden on the command line, e.g. `--config.phase1.epochs=
 import ml_collections
 
 from lpt_jax import data, losses
+from lpt_jax.models.lpt import TRAINABLE
 
 AUGREG_B16_IN21K = ("gs://vit_models/augreg/"
                     "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz")
@@ -46,8 +47,10 @@ def base_config() -> ml_collections.ConfigDict:
                    warmup_lr=1e-6, warmup_epochs=1)
 
     # Per phase: batch is per stream (a step sees 2 x batch_size images).
-    c.phase1 = dict(epochs=10, batch_size=256)
-    c.phase2 = dict(epochs=10, batch_size=256)
+    # `trainable`: regexes over parameter paths (default lpt_jax.models.lpt.TRAINABLE), e.g.
+    # ('head/.*',) for a linear probe.
+    c.phase1 = dict(epochs=10, batch_size=256, trainable=TRAINABLE[1])
+    c.phase2 = dict(epochs=10, batch_size=256, trainable=TRAINABLE[2])
 
     c.train = ml_collections.ConfigDict()
     c.train.phases = "1,2"              # '1', '2' or '1,2'
@@ -56,6 +59,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 3
     c.train.max_steps = 0               # >0: stop each phase early (smoke tests)
     c.train.on_nonfinite = "stop"       # 'stop' | 'skip' (skip the update and count it)
+    c.train.stop_after_steps = 0        # >0: save and stop this invocation after N steps
+    c.train.num_devices = 0             # 0: all devices; n: the first n (tests, debugging)
     c.train.phase1_export = ""          # phase 2 alone: phase 1's export.npz ('' = workdir's)
     c.train.allow_config_change = False # resume a workdir whose run had another config
 

@@ -61,7 +61,10 @@ class Context:
 def build_context(config, workdir: str, *, load_backbone: bool = True) -> Context:
     """Validates config, data and checkpoint, and builds the model and its parameters."""
     _check_config(config)
-    mesh = parallel.make_mesh()
+    n = config.train.num_devices
+    if n and n > jax.device_count():
+        raise ConfigError(f"train.num_devices={n} but only {jax.device_count()} devices exist")
+    mesh = parallel.make_mesh(jax.devices()[:n] if n else None)
     for phase in (1, 2):
         parallel.check_batch_size(config[f"phase{phase}"].batch_size, mesh,
                                   f"phase{phase}.batch_size")
@@ -143,7 +146,7 @@ def make_train_step(model: LPT, phase: int, tx: optax.GradientTransformation,
                     steps_per_epoch: int, epochs: int) -> Callable:
     """Returns step(state, frozen, batch) -> (state, metrics), differentiating only the
     trainable subtree; the frozen tree is a plain input (no weight gradients exist for it)."""
-    patterns = TRAINABLE[phase]
+    patterns = trainable_patterns(config, phase)
     forward = forward_fn(model, phase)
     branch_losses = {b: losses.make_branch_loss(
         config.loss[b].name, class_counts,
@@ -157,19 +160,16 @@ def make_train_step(model: LPT, phase: int, tx: optax.GradientTransformation,
         r_cb, r_ib, d_cb, d_ib = jax.random.split(rng, 4)
         out_ib = forward(params, batch["ib"]["image"], True, d_ib)
         loss_ib = branch_losses["ib"](out_ib["logits"], batch["ib"]["label"], r_ib)
-        eta = 0.5 * (epochs - epoch) / epochs
-        parts = {"loss_ib": loss_ib, "match_ib": out_ib["match"], "eta": eta}
-        ib_term = loss_ib - w_match * out_ib["match"]
-        indices = [out_ib["indices"]]
-        if dual:
-            out_cb = forward(params, batch["cb"]["image"], True, d_cb)
-            loss_cb = branch_losses["cb"](out_cb["logits"], batch["cb"]["label"], r_cb)
-            total = loss_cb - w_match * out_cb["match"] + eta * ib_term
-            parts.update(loss_cb=loss_cb, match_cb=out_cb["match"])
-            indices.append(out_cb["indices"])
-        else:
-            total = ib_term
-        return total, (parts, indices)
+        if not dual:  # ablation: the instance-balanced branch alone, weight 1
+            total = loss_ib - w_match * out_ib["match"]
+            return total, ({"loss_ib": loss_ib, "match_ib": out_ib["match"]},
+                           [out_ib["indices"]])
+        out_cb = forward(params, batch["cb"]["image"], True, d_cb)
+        loss_cb = branch_losses["cb"](out_cb["logits"], batch["cb"]["label"], r_cb)
+        total, parts = losses.phase_objective(loss_cb, loss_ib, out_cb["match"], out_ib["match"],
+                                              losses.eta(epoch, epochs), w_match)
+        parts.pop("total")
+        return total, (parts, [out_cb["indices"], out_ib["indices"]])
 
     def step(state, frozen, batch):
         step_no = state["step"]
@@ -234,6 +234,10 @@ class NonFiniteError(FloatingPointError):
     pass
 
 
+def trainable_patterns(config, phase: int) -> tuple[str, ...]:
+    return tuple(config[f"phase{phase}"].get("trainable", TRAINABLE[phase]))
+
+
 def phase_dir(workdir: str, phase: int) -> str:
     return os.path.join(workdir, f"phase{phase}")
 
@@ -264,15 +268,13 @@ def run_phase(ctx: Context, phase: int) -> dict:
     done = _finished_export(ctx, phase, total)
     if done is not None:
         logging.info("phase %d already finished (%s): skipping", phase, export_path(ctx.workdir, phase))
-        return tree.merge(done, tree.split(params, TRAINABLE[phase])[1])
+        return tree.merge(done, tree.split(params, trainable_patterns(config, phase))[1])
 
-    patterns = TRAINABLE[phase]
+    patterns = trainable_patterns(config, phase)
     epochs = config[f"phase{phase}"].epochs
     tx, schedule = optim.make_optimizer(params, patterns, ml_collections.ConfigDict(config.optim),
                                         batch_size=batch_size, epochs=epochs, steps_per_epoch=spe)
-    trainable, frozen = tree.split(params, patterns)
-    state = {"trainable": trainable, "opt_state": tx.init(params), "step": jnp.int32(0),
-             "rng": jax.random.PRNGKey(config.seed + 1000 * phase)}
+    state, frozen = initial_state(params, patterns, tx, config.seed + 1000 * phase)
     rep = parallel.replicated(mesh)
     state = jax.device_put(state, rep)
     frozen = jax.device_put(frozen, rep)
@@ -311,11 +313,14 @@ def run_phase(ctx: Context, phase: int) -> dict:
                 _flush_metrics(pending, writer, progress, config.train.on_nonfinite)
                 pending = []
             ckpt.save(step + 1, state, {**meta, "data_step": step + 1}, force=last)
-            if preemption.requested and not last:
+            stop_after = config.train.stop_after_steps
+            stop_now = stop_after and step + 1 - start >= stop_after
+            if (preemption.requested or stop_now) and not last:
                 ckpt.save(step + 1, state, {**meta, "data_step": step + 1}, force=True)
                 ckpt.close()
                 writer.flush()
-                raise Preempted(f"phase {phase} stopped at step {step + 1} on SIGTERM; "
+                why = "on SIGTERM" if preemption.requested else "(train.stop_after_steps)"
+                raise Preempted(f"phase {phase} stopped at step {step + 1} {why}; "
                                 "checkpoint saved, rerun the same command to resume")
     if start >= total:  # restored a finished phase whose export was lost
         logging.info("phase %d: checkpoint at the final step %d", phase, start)
@@ -328,6 +333,16 @@ def run_phase(ctx: Context, phase: int) -> dict:
                                 _export_meta(ctx, phase, total))
     _sync("export")
     return tree.merge(trained, tree.split(params, patterns)[1])
+
+
+def initial_state(params: Mapping, patterns, tx: optax.GradientTransformation,
+                  seed: int) -> tuple[dict, dict]:
+    """(train state, frozen tree): the state holds only what is trained plus what resuming
+    needs; frozen leaves carry no optimizer state."""
+    trainable, frozen = tree.split(params, patterns)
+    state = {"trainable": trainable, "opt_state": tx.init(params), "step": jnp.int32(0),
+             "rng": jax.random.PRNGKey(seed)}
+    return state, frozen
 
 
 def _with_phase1_result(ctx: Context, params: dict) -> dict:
@@ -424,13 +439,12 @@ def _flush_metrics(pending, writer, progress, on_nonfinite: str) -> None:
     scalars = {k: float(np.mean([m[k] for m in host])) for k, v in host[-1].items()
                if np.ndim(v) == 0 and k != "nonfinite"}
     scalars["nonfinite_steps"] = float(sum(int(m["nonfinite"]) for m in host))
-    writer.write_scalars(steps[-1], scalars)
-    if "pool_selection" in host[-1]:
+    if "pool_selection" in host[-1]:  # which pool prompts are picked: collapse shows here
         counts = np.sum([m["pool_selection"] for m in host], axis=0)
+        scalars["pool_entries_used"] = float(np.count_nonzero(counts))
         writer.write_histograms(steps[-1], {"pool_selection": np.repeat(
             np.arange(len(counts)), counts.astype(np.int64))})
-        scalars["pool_entries_used"] = float(np.count_nonzero(counts))
-        writer.write_scalars(steps[-1], {"pool_entries_used": scalars["pool_entries_used"]})
+    writer.write_scalars(steps[-1], dict(scalars))
     progress(steps[-1], scalars)
 
 

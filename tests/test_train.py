@@ -1,0 +1,222 @@
+"""The trainer end to end on a tiny model: outputs, loss, frozen params, resume, devices, errors."""
+
+import dataclasses
+import glob
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from lpt_jax import checkpoint as ckpt_lib
+from lpt_jax import optim, train, tree
+from lpt_jax.backbone import CheckpointError
+from lpt_jax.models.lpt import TRAINABLE
+
+from tiny_run import tiny_config
+
+
+def _scalars(logdir, tag):
+    """(step, value) pairs of a scalar tag from clu's TensorBoard event files."""
+    import tensorflow as tf
+    out = []
+    for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
+        for raw in tf.data.TFRecordDataset(path):
+            event = tf.compat.v1.Event.FromString(raw.numpy())
+            for v in event.summary.value:
+                if v.tag == tag:
+                    out.append((event.step, float(tf.make_ndarray(v.tensor))))
+    return sorted(out)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    config = tiny_config(tmp, epochs=3)
+    workdir = str(tmp / "wd")
+    report = train.train(config, workdir)
+    return config, workdir, report
+
+
+def test_outputs_exist_and_are_well_formed(trained):
+    config, workdir, report = trained
+    results = os.path.join(workdir, "results")
+    table = open(os.path.join(results, "table.md")).read()
+    assert "| release rule (few <= 20) |" in table and "| OLTR rule (few < 20) |" in table
+    saved = json.load(open(os.path.join(results, "results.json")))
+    assert saved["num_examples"] == 16 and 0 <= saved["overall"] <= 100
+    assert saved["release"]["many_classes"] + saved["release"]["medium_classes"] + \
+        saved["release"]["few_classes"] == 4
+    rows = open(os.path.join(results, "per_class.csv")).read().strip().splitlines()
+    assert rows[0] == "class,name,train_count,test_count,accuracy" and len(rows) == 5
+    assert [int(r.split(",")[2]) for r in rows[1:]] == [24, 12, 6, 3]
+    import matplotlib.image
+    png = matplotlib.image.imread(os.path.join(results, "per_class.png"))
+    assert png.ndim == 3 and png.shape[0] > 100
+    for phase in (1, 2):
+        pdir = os.path.join(workdir, f"phase{phase}")
+        assert glob.glob(os.path.join(pdir, "events.out.tfevents.*"))
+        assert os.path.exists(os.path.join(pdir, "val", "table.md"))
+        steps = sorted(int(s) for s in os.listdir(os.path.join(pdir, "checkpoints")))
+        assert steps[-1] == 18 and len(steps) <= config.train.keep_checkpoints
+
+
+def test_loss_goes_down(trained):
+    _, workdir, _ = trained
+    loss = [v for _, v in _scalars(os.path.join(workdir, "phase1"), "loss")]
+    assert len(loss) == 9
+    assert np.mean(loss[-2:]) < 0.5 * np.mean(loss[:2]), loss
+
+
+def test_phase2_logs_matching_and_pool_use(trained):
+    _, workdir, _ = trained
+    pdir = os.path.join(workdir, "phase2")
+    match = [v for _, v in _scalars(pdir, "match_cb")]
+    assert match and all(0 < m <= 2 for m in match)  # sum of top-2 cosines
+    used = [v for _, v in _scalars(pdir, "pool_entries_used")]
+    assert used and all(2 <= u <= 5 for u in used)
+
+
+def test_exports_hold_only_what_each_phase_trains(trained):
+    _, workdir, _ = trained
+    p1, meta1 = ckpt_lib.load_export(train.export_path(workdir, 1))
+    p2, meta2 = ckpt_lib.load_export(train.export_path(workdir, 2))
+    assert sorted(tree.flatten(p1)) == ["head/kernel", "shared_prompt"]
+    assert sorted(tree.flatten(p2)) == ["head/kernel", "pool_keys", "pool_prompts"]
+    assert meta1["phase"] == 1 and meta2["phase"] == 2
+    assert meta2["backbone"]["size"] == os.path.getsize(meta2["config"]["backbone"]["checkpoint"])
+    assert meta2["class_names"] == ["class_0", "class_1", "class_2", "class_3"]
+    # phase 2 starts its head from phase 1's and trains it further
+    assert not np.array_equal(p1["head"]["kernel"], p2["head"]["kernel"])
+
+
+def test_frozen_params_bit_identical_after_training(tmp_path):
+    config = tiny_config(tmp_path, epochs=1)
+    config.optim.warmup_epochs = 0
+    ctx = train.build_context(config, str(tmp_path / "wd"))
+    before = jax.device_get(ctx.params)
+    after1 = train.run_phase(ctx, 1)
+    after2 = train.run_phase(dataclasses.replace(ctx, params=after1), 2)
+    for a, b, patterns in ((before, after1, TRAINABLE[1]), (after1, after2, TRAINABLE[2])):
+        fa, fb = tree.flatten(a), tree.flatten(b)
+        for k in fa:
+            if tree.matches(k, patterns):
+                assert not np.array_equal(fa[k], fb[k]), f"{k} did not train"
+            else:
+                np.testing.assert_array_equal(fa[k], fb[k], err_msg=k)
+
+
+def test_optimizer_never_moves_frozen_leaves():
+    params = {"backbone": {"w": jnp.ones((3, 3))}, "shared_prompt": jnp.ones((2, 4)),
+              "head": {"kernel": jnp.ones((4, 2))}}
+    cfg = tiny_config.__globals__["base_config"]().optim
+    tx, _ = optim.make_optimizer(params, TRAINABLE[1], cfg, batch_size=256, epochs=2,
+                                 steps_per_epoch=1)
+    state = tx.init(params)
+    grads = jax.tree.map(lambda x: 3.0 * jnp.ones_like(x), params)
+    updates, _ = tx.update(grads, state, params)
+    assert float(jnp.abs(updates["backbone"]["w"]).max()) == 0.0
+    # epoch 0 runs at 1e-6: update = -lr * (g + wd * p)
+    np.testing.assert_allclose(updates["shared_prompt"], -1e-6 * (3.0 + 0.01), rtol=1e-5)
+    # frozen leaves carry no optimizer state (only the trainable subtree has momentum)
+    leaves = jax.tree.leaves(state)
+    assert sum(np.size(x) for x in leaves) == 2 * 4 + 4 * 2 + 1  # + the schedule step count
+
+
+def test_kill_and_resume_is_bitwise(tmp_path):
+    config = tiny_config(tmp_path)
+    config.train.phases = "1"
+    train.train(config, str(tmp_path / "straight"))
+    config.train.stop_after_steps = 5
+    with pytest.raises(train.Preempted, match="step 5"):
+        train.train(config, str(tmp_path / "resumed"))
+    assert 5 in [int(s) for s in os.listdir(tmp_path / "resumed/phase1/checkpoints")]
+    config.train.stop_after_steps = 0
+    train.train(config, str(tmp_path / "resumed"))
+    a, _ = ckpt_lib.load_export(train.export_path(str(tmp_path / "straight"), 1))
+    b, _ = ckpt_lib.load_export(train.export_path(str(tmp_path / "resumed"), 1))
+    for k, v in tree.flatten(a).items():
+        np.testing.assert_array_equal(v, tree.flatten(b)[k], err_msg=k)
+
+
+def test_eight_devices_match_one(tmp_path):
+    assert jax.device_count() == 8, "conftest sets 8 simulated CPU devices"
+    results = {}
+    for n in (1, 8):
+        config = tiny_config(tmp_path, epochs=1)
+        config.train.num_devices = n
+        config.train.max_steps = 3
+        config.optim.warmup_epochs = 0
+        config.optim.base_lr = 5.0  # large steps, so that a difference would show
+        config.eval.plot = False
+        train.train(config, str(tmp_path / f"wd{n}"))
+        results[n] = [ckpt_lib.load_export(train.export_path(str(tmp_path / f"wd{n}"), p))[0]
+                      for p in (1, 2)]
+    init = train.init_params(train.lpt_from_config(config.model, 4), config)
+    for phase in (0, 1):
+        one, eight = tree.flatten(results[1][phase]), tree.flatten(results[8][phase])
+        for k in one:
+            np.testing.assert_allclose(one[k], eight[k], atol=2e-5, err_msg=k)
+    moved = np.abs(results[1][0]["shared_prompt"] - init["shared_prompt"]).max()
+    assert moved > 1e-3
+
+
+def test_checkpoint_is_small_for_vit_b16_with_365_classes(tmp_path):
+    """The real state of phase 2 (the bigger one) for ViT-B/16 and a 365-way head."""
+    from configs.common import base_config
+    from lpt_jax.models.lpt import lpt_from_config
+    config = base_config()
+    model = lpt_from_config(config.model, 365)
+    params = train.init_params(model, config)  # backbone stays abstract: never materialised
+    backbone_sizes = {int(np.prod(x.shape)) for x in jax.tree.leaves(params["backbone"])
+                      if np.prod(x.shape) > 10_000}
+    tx, _ = optim.make_optimizer(params, TRAINABLE[2], config.optim, batch_size=256,
+                                 epochs=10, steps_per_epoch=245)
+    state, _ = train.initial_state(params, TRAINABLE[2], tx, seed=0)
+    ckpt = ckpt_lib.PhaseCheckpointer(str(tmp_path / "ck"), every_steps=1, keep=1)
+    ckpt.save(1, state, {"phase": 2}, force=True)
+    ckpt.close()
+    total = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(tmp_path / "ck")
+                for f in fs)
+    assert total < 10_000_000, total
+    saved_sizes = {int(np.prod(x.shape)) for x in jax.tree.leaves(state)}
+    assert not saved_sizes & backbone_sizes
+    assert sum(saved_sizes) < 2_000_000
+
+
+def test_errors_before_the_first_step(tmp_path):
+    config = tiny_config(tmp_path)
+    config.train.phases = "2"
+    with pytest.raises(train.ConfigError, match="phase 2 needs the result of phase 1"):
+        train.train(config, str(tmp_path / "a"))
+    config = tiny_config(tmp_path, batch_size=12)
+    with pytest.raises(ValueError, match="batch_size=12 is not divisible by the 8 devices"):
+        train.train(config, str(tmp_path / "b"))
+    config = tiny_config(tmp_path)
+    config.backbone.checkpoint = str(tmp_path / "missing.npz")
+    with pytest.raises(CheckpointError, match="not found"):
+        train.train(config, str(tmp_path / "c"))
+    config = tiny_config(tmp_path)
+    config.model.vit.width = 48
+    with pytest.raises(CheckpointError, match="shape mismatch"):
+        train.train(config, str(tmp_path / "d"))
+    config = tiny_config(tmp_path)
+    config.data.image_size = 24
+    with pytest.raises(train.ConfigError, match="image_size"):
+        train.train(config, str(tmp_path / "e"))
+
+
+def test_refuses_to_resume_a_different_run(tmp_path):
+    config = tiny_config(tmp_path)
+    config.train.max_steps = 1
+    config.train.phases = "1"
+    config.eval.plot = False
+    train.train(config, str(tmp_path / "wd"))
+    config.loss.cb.margin = 0.2
+    with pytest.raises(train.ConfigError, match="loss.cb.margin"):
+        train.train(config, str(tmp_path / "wd"))
+    config.train.allow_config_change = True
+    train.train(config, str(tmp_path / "wd"))
