@@ -451,7 +451,10 @@ def _flush_metrics(pending, writer, progress, on_nonfinite: str) -> None:
 # ------------------------------------------------------------------------------------------
 # Evaluation.
 
+@functools.lru_cache(maxsize=8)
 def make_predict_fn(model: LPT, phase: int, mesh) -> Callable:
+    """Jitted (params, images) -> (logits, selected pool indices); cached per model/phase/mesh
+    so that evaluating several splits compiles once."""
     forward = forward_fn(model, phase)
 
     def predict(params, images):
