@@ -636,7 +636,7 @@ def _read_text(path: str) -> str:
 
 
 def _write_text(path: str, text: str) -> None:
-    evaluate._write_bytes(path, text.encode())
+    ckpt_lib._write_atomic(path, text.encode())  # other processes may be reading it
 
 
 def _sync(name: str) -> None:

@@ -67,3 +67,13 @@ def tiny_config(tmp_path, *, epochs=2, batch_size=8):
     c.train.log_every_steps = 2
     c.train.checkpoint_every_steps = 3
     return c
+
+
+def multiprocess_config(tmp_path):
+    """The config that test_multiprocess runs on 2x4 and on 1x8 devices."""
+    c = tiny_config(tmp_path, epochs=1, batch_size=8)
+    c.train.max_steps = 3
+    c.optim.warmup_epochs = 0
+    c.optim.base_lr = 5.0  # large steps, so that a difference would show
+    c.eval.plot = False
+    return c

@@ -1,0 +1,92 @@
+"""`image_folder`: a user's own long-tailed data.
+
+Either a tree `root/train/<class>/*.{jpg,jpeg,png}` with `root/val/<class>/*` and/or
+`root/test/<class>/*` (classes = sorted folder names of train/), or split lists
+(`data.train_list`, `data.val_list`, `data.test_list`) of `<path> <label>` lines
+with paths relative to `data.root`, or a prepared directory.
+"""
+
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from lpt_jax.data import split_lists
+from lpt_jax.data.errors import DataError
+from lpt_jax.data.list_datasets import (check_first_files, check_root, files_source,
+                                        prepared_source, use_prepared)
+from lpt_jax.data.source import Source, register
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+_HINT = ("a folder with train/<class>/*.jpg and val/<class>/* or test/<class>/* "
+         "(or set data.train_list / data.val_list / data.test_list)")
+
+
+def _image_files(folder: str) -> list:
+    return sorted(f for f in tf.io.gfile.listdir(folder)
+                  if f.lower().endswith(IMAGE_EXTENSIONS))
+
+
+def scan_tree(root: str) -> tuple[list, dict]:
+    """Class names and {split: (relative paths, labels)} of a class-folder tree."""
+    train_dir = os.path.join(root, "train")
+    if not tf.io.gfile.isdir(train_dir):
+        raise DataError(f"image_folder: {train_dir} does not exist; data.root should be {_HINT}")
+    class_names = sorted(d.rstrip("/") for d in tf.io.gfile.listdir(train_dir)
+                         if tf.io.gfile.isdir(os.path.join(train_dir, d)))
+    if not class_names:
+        raise DataError(f"image_folder: {train_dir} has no class folders")
+    class_ids = {c: i for i, c in enumerate(class_names)}
+    lists = {}
+    for split in ("train", "val", "test"):
+        split_dir = os.path.join(root, split)
+        if not tf.io.gfile.isdir(split_dir):
+            continue
+        paths, labels = [], []
+        for c in sorted(d.rstrip("/") for d in tf.io.gfile.listdir(split_dir)
+                        if tf.io.gfile.isdir(os.path.join(split_dir, d))):
+            if c not in class_ids:
+                raise DataError(f"image_folder: class folder {os.path.join(split_dir, c)} has no "
+                                f"counterpart in {train_dir}")
+            files = _image_files(os.path.join(split_dir, c))
+            paths += [f"{split}/{c}/{f}" for f in files]
+            labels += [class_ids[c]] * len(files)
+        if not paths:
+            raise DataError(
+                f"image_folder: {split_dir} holds no {'/'.join(IMAGE_EXTENSIONS)} images")
+        lists[split] = (np.array(paths, dtype=object), np.array(labels, dtype=np.int64))
+    return class_names, lists
+
+
+def read_lists(cfg) -> tuple[list, dict]:
+    """Class names and lists from data.train_list / val_list / test_list."""
+    if not cfg.train_list:
+        raise DataError("image_folder with split lists needs data.train_list")
+    lists = {}
+    for split, path in (("train", cfg.train_list), ("val", cfg.val_list), ("test", cfg.test_list)):
+        if path:
+            if not tf.io.gfile.exists(path):
+                raise DataError(f"image_folder: data.{split}_list={path} does not exist")
+            lists[split] = split_lists.parse_split_list(path)
+    if cfg.class_names_file:
+        class_names = split_lists.read_class_names(cfg.class_names_file)
+    else:
+        c = cfg.num_classes or 1 + max(int(labels.max()) for _, labels in lists.values())
+        class_names = [f"class_{i}" for i in range(c)]
+    return class_names, lists
+
+
+@register("image_folder")
+def image_folder(cfg) -> Source:
+    check_root("image_folder", cfg.root, _HINT)
+    if use_prepared(cfg):
+        return prepared_source("image_folder", cfg.root)
+    if cfg.train_list or cfg.val_list or cfg.test_list:
+        class_names, lists = read_lists(cfg)
+        if cfg.check_files:
+            check_first_files("image_folder", cfg.root, lists,
+                              "the folder the list paths start from")
+    else:
+        class_names, lists = scan_tree(cfg.root)
+    return files_source("image_folder", class_names, lists, cfg.root,
+                        origin=f"files under {cfg.root}")

@@ -1,0 +1,108 @@
+"""A data source: class names, splits (labels + image store) and derived counts."""
+
+import dataclasses
+import functools
+from typing import Callable
+
+import numpy as np
+
+from lpt_jax.data.config import check_config
+from lpt_jax.data.errors import DataError
+from lpt_jax.data.groups import shot_groups
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitData:
+    """One split: int64 labels and the store that reads its images by index."""
+    labels: np.ndarray
+    store: object
+
+    def __len__(self):
+        return len(self.labels)
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """What every dataset exposes; `train_counts` is the one source of truth for counts."""
+    name: str
+    class_names: tuple
+    splits: dict  # 'train' | 'val' | 'test' -> SplitData
+    origin: str = ""  # one line: where the images were read from
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @functools.cached_property
+    def train_counts(self) -> np.ndarray:
+        counts = np.bincount(self.splits["train"].labels, minlength=self.num_classes)
+        counts = counts.astype(np.int64)
+        counts.flags.writeable = False
+        return counts
+
+    @property
+    def num_train(self) -> int:
+        return len(self.splits["train"])
+
+    def shot_groups(self, rule: str = "release") -> dict:
+        """'many' | 'medium' | 'few' -> class ids, from `train_counts` (see groups.py)."""
+        return shot_groups(self.train_counts, rule)
+
+    def split(self, name: str) -> SplitData:
+        if name not in self.splits:
+            raise DataError(
+                f"{self.name} has no {name!r} split; it has {sorted(self.splits)}"
+                + ("; set data.eval_split='test'"
+                   if name == "val" and "test" in self.splits else ""))
+        return self.splits[name]
+
+
+def validate_source(src: Source) -> Source:
+    """Checks labels in [0, C) in every split and no class without training images."""
+    if "train" not in src.splits:
+        raise DataError(f"{src.name}: no training split")
+    c = src.num_classes
+    if c < 2:
+        raise DataError(f"{src.name}: {c} classes; a classifier needs at least 2")
+    for name, split in src.splits.items():
+        labels = split.labels
+        if len(labels) != len(split.store):
+            raise DataError(
+                f"{src.name}[{name}]: {len(labels)} labels but {len(split.store)} images")
+        bad = np.flatnonzero((labels < 0) | (labels >= c))
+        if bad.size:
+            i = int(bad[0])
+            raise DataError(
+                f"{src.name}[{name}]: label {int(labels[i])} of {split.store.describe(i)} is "
+                f"outside [0, {c}) ({bad.size} such labels); check the split list or "
+                "data.num_classes")
+    empty = np.flatnonzero(src.train_counts == 0)
+    if empty.size:
+        shown = ", ".join(f"{int(k)} ({src.class_names[k]})" for k in empty[:5])
+        raise DataError(
+            f"{src.name}: {empty.size} classes have no training image: {shown}"
+            f"{' ...' if empty.size > 5 else ''}; every class needs at least one")
+    return src
+
+
+_REGISTRY: dict[str, Callable] = {}
+
+
+def register(name: str):
+    """Decorator: `@register('places_lt') def build(cfg) -> Source`."""
+    def wrap(fn):
+        _REGISTRY[name] = fn
+        return fn
+    return wrap
+
+
+def registered_sources() -> tuple:
+    return tuple(sorted(_REGISTRY))
+
+
+def get_source(cfg) -> Source:
+    """Builds and validates the source named by `cfg.name`; raises DataError."""
+    check_config(cfg)
+    if cfg.name not in _REGISTRY:
+        raise DataError(f"data.name={cfg.name!r}; expected one of {registered_sources()}")
+    return validate_source(_REGISTRY[cfg.name](cfg))

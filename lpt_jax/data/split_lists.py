@@ -1,0 +1,73 @@
+"""Reading `<path> <label>` split lists and class-name files (local, gs://, .gz)."""
+
+import gzip
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from lpt_jax.data.errors import DataError
+
+SHIPPED_SPLIT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "splits")
+
+
+def read_text(path: str) -> str:
+    """Whole file as text; gunzips `*.gz`; works for any tf.io.gfile path."""
+    try:
+        with tf.io.gfile.GFile(path, "rb") as f:
+            raw = f.read()
+    except tf.errors.NotFoundError:
+        raise DataError(f"file not found: {path}") from None
+    if path.endswith(".gz"):
+        raw = gzip.decompress(raw)
+    return raw.decode("utf-8")
+
+
+def find_list(split_dir: str, filename: str):
+    """Path of `filename` or `filename.gz` inside `split_dir`, or None."""
+    for name in (filename, filename + ".gz"):
+        path = os.path.join(split_dir, name)
+        if tf.io.gfile.exists(path):
+            return path
+    return None
+
+
+def parse_split_list(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """Reads a split list.
+
+    Returns
+    -------
+    paths : (n,) str, as written in the list (relative to the image root).
+    labels : (n,) int64.
+    """
+    paths, labels = [], []
+    for lineno, line in enumerate(read_text(path).splitlines(), start=1):
+        line = line.strip()
+        if not line:
+            continue
+        parts = line.rsplit(maxsplit=1)  # paths may contain spaces, labels cannot
+        try:
+            if len(parts) != 2:
+                raise ValueError
+            labels.append(int(parts[1]))
+        except ValueError:
+            raise DataError(
+                f"{path}:{lineno}: expected '<relative path> <integer label>', got {line!r}"
+            ) from None
+        paths.append(parts[0])
+    if not paths:
+        raise DataError(f"split list {path} holds no '<path> <label>' lines")
+    return np.array(paths, dtype=object), np.array(labels, dtype=np.int64)
+
+
+def read_class_names(path: str) -> list[str]:
+    """Class names, one per line; a line `<id> <readable name>` keeps the readable part."""
+    names = []
+    for line in read_text(path).splitlines():
+        line = line.strip()
+        if line:
+            parts = line.split(maxsplit=1)
+            names.append(parts[-1])
+    if not names:
+        raise DataError(f"class-name file {path} is empty")
+    return names

@@ -1,0 +1,67 @@
+"""Helpers for tests and benchmarks: small image trees cut from real CIFAR-10 JPEGs."""
+
+import io
+import os
+import tarfile
+
+import numpy as np
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                   "ship", "truck")
+
+
+def long_tail_counts(num_classes: int, n_max: int, n_min: int) -> list:
+    """Exponential profile n_max -> n_min over the classes (as CIFAR-LT)."""
+    r = n_min / n_max
+    return [max(n_min, int(n_max * r ** (c / (num_classes - 1)))) for c in range(num_classes)]
+
+
+def cifar10_tree(tar_path: str, out_dir: str, train_counts, eval_per_class: int = 0,
+                 eval_split: str = "test", classes=CIFAR10_CLASSES) -> dict:
+    """Extracts `train/<class>/*.jpg` (train_counts[c] files of class c) and
+    `<eval_split>/<class>/*.jpg` (eval_per_class each) from the CIFAR-10 JPEG tarball.
+
+    Files are the lowest-numbered ones of each class, so the tree is deterministic.
+    Returns {relative path: class index} of the written files.
+    """
+    wanted = {}
+    for c, name in enumerate(classes):
+        for n in range(train_counts[c]):
+            wanted[f"train/{name}/{n:04d}.jpg"] = c
+        for n in range(eval_per_class):
+            wanted[f"{eval_split}/{name}/{n:04d}.jpg"] = c
+    src_name = {k: ("test" + k[len(eval_split):] if not k.startswith("train/") else k)
+                for k in wanted}
+    by_source = {v: k for k, v in src_name.items()}
+    found = 0
+    with tarfile.open(tar_path, "r:gz") as tar:
+        for member in tar:
+            dest = by_source.get(member.name)
+            if dest is None:
+                continue
+            path = os.path.join(out_dir, dest)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(tar.extractfile(member).read())
+            found += 1
+            if found == len(wanted):
+                break
+    if found != len(wanted):
+        raise FileNotFoundError(f"only {found} of {len(wanted)} wanted files in {tar_path}")
+    return wanted
+
+
+def truncate_file(path: str, keep_bytes: int = 200) -> None:
+    """Makes an image unreadable the way an interrupted copy does."""
+    with open(path, "rb") as f:
+        head = f.read(keep_bytes)
+    with open(path, "wb") as f:
+        f.write(head)
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """uint8 (h, w, 3) -> PNG bytes (lossless, for exact pixel tests)."""
+    from PIL import Image  # pylint: disable=import-outside-toplevel
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()

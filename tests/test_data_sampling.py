@@ -1,0 +1,125 @@
+"""Statistics and determinism of the dual-sampling index plan (no images)."""
+
+import os
+import time
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from lpt_jax import data  # noqa: E402
+from lpt_jax.data import list_datasets  # noqa: E402
+from lpt_jax.data.sampling import process_slice  # noqa: E402
+
+B, K = 256, 4
+
+
+@pytest.fixture(scope="module")
+def places_labels():
+    _, lists = list_datasets.load_lists(list_datasets.PLACES_LT, data.default_config())
+    return lists["train"][1]
+
+
+def _sampler(labels, seed=0, batch=B, k=K):
+    return data.DualSampler(labels, int(labels.max()) + 1, batch, seed, k)
+
+
+def test_class_balanced_is_uniform_over_classes(places_labels):
+    s = _sampler(places_labels)
+    steps = 200  # 12,800 visits: 35 full passes over 365 classes and a partial one
+    idx = np.concatenate([s.class_balanced(t) for t in range(steps)])
+    per_class = np.bincount(places_labels[idx], minlength=365)
+    # Tolerance: a class is visited once per pass, so counts differ by at most one visit.
+    assert per_class.max() - per_class.min() <= K
+    assert per_class.sum() == steps * B
+    # Contrast with the data distribution it corrects (4980 vs 5 images).
+    assert np.bincount(places_labels).max() / np.bincount(places_labels).min() > 900
+
+
+def test_class_balanced_groups_and_cycles(places_labels):
+    s = _sampler(places_labels)
+    visits = []
+    for t in range(120):
+        labels = places_labels[s.class_balanced(t)].reshape(-1, K)
+        assert np.all(labels == labels[:, :1]), "class-balanced batches come in same-class groups"
+        visits.extend(labels[:, 0])
+    visits = np.array(visits)
+    passes = visits[: len(visits) // 365 * 365].reshape(-1, 365)
+    for p in passes:  # every pass visits each class exactly once ...
+        assert np.array_equal(np.sort(p), np.arange(365))
+    assert not np.array_equal(passes[0], passes[1])  # ... in a reshuffled order
+
+
+def test_per_class_cycles_are_without_replacement(places_labels):
+    s = _sampler(places_labels)
+    drawn = {}
+    for t in range(150):
+        for i in s.class_balanced(t):
+            drawn.setdefault(int(places_labels[i]), []).append(int(i))
+    for c, seq in drawn.items():
+        members = np.flatnonzero(places_labels == c)
+        n_c = len(members)
+        full = len(seq) // n_c
+        for cycle in range(full):  # each full cycle is a permutation of the class
+            assert sorted(seq[cycle * n_c:(cycle + 1) * n_c]) == members.tolist()
+        uses = np.bincount(np.searchsorted(members, seq), minlength=n_c)
+        assert uses.max() - uses.min() <= 1
+        if full >= 2 and n_c > 4:
+            assert seq[:n_c] != seq[n_c:2 * n_c]  # reshuffled when exhausted
+
+
+def test_instance_balanced_epochs_are_permutations(places_labels):
+    s = _sampler(places_labels)
+    n = len(places_labels)
+    steps = data.steps_per_epoch(n, B) * 2 + 10
+    seq = np.concatenate([s.instance_balanced(t) for t in range(steps)])
+    assert np.array_equal(np.sort(seq[:n]), np.arange(n))
+    assert np.array_equal(np.sort(seq[n:2 * n]), np.arange(n))
+    assert not np.array_equal(seq[:n], seq[n:2 * n])
+    # Follows the data distribution: the partial third epoch is a hypergeometric draw.
+    m = len(seq) - 2 * n
+    counts = np.bincount(places_labels[seq[2 * n:]], minlength=365)
+    p = np.bincount(places_labels, minlength=365) / n
+    sd = np.sqrt(m * p * (1 - p) * (n - m) / (n - 1))
+    assert np.all(np.abs(counts - m * p) <= 5 * sd + 1)
+
+
+def test_same_seed_same_plan_and_o1_resume(places_labels):
+    a, b, c = _sampler(places_labels, 3), _sampler(places_labels, 3), _sampler(places_labels, 4)
+    seq_a = [(a.class_balanced(t), a.instance_balanced(t)) for t in range(30)]
+    for t in (29, 7, 0):  # fresh sampler, out of order: no hidden state
+        assert np.array_equal(b.class_balanced(t), seq_a[t][0])
+        assert np.array_equal(b.instance_balanced(t), seq_a[t][1])
+    assert not np.array_equal(c.class_balanced(0), seq_a[0][0])
+    assert not np.array_equal(a.class_balanced(0), a.instance_balanced(0))
+    start = time.perf_counter()
+    far = _sampler(places_labels, 3).class_balanced(10**7)
+    assert time.perf_counter() - start < 2.0  # no replay of ten million steps
+    assert len(far) == B
+
+
+def test_classes_with_fewer_images_than_a_group_repeat():
+    labels = np.array([0] * 9 + [1, 2, 2])  # class 1 has one image, class 2 two
+    s = _sampler(labels, batch=12)
+    for t in range(5):
+        groups = labels[s.class_balanced(t)].reshape(-1, K)
+        assert np.all(groups == groups[:, :1])
+    idx = s.class_balanced(0).reshape(-1, K)
+    one = idx[labels[idx[:, 0]] == 1][0]
+    assert np.all(one == 9)
+
+
+def test_process_slices_disjoint_and_groups_intact(places_labels):
+    s = _sampler(places_labels)
+    cb, ib = s.class_balanced(5), s.instance_balanced(5)
+    parts = [process_slice(B, p, 8, K) for p in range(8)]
+    assert np.array_equal(np.concatenate([ib[sl] for sl in parts]), ib)
+    assert len(set(ib.tolist())) == B  # disjoint shares within an epoch
+    for sl in parts:
+        g = places_labels[cb[sl]].reshape(-1, K)
+        assert np.all(g == g[:, :1])
+    with pytest.raises(data.DataError, match="divisible by 4"):
+        process_slice(24, 0, 4, K)
+    with pytest.raises(data.DataError, match="not divisible by 3"):
+        process_slice(256, 0, 3, K)
