@@ -522,7 +522,8 @@ def train(config, workdir: str) -> dict:
     """Runs the configured phases, then the final evaluation; returns the final report."""
     phases = parse_phases(config.train.phases)
     _check_workdir_config(config, workdir)
-    ctx = build_context(config, workdir)
+    ctx = build_context(config, workdir)  # every check that can fail early, before any write
+    _record_workdir_config(config, workdir)
     logging.info("data: %s, %d classes, %d training images; devices: %d (%s), processes: %d",
                  config.data.name, ctx.source.num_classes, ctx.source.num_train,
                  ctx.mesh.devices.size, jax.devices()[0].platform, jax.process_count())
@@ -597,17 +598,20 @@ def _run_defining(config) -> dict:
 def _check_workdir_config(config, workdir: str) -> None:
     """A workdir belongs to one run: refuse to resume it with a different config."""
     path = os.path.join(workdir, "config.json")
-    mine = _run_defining(config)
     if _exists(path):
         theirs = json.loads(_read_text(path))
-        diff = sorted(_diff(theirs, mine))
+        diff = sorted(_diff(theirs, _run_defining(config)))
         if diff and not config.train.get("allow_config_change", False):
             raise ConfigError(
                 f"{workdir} holds a run with a different config ({', '.join(diff[:8])}"
                 f"{' ...' if len(diff) > 8 else ''}): use a new --workdir, or pass "
                 "--config.train.allow_config_change=True to resume it anyway")
+
+
+def _record_workdir_config(config, workdir: str) -> None:
     if jax.process_index() == 0:
-        _write_text(path, json.dumps(mine, indent=1, sort_keys=True))
+        _write_text(os.path.join(workdir, "config.json"),
+                    json.dumps(_run_defining(config), indent=1, sort_keys=True))
 
 
 def _diff(a, b, prefix="") -> list:
