@@ -204,22 +204,34 @@ def make_train_step(model: LPT, phase: int, tx: optax.GradientTransformation,
 # Running a phase.
 
 class _Preemption:
-    """SIGTERM (the preemption notice on Cloud TPU) asks the loop to save and stop."""
+    """SIGTERM (the preemption notice on Cloud TPU) asks the loop to save and stop.
+
+    With several processes, JAX's preemption sync point makes every process agree on the
+    same step to stop at; a single process uses its own signal handler.
+    """
 
     def __init__(self):
-        self.requested = False
+        self._signalled = False
         self._previous = None
+        self._multi = jax.process_count() > 1
 
     def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not in the main thread
-            self._previous = None
+        if not self._multi:
+            try:
+                self._previous = signal.signal(signal.SIGTERM, self._handle)
+            except ValueError:  # not in the main thread
+                self._previous = None
         return self
 
     def _handle(self, signum, frame):
         logging.warning("SIGTERM received: saving a checkpoint and stopping")
-        self.requested = True
+        self._signalled = True
+
+    def reached(self, step: int) -> bool:
+        if self._multi:
+            from jax.experimental import multihost_utils
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self._signalled
 
     def __exit__(self, *exc):
         if self._previous is not None:
@@ -302,30 +314,29 @@ def run_phase(ctx: Context, phase: int) -> dict:
                          else batch_size, writer, config.train.log_every_steps)
     meta = {"phase": phase, "total_steps": total, "steps_per_epoch": spe}
     pending = []
-    with _Preemption() as preemption:
-        for step in range(start, total):
-            batch = parallel.global_batch(next(stream), mesh)
-            state, metrics = step_fn(state, frozen, batch)
-            pending.append((step + 1, metrics))
-            progress.tick(step + 1)
-            last = step + 1 == total
-            if (step + 1) % config.train.log_every_steps == 0 or last or preemption.requested:
-                _flush_metrics(pending, writer, progress, config.train.on_nonfinite)
-                pending = []
-            ckpt.save(step + 1, state, {**meta, "data_step": step + 1}, force=last)
-            stop_after = config.train.stop_after_steps
-            stop_now = stop_after and step + 1 - start >= stop_after
-            if (preemption.requested or stop_now) and not last:
-                ckpt.save(step + 1, state, {**meta, "data_step": step + 1}, force=True)
-                ckpt.close()
-                writer.flush()
-                why = "on SIGTERM" if preemption.requested else "(train.stop_after_steps)"
-                raise Preempted(f"phase {phase} stopped at step {step + 1} {why}; "
-                                "checkpoint saved, rerun the same command to resume")
-    if start >= total:  # restored a finished phase whose export was lost
-        logging.info("phase %d: checkpoint at the final step %d", phase, start)
-    ckpt.close()
-    writer.flush()
+    try:
+        with _Preemption() as preemption:
+            for step in range(start, total):
+                batch = parallel.global_batch(next(stream), mesh)
+                state, metrics = step_fn(state, frozen, batch)
+                pending.append((step + 1, metrics))
+                progress.tick(step + 1)
+                last = step + 1 == total
+                stop_after = config.train.stop_after_steps
+                preempted = preemption.reached(step + 1)
+                stop_now = preempted or (stop_after and step + 1 - start >= stop_after)
+                if (step + 1) % config.train.log_every_steps == 0 or last or stop_now:
+                    _flush_metrics(pending, writer, progress, config.train.on_nonfinite)
+                    pending = []
+                ckpt.save(step + 1, state, {**meta, "data_step": step + 1},
+                          force=last or stop_now)
+                if stop_now and not last:
+                    why = "on SIGTERM" if preempted else "(train.stop_after_steps)"
+                    raise Preempted(f"phase {phase} stopped at step {step + 1} {why}; "
+                                    "checkpoint saved, rerun the same command to resume")
+    finally:  # a started checkpoint write always completes (or is cleaned up on restart)
+        ckpt.close()
+        writer.flush()
 
     trained = jax.device_get(state["trainable"])
     if jax.process_index() == 0:

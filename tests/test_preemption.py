@@ -1,0 +1,175 @@
+"""Preemption and faults: SIGTERM saves and resumes identically; SIGKILL during asynchronous
+checkpoint writes never leaves a broken checkpoint; non-finite steps stop or are skipped."""
+
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lpt_jax import checkpoint as ckpt_lib
+from lpt_jax import data, losses, train, tree
+
+from tiny_run import make_backbone, make_image_folder, tiny_config
+
+REPO = Path(__file__).resolve().parents[1]
+EPOCHS = 12  # 6 steps an epoch: 72 steps, long enough to be interrupted
+
+
+def _cli(tmp, workdir, *overrides):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")  # same 8 simulated devices as this process
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "run.py"), f"--config={REPO}/tests/tiny_cli_config.py:{tmp}",
+         f"--workdir={workdir}", "--config.train.phases=1", f"--config.phase1.epochs={EPOCHS}",
+         "--config.eval.plot=False", *overrides],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_checkpoint(workdir, proc, timeout=300):
+    ckdir = Path(workdir) / "phase1" / "checkpoints"
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise AssertionError("run ended before it could be interrupted:\n" + proc.stdout.read())
+        if ckdir.is_dir() and any(p.name.isdigit() for p in ckdir.iterdir()):
+            return ckdir
+        time.sleep(0.2)
+    raise AssertionError("no checkpoint appeared")
+
+
+def _export(workdir):
+    return tree.flatten(ckpt_lib.load_export(train.export_path(str(workdir), 1))[0])
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The uninterrupted run every interrupted one must reproduce bit for bit."""
+    tmp = tmp_path_factory.mktemp("pre")
+    make_image_folder(tmp / "data")
+    make_backbone(tmp / "vit.npz")
+    config = tiny_config(tmp)
+    config.train.phases = "1"
+    config.phase1.epochs = EPOCHS
+    config.eval.plot = False
+    train.train(config, str(tmp / "straight"))
+    return tmp, _export(tmp / "straight")
+
+
+def test_sigterm_saves_and_resumes_identically(straight):
+    tmp, want = straight
+    workdir = tmp / "sigterm"
+    proc = _cli(tmp, workdir)
+    _wait_for_checkpoint(workdir, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 143, out[-3000:]
+    assert "stopped at step" in out and "on SIGTERM" in out
+    steps = [int(p.name) for p in (workdir / "phase1" / "checkpoints").iterdir()]
+    stopped = max(steps)
+    assert 0 < stopped < 6 * EPOCHS
+    assert not (workdir / "phase1" / "export.npz").exists()
+    proc = _cli(tmp, workdir)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert f"resuming from step {stopped}" in out
+    got = _export(workdir)
+    for k, v in want.items():
+        np.testing.assert_array_equal(got[k], v, err_msg=k)
+
+
+def test_sigkill_during_async_checkpoint_writes(straight):
+    """Checkpoint every step and kill -9 while writes are in flight, twice; the restart uses the
+    last complete checkpoint and still ends bit-identical to the uninterrupted run."""
+    tmp, want = straight
+    workdir = tmp / "sigkill"
+    saw_partial = False
+    for delay in (0.5, 1.5):
+        proc = _cli(tmp, workdir, "--config.train.checkpoint_every_steps=1",
+                    "--config.train.keep_checkpoints=2")
+        ckdir = _wait_for_checkpoint(workdir, proc)
+        time.sleep(delay)
+        proc.kill()
+        proc.communicate(timeout=60)
+        names = [p.name for p in ckdir.iterdir()]
+        saw_partial |= any(not n.isdigit() for n in names)  # an uncommitted (tmp) checkpoint
+        complete = [n for n in names if n.isdigit()]
+        assert complete, names
+    proc = _cli(tmp, workdir, "--config.train.checkpoint_every_steps=1",
+                "--config.train.keep_checkpoints=2")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    got = _export(workdir)
+    for k, v in want.items():
+        np.testing.assert_array_equal(got[k], v, err_msg=k)
+    print(f"an interrupted write was left behind by a kill: {saw_partial}")
+
+
+def _nan_when_class3(logits, labels, class_counts, rng=None, *, gamma_pos, gamma_neg,
+                     scale=20.0, margin=0.1, cloud_weight=0.5, cloud_std=1 / 3,
+                     label_smoothing=0.1):
+    """A-GCL that turns NaN whenever the batch holds class 3 (a data-dependent fault)."""
+    loss = losses.agcl_loss(logits, labels, class_counts, rng, gamma_pos=gamma_pos,
+                            gamma_neg=gamma_neg, scale=scale, margin=margin,
+                            cloud_weight=cloud_weight, cloud_std=cloud_std,
+                            label_smoothing=label_smoothing)
+    return jnp.where(jnp.any(labels == 3), jnp.nan, loss)
+
+
+@pytest.fixture
+def nan_loss(monkeypatch):
+    monkeypatch.setitem(losses.LOSSES, "agcl_nan_on_class3", _nan_when_class3)
+
+
+def _bad_steps(config, tmp):
+    """Independently: the 1-based steps whose class-balanced batch holds class 3."""
+    source = data.get_source(config.data)
+    stream = data.make_train_stream(source, config.data, global_batch_size=8,
+                                    seed=config.seed + 1000)
+    return [s + 1 for s in range(config.train.max_steps)
+            if 3 in next(stream)["cb"]["label"].tolist()]
+
+
+def test_nonfinite_loss_stops_with_the_step_and_part(straight, nan_loss):
+    tmp, _ = straight
+    config = tiny_config(tmp)
+    config.train.phases = "1"
+    config.train.max_steps = 10
+    config.train.log_every_steps = 1
+    config.loss.cb.name = "agcl_nan_on_class3"
+    first_bad = _bad_steps(config, tmp)[0]
+    with pytest.raises(train.NonFiniteError) as err:
+        train.train(config, str(tmp / "nan_stop"))
+    msg = str(err.value)
+    assert f"at step {first_bad}" in msg and "loss_cb" in msg
+    ckdir = tmp / "nan_stop" / "phase1" / "checkpoints"
+    steps = sorted(int(p.name) for p in ckdir.iterdir()) if ckdir.exists() else []
+    ck = ckpt_lib.PhaseCheckpointer(str(ckdir), every_steps=1, keep=3)
+    for s in steps:  # nothing saved is worse than the last good state
+        state, _ = ck.restore(s, None)
+        assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state["trainable"]))
+    ck.close()
+
+
+def test_nonfinite_steps_can_be_skipped_and_counted(straight, nan_loss):
+    tmp, _ = straight
+    config = tiny_config(tmp)
+    config.train.phases = "1"
+    config.train.max_steps = 10
+    config.train.log_every_steps = 10
+    config.train.on_nonfinite = "skip"
+    config.loss.cb.name = "agcl_nan_on_class3"
+    bad = _bad_steps(config, tmp)
+    assert 0 < len(bad) < 10
+    train.train(config, str(tmp / "nan_skip"))
+    from test_train import _scalars
+    counted = _scalars(str(tmp / "nan_skip" / "phase1"), "nonfinite_steps")
+    assert counted == [(10, float(len(bad)))]
+    got = _export(tmp / "nan_skip")
+    assert all(np.all(np.isfinite(v)) for v in got.values())
