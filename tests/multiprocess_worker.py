@@ -1,6 +1,6 @@
 """One process of a 2-process CPU run (4 simulated devices each), launched by test_multiprocess.
 
-Usage: python multiprocess_worker.py PROCESS_ID COORDINATOR_PORT TMPDIR WORKDIR
+Usage: python multiprocess_worker.py PROCESS_ID COORDINATOR_PORT TMPDIR WORKDIR [sigterm]
 """
 
 import json
@@ -38,6 +38,16 @@ def main():
     data.make_train_stream = recording_stream
 
     config = multiprocess_config(tmp)
+    if sys.argv[5:] == ["sigterm"]:  # a long phase 1, to be stopped by SIGTERM
+        config.train.max_steps = 0
+        config.phase1.epochs = 200
+        config.train.phases = "1"
+        try:
+            train.train(config, workdir)
+        except train.Preempted as e:
+            print(f"PREEMPTED process {process_id}: {e}", flush=True)
+            sys.exit(143)
+        return
     train.train(config, workdir)
     out = pathlib.Path(workdir) / f"seen_labels_process{process_id}.json"
     out.write_text(json.dumps({"process_index": jax.process_index(),

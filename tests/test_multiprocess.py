@@ -4,9 +4,12 @@ single-process run on 8 devices; only process 0 writes; each process reads only 
 import glob
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +21,13 @@ from lpt_jax import data, train, tree
 from tiny_run import make_backbone, make_image_folder, multiprocess_config
 
 WORKER = Path(__file__).resolve().parent / "multiprocess_worker.py"
+
+
+def _launch(port, tmp, workdir, *extra):
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    return [subprocess.Popen([sys.executable, str(WORKER), str(i), str(port), str(tmp), workdir,
+                              *extra], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
 
 
 def _free_port():
@@ -33,10 +43,7 @@ def runs(tmp_path_factory):
     make_backbone(tmp / "vit.npz")
     multi = str(tmp / "multi")
     port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(i), str(port), str(tmp), multi],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in (0, 1)]
+    procs = _launch(port, tmp, multi)
     logs = []
     for p in procs:
         try:
@@ -96,3 +103,24 @@ def test_each_process_reads_only_its_share(runs):
             for stream in ("cb", "ib"):
                 want = global_batches[step][stream]["label"][4 * pid:4 * pid + 4].tolist()
                 assert local[stream] == want and len(local[stream]) == 4
+
+
+def test_sigterm_stops_every_process_at_the_same_step(runs):
+    tmp, _, _ = runs
+    workdir = str(tmp / "sigterm")
+    procs = _launch(_free_port(), tmp, workdir, "sigterm")
+    ckdir = os.path.join(workdir, "phase1", "checkpoints")
+    deadline = time.time() + 300
+    while not (os.path.isdir(ckdir) and any(n.isdigit() for n in os.listdir(ckdir))):
+        assert time.time() < deadline and all(p.poll() is None for p in procs), \
+            [p.communicate()[0][-2000:] for p in procs if p.poll() is not None]
+        time.sleep(0.2)
+    time.sleep(2)
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [143, 143], [o[-2000:] for o in outs]
+    stops = [re.search(r"stopped at step (\d+) on SIGTERM", o).group(1) for o in outs]
+    assert stops[0] == stops[1], stops
+    assert stops[0] in os.listdir(ckdir)
+    assert not os.path.exists(train.export_path(workdir, 1))
