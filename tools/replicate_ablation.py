@@ -1,0 +1,265 @@
+#!/usr/bin/env python3
+"""The small-scale replication: LPT and its ablations on the demo's data and backbone.
+
+    python tools/replicate_ablation.py --workdir=/tmp/lpt_replication --seeds=0,1,2
+
+Every variant is `configs/demo.py` with a few overrides, trained by `lpt_jax.train.train`
+on the same split, backbone and budget (5 epochs per phase, batch 32 per stream):
+
+  linear_probe    cosine head only, no prompts, cross-entropy, instance-balanced batches
+  vpt_deep_ce     shared (VPT-deep) prompt + head, cross-entropy, instance-balanced batches
+  lpt_phase1      LPT phase 1: shared prompt + head, A-GCL, dual sampling
+  lpt_phase1_2    LPT phase 2 (pool + keys + head) from lpt_phase1's export
+  phase2_no_dual  phase 2 on the instance-balanced batch only (A-GCL, its ib branch)
+  phase2_ce       phase 2 with cross-entropy on both branches instead of A-GCL
+
+Phase-2 variants start from the same seed's lpt_phase1 export, so they isolate phase 2.
+Finished runs are skipped (results/results.json exists): rerun the command to resume.
+Writes <workdir>/summary.json, <workdir>/table.md and the plot (--plot).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+
+GROUPS = ("many", "medium", "few")
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    label: str
+    phases: str
+    overrides: dict
+    phase1_from: str = ""     # variant whose phase-1 export phase 2 starts from
+
+
+VARIANTS = {
+    "linear_probe": Variant("linear probe (CE)", "1", {
+        "model.lpt.prompt_length": 0, "phase1.trainable": ("head/.*",),
+        "loss.ib.name": "ce", "loss.dual_sampling": False}),
+    "vpt_deep_ce": Variant("VPT-deep (CE)", "1", {
+        "loss.ib.name": "ce", "loss.dual_sampling": False}),
+    "lpt_phase1": Variant("LPT phase 1", "1", {}),
+    "lpt_phase1_2": Variant("LPT phase 1+2", "2", {}, phase1_from="lpt_phase1"),
+    "phase2_no_dual": Variant("phase 2 w/o dual sampling", "2", {
+        "loss.dual_sampling": False}, phase1_from="lpt_phase1"),
+    "phase2_ce": Variant("phase 2 with CE", "2", {
+        "loss.cb.name": "ce", "loss.ib.name": "ce"}, phase1_from="lpt_phase1"),
+}
+
+
+def set_path(config, path: str, value) -> None:
+    *parents, leaf = path.split(".")
+    node = config
+    for p in parents:
+        node = node[p]
+    node[leaf] = value
+
+
+def variant_config(name: str, seed: int, workdir: Path, base_overrides: dict):
+    from configs import demo
+    v = VARIANTS[name]
+    config = demo.get_config()
+    config.seed = seed
+    config.train.phases = v.phases
+    for path, value in {**v.overrides, **base_overrides}.items():
+        set_path(config, path, value)
+    if v.phase1_from:
+        config.train.phase1_export = str(run_dir(workdir, v.phase1_from, seed) /
+                                         "phase1" / "export.npz")
+    return config
+
+
+def run_dir(workdir: Path, name: str, seed: int) -> Path:
+    return workdir / name / f"seed{seed}"
+
+
+def read_results(rdir: Path) -> dict | None:
+    """Test table of a finished run, with its phase's val table when present."""
+    path = rdir / "results" / "results.json"
+    if not path.exists():
+        return None
+    test = json.loads(path.read_text())
+    val_path = rdir / f"phase{test['phase']}" / "val" / "results.json"
+    val = json.loads(val_path.read_text()) if val_path.exists() else None
+    timing = rdir / "timing.json"
+    return {"test": test, "val": val,
+            "timing": json.loads(timing.read_text()) if timing.exists() else None}
+
+
+def run_variant(name: str, seed: int, workdir: Path, base_overrides: dict) -> dict:
+    from lpt_jax import train
+    rdir = run_dir(workdir, name, seed)
+    done = read_results(rdir)
+    if done is not None:
+        print(f"[skip] {name} seed {seed}: {rdir} is finished", flush=True)
+        return done
+    config = variant_config(name, seed, workdir, base_overrides)
+    print(f"[run ] {name} seed {seed} -> {rdir}", flush=True)
+    t0, cpu0 = time.time(), _cpu_seconds()
+    train.train(config, str(rdir))
+    timing = {"wall_s": round(time.time() - t0, 1), "cpu_s": round(_cpu_seconds() - cpu0, 1)}
+    (rdir / "timing.json").write_text(json.dumps(timing) + "\n")
+    print(f"[done] {name} seed {seed}: {timing}", flush=True)
+    return read_results(rdir)
+
+
+def _cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+# ------------------------------------------------------------------------------------------
+# Summary.
+
+def metric_values(runs: list[dict], split: str, rule: str = "release") -> dict[str, list]:
+    out = {"overall": [r[split]["overall"] for r in runs if r[split]]}
+    for g in GROUPS:
+        out[g] = [r[split][rule][g] for r in runs if r[split]]
+    return out
+
+
+def summarize(results: dict[str, dict[int, dict]]) -> dict:
+    """{variant: {split: {rule: {metric: {mean, std, values}}}}}; std is the sample std."""
+    summary = {}
+    for name, by_seed in results.items():
+        runs = [by_seed[s] for s in sorted(by_seed)]
+        entry = {"label": VARIANTS[name].label, "seeds": sorted(by_seed)}
+        for split in ("test", "val"):
+            entry[split] = {}
+            for rule in ("release", "oltr"):
+                vals = metric_values(runs, split, rule)
+                entry[split][rule] = {
+                    k: {"mean": float(np.mean(v)) if v else None,
+                        "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0,
+                        "values": [round(x, 2) for x in v]} for k, v in vals.items()}
+        times = [r["timing"] for r in runs if r.get("timing")]
+        entry["wall_s"] = float(np.mean([t["wall_s"] for t in times])) if times else None
+        entry["cpu_s"] = float(np.mean([t["cpu_s"] for t in times])) if times else None
+        summary[name] = entry
+    return summary
+
+
+def markdown(summary: dict, split: str = "test", rule: str = "release") -> str:
+    lines = ["| variant | overall | many | medium | few | seeds |", "|---|---|---|---|---|---|"]
+    for name, e in summary.items():
+        cells = []
+        for k in ("overall",) + GROUPS:
+            m = e[split][rule][k]
+            cells.append("–" if m["mean"] is None else f"{m['mean']:.1f} ± {m['std']:.1f}")
+        lines.append(f"| {e['label']} | " + " | ".join(cells) + f" | {len(e['seeds'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, path: str, title: str) -> None:
+    """Grouped bars: overall / many / medium / few per variant, mean with std error bars."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary)
+    metrics = ("overall",) + GROUPS
+    colors = {"overall": "tab:gray", "many": "tab:blue", "medium": "tab:orange",
+              "few": "tab:red"}
+    width = 0.8 / len(metrics)
+    fig, ax = plt.subplots(figsize=(9, 4.2), dpi=120)
+    x = np.arange(len(names))
+    for j, m in enumerate(metrics):
+        means = [summary[n]["test"]["release"][m]["mean"] or 0 for n in names]
+        stds = [summary[n]["test"]["release"][m]["std"] for n in names]
+        ax.bar(x + (j - 1.5) * width, means, width, yerr=stds, capsize=2, color=colors[m],
+               label=m)
+        for n_i, n in enumerate(names):  # the individual seeds as dots
+            vals = summary[n]["test"]["release"][m]["values"]
+            ax.scatter([x[n_i] + (j - 1.5) * width] * len(vals), vals, s=5, color="black",
+                       zorder=3)
+    ax.set_xticks(x)
+    ax.set_xticklabels([summary[n]["label"] for n in names], rotation=15, ha="right",
+                       fontsize=8)
+    ax.set_ylabel("test top-1 accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(title, fontsize=9)
+    ax.legend(ncol=4, fontsize=8, loc="upper left")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        cpu = next((l.split(":", 1)[1].strip() for l in out.splitlines()
+                    if l.startswith("Model name")), cpu)
+    except OSError:
+        pass
+    import jax
+    return f"{cpu}, {os.cpu_count()} cores, jax {jax.__version__} on {jax.devices()[0].platform}"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workdir", default="/tmp/lpt_replication")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--plot", default="", help="PNG path (default: <workdir>/replication.png)")
+    p.add_argument("--max_steps", type=int, default=0, help=">0: a quick smoke run")
+    args = p.parse_args(argv)
+
+    workdir = Path(args.workdir)
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    names = [n for n in args.variants.split(",") if n]
+    unknown = sorted(set(names) - set(VARIANTS))
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+    for n in names:  # a phase-2 variant needs its phase-1 run first
+        dep = VARIANTS[n].phase1_from
+        if dep and dep not in names:
+            names.insert(names.index(n), dep)
+    base = {}
+    if args.max_steps:
+        base = {"train.max_steps": args.max_steps, "eval.max_examples": 64}
+
+    from lpt_jax import train  # noqa: F401  (imports TF and JAX once)
+    results: dict[str, dict[int, dict]] = {n: {} for n in names}
+    t0 = time.time()
+    for seed in seeds:
+        for n in names:
+            results[n][seed] = run_variant(n, seed, workdir, base)
+    summary = summarize(results)
+    meta = {"command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+            "machine": machine(), "date": time.strftime("%Y-%m-%d"),
+            "total_wall_s_this_call": round(time.time() - t0, 1)}
+    (workdir / "summary.json").write_text(json.dumps({"meta": meta, "variants": summary},
+                                                     indent=1) + "\n")
+    table = (f"test split, release rule (many > 100, medium 21-100, few <= 20 training "
+             f"images), mean ± sample std over seeds {seeds}\n\n" + markdown(summary) +
+             "\nOLTR rule (few < 20):\n\n" + markdown(summary, rule="oltr") +
+             "\nval split (20 images per class), release rule:\n\n" +
+             markdown(summary, split="val"))
+    (workdir / "table.md").write_text(table)
+    plot_path = args.plot or str(workdir / "replication.png")
+    plot(summary, plot_path, f"LPT ablations on the demo (CIFAR-10 6-class LT, own ViT), "
+                             f"{len(seeds)} seeds: test accuracy, mean ± std")
+    print(table)
+    print(f"wrote {workdir / 'summary.json'}, {workdir / 'table.md'}, {plot_path}")
+
+
+if __name__ == "__main__":
+    main()
