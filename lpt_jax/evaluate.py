@@ -97,6 +97,7 @@ def plot_per_class(report: Mapping, path: str, title: str = "") -> None:
     for x in (20, 100):
         ax.axvline(x, color="gray", lw=0.8, ls="--")
     ax.set_xscale("log")
+    ax.set_xlim(counts.min() / 1.5, counts.max() * 1.5)  # keep the end points inside
     ax.set_xlabel("training images of the class (log scale)")
     ax.set_ylabel("top-1 accuracy of the class (%)")
     ax.set_ylim(-2, 102)

@@ -313,7 +313,7 @@ def run_phase(ctx: Context, phase: int) -> dict:
     progress = _Progress(phase, total, spe, 2 * batch_size if config.loss.dual_sampling
                          else batch_size, writer, config.train.log_every_steps)
     meta = {"phase": phase, "total_steps": total, "steps_per_epoch": spe}
-    pending = []
+    pending, step = [], start - 1
     try:
         with _Preemption() as preemption:
             for step in range(start, total):
@@ -336,7 +336,13 @@ def run_phase(ctx: Context, phase: int) -> dict:
                                     "checkpoint saved, rerun the same command to resume")
     finally:  # a started checkpoint write always completes (or is cleaned up on restart)
         ckpt.close()
+        skipped = stream.num_skipped
+        if skipped:
+            logging.warning("phase %d: %d unreadable training images were skipped "
+                            "(data.corrupt_images='skip')", phase, skipped)
+            writer.write_scalars(step + 1, {"skipped_images": float(skipped)})
         writer.flush()
+        del stream  # stop tf.data's prefetch threads now rather than at interpreter exit
 
     trained = jax.device_get(state["trainable"])
     if jax.process_index() == 0:
