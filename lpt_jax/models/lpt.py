@@ -12,6 +12,7 @@ Forward functions (use as `model.apply(variables, images, method=...)`):
     `phase2`          training/inference of phase 2 on the exact shared trunk: blocks 0..K-1
                       run once, then branch into the query path and the group-prompt path;
     `phase2_reference` the release's way (two full passes), for tests and benchmarks.
+    `__call__`        = `phase2` (initialises every parameter).
 """
 
 from __future__ import annotations
@@ -143,20 +144,30 @@ class LPT(nn.Module):
         return dict(logits=logits, match=jnp.mean(jnp.sum(cos, axis=1)), indices=idx,
                     query=query)
 
-    def phase2_reference(self, images, train: bool = False):
-        """The release's computation: a full query pass and a full main pass (2L blocks)."""
+    def phase2_reference(self, images, train: bool = False, distinct_passes: bool = True):
+        """The release's computation: a full query pass and a full main pass (2L blocks).
+
+        Both passes start from the same embedding, so XLA's common-subexpression elimination
+        merges their identical blocks 0..K-1 into one trunk by itself. `distinct_passes`
+        (default) puts an optimization barrier on the embedding before the main pass so the
+        compiled program really evaluates all 2L blocks, as the release does (only the cheap
+        patch embedding is shared); False leaves the merge to XLA. (A barrier on the images
+        instead was seen to let XLA merge one of two such calls in one program.)
+        """
         x0 = self.backbone.embed(images)
         query = jax.lax.stop_gradient(self.backbone.features(
             self._run(x0, 0, self.backbone.depth, self._shared)))
         idx, cos = self.select(query)
+        if distinct_passes:
+            x0 = jax.lax.optimization_barrier(x0)
         x = self._run(x0, 0, self.shared_depth, self._shared)
         logits = self.main_from_trunk(x, idx, train)
         return dict(logits=logits, match=jnp.mean(jnp.sum(cos, axis=1)), indices=idx,
                     query=query)
 
     def __call__(self, images, train: bool = False):
-        """Initialises every parameter (phase 2 touches them all)."""
-        return self.phase2_reference(images, train)
+        """Initialises every parameter (phase 2 touches them all, on 2L-K blocks)."""
+        return self.phase2(images, train)
 
 
 def lpt_from_config(model_cfg, num_classes: int, backbone: Optional[ViT] = None) -> LPT:
