@@ -62,7 +62,9 @@ def markdown_table(report: Mapping, title: str = "") -> str:
                      f"{fmt(r['medium'])} | {fmt(r['few'])} | "
                      f"{r['many_classes']}/{r['medium_classes']}/{r['few_classes']} |")
     lines.append("")
-    lines.append(f"top-1 accuracy in %, {report['num_examples']} images.")
+    skipped = report.get("skipped_images", 0)
+    lines.append(f"top-1 accuracy in %, {report['num_examples']} images"
+                 + (f" ({skipped} unreadable images skipped)." if skipped else "."))
     return "\n".join(lines).lstrip("\n") + "\n"
 
 

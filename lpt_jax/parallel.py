@@ -8,6 +8,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from lpt_jax.errors import ConfigError
+
 DATA_AXIS = "data"
 
 
@@ -46,10 +48,10 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def check_batch_size(global_batch: int, mesh: Mesh, what: str = "batch_size") -> None:
     n = mesh.devices.size
     if global_batch % n:
-        raise ValueError(f"{what}={global_batch} is not divisible by the {n} devices of the "
+        raise ConfigError(f"{what}={global_batch} is not divisible by the {n} devices of the "
                          f"mesh; choose a multiple of {n}")
     if global_batch % jax.process_count():
-        raise ValueError(f"{what}={global_batch} is not divisible by the "
+        raise ConfigError(f"{what}={global_batch} is not divisible by the "
                          f"{jax.process_count()} processes")
 
 

@@ -33,14 +33,11 @@ from absl import logging
 from lpt_jax import backbone as backbone_lib
 from lpt_jax import checkpoint as ckpt_lib
 from lpt_jax import data, evaluate, losses, optim, parallel, tree
+from lpt_jax.errors import ConfigError
 from lpt_jax.models.lpt import LPT, TRAINABLE, lpt_from_config
 
 # Config sections that define a run; a restart with different values would mix two runs.
 RUN_DEFINING_SECTIONS = ("seed", "model", "backbone", "data", "loss", "optim", "phase1", "phase2")
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work (found before the first step)."""
 
 
 @dataclasses.dataclass
@@ -66,8 +63,13 @@ def build_context(config, workdir: str, *, load_backbone: bool = True) -> Contex
         raise ConfigError(f"train.num_devices={n} but only {jax.device_count()} devices exist")
     mesh = parallel.make_mesh(jax.devices()[:n] if n else None)
     for phase in (1, 2):
-        parallel.check_batch_size(config[f"phase{phase}"].batch_size, mesh,
-                                  f"phase{phase}.batch_size")
+        batch = config[f"phase{phase}"].batch_size
+        parallel.check_batch_size(batch, mesh, f"phase{phase}.batch_size")
+        group = config.data.cb_images_per_class * jax.process_count()
+        if batch % group:
+            raise ConfigError(
+                f"phase{phase}.batch_size={batch} must be a multiple of data.cb_images_per_class"
+                f" x processes = {group}: the class-balanced batch comes in same-class groups")
     parallel.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
     source = data.get_source(config.data)
     model = lpt_from_config(config.model, source.num_classes)
@@ -336,7 +338,7 @@ def run_phase(ctx: Context, phase: int) -> dict:
                                     "checkpoint saved, rerun the same command to resume")
     finally:  # a started checkpoint write always completes (or is cleaned up on restart)
         ckpt.close()
-        skipped = stream.num_skipped
+        skipped = getattr(stream, "num_skipped", 0)
         if skipped:
             logging.warning("phase %d: %d unreadable training images were skipped "
                             "(data.corrupt_images='skip')", phase, skipped)
@@ -483,8 +485,9 @@ def make_predict_fn(model: LPT, phase: int, mesh) -> Callable:
                    out_shardings=rep)
 
 
-def predict_split(ctx: Context, params, phase: int, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """(predicted labels, true labels) over one pass of a split, padding removed."""
+def predict_split(ctx: Context, params, phase: int, split: str):
+    """(predicted labels, true labels, unreadable images skipped) over one pass of a split,
+    padding removed."""
     predict = make_predict_fn(ctx.model, phase, ctx.mesh)
     params = jax.device_put(params, parallel.replicated(ctx.mesh))
     preds, labels = [], []
@@ -508,7 +511,7 @@ def predict_split(ctx: Context, params, phase: int, split: str) -> tuple[np.ndar
     preds, labels = np.concatenate(preds), np.concatenate(labels)
     if limit:
         preds, labels = preds[:limit], labels[:limit]
-    return preds, labels
+    return preds, labels, getattr(stream, "num_skipped", 0)
 
 
 def _gather(x):
@@ -521,10 +524,11 @@ def _gather(x):
 def evaluate_params(ctx: Context, params, phase: int, split: str, outdir: str,
                     title: str) -> dict:
     t0 = time.time()
-    preds, labels = predict_split(ctx, params, phase, split)
+    preds, labels, skipped = predict_split(ctx, params, phase, split)
     report = evaluate.accuracy_report(preds, labels, ctx.source.train_counts,
                                       ctx.source.class_names)
-    report.update(split=split, phase=phase, seconds=round(time.time() - t0, 1))
+    report.update(split=split, phase=phase, seconds=round(time.time() - t0, 1),
+                  skipped_images=int(skipped))
     if jax.process_index() == 0:
         paths = evaluate.write_reports(outdir, report, title=title, plot=ctx.config.eval.plot)
         logging.info("%s\n%s", title, evaluate.markdown_table(report, title))

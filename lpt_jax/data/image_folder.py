@@ -35,7 +35,8 @@ def scan_tree(root: str) -> tuple[list, dict]:
     class_names = sorted(d.rstrip("/") for d in tf.io.gfile.listdir(train_dir)
                          if tf.io.gfile.isdir(os.path.join(train_dir, d)))
     if not class_names:
-        raise DataError(f"image_folder: {train_dir} has no class folders")
+        raise DataError(f"image_folder: {train_dir} has no class folders; data.root should be "
+                        f"{_HINT}")
     class_ids = {c: i for i, c in enumerate(class_names)}
     lists = {}
     for split in ("train", "val", "test"):
@@ -53,7 +54,8 @@ def scan_tree(root: str) -> tuple[list, dict]:
             labels += [class_ids[c]] * len(files)
         if not paths:
             raise DataError(
-                f"image_folder: {split_dir} holds no {'/'.join(IMAGE_EXTENSIONS)} images")
+                f"image_folder: {split_dir} holds no {'/'.join(IMAGE_EXTENSIONS)} images in its "
+                f"class folders; data.root should be {_HINT}")
         lists[split] = (np.array(paths, dtype=object), np.array(labels, dtype=np.int64))
     return class_names, lists
 
@@ -62,15 +64,22 @@ def read_lists(cfg) -> tuple[list, dict]:
     """Class names and lists from data.train_list / val_list / test_list."""
     if not cfg.train_list:
         raise DataError("image_folder with split lists needs data.train_list")
+    class_names = (split_lists.read_class_names(cfg.class_names_file)
+                   if cfg.class_names_file else None)
+    if class_names is not None:
+        num_classes, fix = len(class_names), (
+            f"fix the label, or name the class in data.class_names_file={cfg.class_names_file} "
+            f"(it names {len(class_names)})")
+    else:
+        num_classes, fix = cfg.num_classes, (
+            f"fix the label, or raise data.num_classes (now {cfg.num_classes})")
     lists = {}
     for split, path in (("train", cfg.train_list), ("val", cfg.val_list), ("test", cfg.test_list)):
         if path:
             if not tf.io.gfile.exists(path):
                 raise DataError(f"image_folder: data.{split}_list={path} does not exist")
-            lists[split] = split_lists.parse_split_list(path)
-    if cfg.class_names_file:
-        class_names = split_lists.read_class_names(cfg.class_names_file)
-    else:
+            lists[split] = split_lists.parse_split_list(path, num_classes, fix)
+    if class_names is None:
         c = cfg.num_classes or 1 + max(int(labels.max()) for _, labels in lists.values())
         class_names = [f"class_{i}" for i in range(c)]
     return class_names, lists

@@ -81,7 +81,8 @@ def validate_source(src: Source) -> Source:
         shown = ", ".join(f"{int(k)} ({src.class_names[k]})" for k in empty[:5])
         raise DataError(
             f"{src.name}: {empty.size} classes have no training image: {shown}"
-            f"{' ...' if empty.size > 5 else ''}; every class needs at least one")
+            f"{' ...' if empty.size > 5 else ''}; every class needs at least one: add training "
+            "images or remove the class")
     return src
 
 

@@ -32,8 +32,14 @@ def find_list(split_dir: str, filename: str):
     return None
 
 
-def parse_split_list(path: str) -> tuple[np.ndarray, np.ndarray]:
+def parse_split_list(path: str, num_classes: int = 0,
+                     fix: str = "fix the list") -> tuple[np.ndarray, np.ndarray]:
     """Reads a split list.
+
+    Parameters
+    ----------
+    num_classes : if > 0, a label outside [0, num_classes) is an error naming its line.
+    fix : what the error for such a label tells the user to do.
 
     Returns
     -------
@@ -49,11 +55,15 @@ def parse_split_list(path: str) -> tuple[np.ndarray, np.ndarray]:
         try:
             if len(parts) != 2:
                 raise ValueError
-            labels.append(int(parts[1]))
+            label = int(parts[1])
         except ValueError:
             raise DataError(
-                f"{path}:{lineno}: expected '<relative path> <integer label>', got {line!r}"
-            ) from None
+                f"{path}:{lineno}: expected '<relative path> <integer label>', got {line!r}; "
+                "fix or remove that line") from None
+        if num_classes > 0 and not 0 <= label < num_classes:
+            raise DataError(f"{path}:{lineno}: label {label} of {parts[0]} is outside "
+                            f"[0, {num_classes}); {fix}")
+        labels.append(label)
         paths.append(parts[0])
     if not paths:
         raise DataError(f"split list {path} holds no '<path> <label>' lines")

@@ -15,18 +15,13 @@ import numpy as np
 import tensorflow as tf
 
 from lpt_jax.data import preprocess
-from lpt_jax.data.errors import DataError
+from lpt_jax.data.errors import DataError, first_line
 from lpt_jax.data.sampling import DualSampler, process_slice
 
 log = logging.getLogger(__name__)
 
 _MAX_STEPS = 2**62
 _CB, _IB = 0, 1  # stream ids mixed into augmentation seeds
-
-
-def _first_line(err: Exception) -> str:
-    msg = getattr(err, "message", None) or str(err)
-    return msg.strip().splitlines()[0] if msg.strip() else type(err).__name__
 
 
 def _payload_signature(store, n: int):
@@ -50,8 +45,9 @@ def _parallel(cfg):
     return tf.data.AUTOTUNE if n < 0 else n
 
 
-def _find_unreadable(indices, run_one) -> list:
-    """[(index, message)] of the images among `indices` that fail `run_one(position)`."""
+def _find_unreadable(indices, run_one) -> tuple[list, int]:
+    """([(index, message)] of the images among `indices` that fail `run_one(position)`,
+    number of distinct images checked)."""
     bad, seen = [], set()
     for pos, i in enumerate(indices):
         i = int(i)
@@ -61,12 +57,16 @@ def _find_unreadable(indices, run_one) -> list:
         try:
             run_one(pos)
         except (tf.errors.OpError, ValueError) as e:
-            bad.append((i, _first_line(e)))
-    return bad
+            bad.append((i, first_line(e)))
+    return bad, len(seen)
 
 
-def _unreadable_error(store, split: str, bad: list) -> DataError:
+def _unreadable_error(store, split: str, bad: list, checked: int) -> DataError:
     i, msg = bad[0]
+    if len(bad) == checked > 1:  # nothing readable: a wrong root or format, not one bad file
+        return DataError(
+            f"none of the {checked} images of a {split} batch can be read, e.g. "
+            f"{store.describe(i)}: {msg}; check that data.root holds JPEG/PNG images")
     more = f" (and {len(bad) - 1} more in the same batch)" if len(bad) > 1 else ""
     return DataError(
         f"cannot read image {store.describe(i)} ({split} split, index {i}): {msg}{more}; "
@@ -169,27 +169,37 @@ class TrainStream:
     def _handle_unreadable(self, err: Exception) -> None:
         idx, labels, seeds, payload = self._plan(self.step)
         one = tf.function(self._one)
-        bad = _find_unreadable(
+        bad, checked = _find_unreadable(
             idx, lambda p: one(tf.constant(payload[p]), tf.constant(labels[p]),
                                tf.constant(seeds[p])))
         if not bad:
             raise err
         if self._cfg.corrupt_images != "skip":
-            raise _unreadable_error(self._store, "train", bad) from err
+            raise _unreadable_error(self._store, "train", bad, checked) from err
         for i, msg in bad:
-            log.warning("skipping unreadable training image %s: %s", self._store.describe(i), msg)
             self._bad.add(i)
-        self._substitute = _same_class_substitutes(self._labels, self._bad)
+            log.warning("skipping unreadable training image %s (%d skipped so far, "
+                        "data.corrupt_images='skip'): %s", self._store.describe(i),
+                        len(self._bad), msg)
+        self._substitute = _same_class_substitutes(self._labels, self._bad, self._store.describe)
+
+    @property
+    def num_skipped(self) -> int:
+        """Unreadable training images found so far (skip mode); their draws take a substitute
+        of the same class."""
+        return len(self._bad)
 
 
-def _same_class_substitutes(labels: np.ndarray, bad: set) -> np.ndarray:
+def _same_class_substitutes(labels: np.ndarray, bad: set, describe=str) -> np.ndarray:
     """Identity map except bad images -> the next readable image of their class."""
     sub = np.arange(len(labels), dtype=np.int64)
     for i in sorted(bad):
         members = np.flatnonzero(labels == labels[i])
         good = np.array([m for m in members if int(m) not in bad], dtype=np.int64)
         if not good.size:
-            raise DataError(f"every training image of class {int(labels[i])} is unreadable")
+            raise DataError(
+                f"every training image of class {int(labels[i])} is unreadable, e.g. "
+                f"{describe(i)}; a class needs at least one readable image (check data.root)")
         later = good[good > i]
         sub[i] = later[0] if later.size else good[0]
     return sub
@@ -279,19 +289,27 @@ class EvalStream:
         idx, labels, mask, payload = self._plan(k)
         one = tf.function(self._one)
         positions = [p for p in range(len(idx)) if mask[p]]
-        bad = _find_unreadable([idx[p] for p in positions],
-                               lambda j: one(tf.constant(payload[positions[j]]),
-                                             tf.constant(labels[positions[j]]), tf.constant(True)))
+        bad, checked = _find_unreadable(
+            [idx[p] for p in positions],
+            lambda j: one(tf.constant(payload[positions[j]]), tf.constant(labels[positions[j]]),
+                          tf.constant(True)))
         if not bad:
             raise err
         if self._cfg.corrupt_images != "skip":
-            raise _unreadable_error(self._store, self.split_name, bad) from err
+            raise _unreadable_error(self._store, self.split_name, bad, checked) from err
         for i, msg in bad:
-            log.warning("skipping unreadable %s image %s: %s", self.split_name,
-                        self._store.describe(i), msg)
             self.skipped.add(i)
+            log.warning("skipping unreadable %s image %s (%d skipped so far, "
+                        "data.corrupt_images='skip'): %s", self.split_name,
+                        self._store.describe(i), len(self.skipped), msg)
         if len(self.skipped) == self.num_examples:
-            raise DataError(f"every image of the {self.split_name} split is unreadable")
+            raise DataError(f"every image of the {self.split_name} split is unreadable; check "
+                            "that data.root holds JPEG/PNG images")
+
+    @property
+    def num_skipped(self) -> int:
+        """Unreadable images left out of this split's results (skip mode)."""
+        return len(self.skipped)
 
 
 def make_train_stream(src, cfg, global_batch_size: int, seed: int = 0, start_step: int = 0,
@@ -320,7 +338,7 @@ def load_image_files(paths, cfg) -> np.ndarray:
         try:
             images.append(fn(tf.io.read_file(path)).numpy())
         except tf.errors.OpError as e:
-            raise DataError(f"cannot read image {path}: {_first_line(e)}") from None
+            raise DataError(f"cannot read image {path}: {first_line(e)}") from None
     if not images:
         return np.zeros((0, cfg.image_size, cfg.image_size, 3), np.float32)
     return np.stack(images)

@@ -1,6 +1,8 @@
-"""Helpers for tests and benchmarks: small image trees cut from real CIFAR-10 JPEGs."""
+"""Helpers for tests and benchmarks: small image trees cut from real CIFAR-10 JPEGs, and
+prepared-format stubs that carry a dataset's real split lists."""
 
 import io
+import json
 import os
 import tarfile
 
@@ -65,3 +67,48 @@ def png_bytes(image: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def tiny_jpegs(n: int, size: int = 16, seed: int = 0) -> list:
+    """`n` small flat-colour JPEGs (bytes), distinct colours, for stub datasets."""
+    from PIL import Image  # pylint: disable=import-outside-toplevel
+    rng = np.random.default_rng(seed)
+    out = []
+    for colour in rng.integers(0, 256, size=(n, 3), dtype=np.uint8):
+        buf = io.BytesIO()
+        Image.fromarray(np.broadcast_to(colour, (size, size, 3)).copy()).save(
+            buf, format="JPEG", quality=75, optimize=True)  # ~290 bytes at 16x16
+        out.append(buf.getvalue())
+    return out
+
+
+def write_prepared_stub(out_dir: str, name: str, class_names, lists: dict, images) -> dict:
+    """A prepared directory for split lists whose image files are not at hand.
+
+    Every entry of `lists` ({split: (relative paths, labels)}) becomes a record that keeps
+    the list's path and label and holds `images[label % len(images)]`. Tests and benchmarks
+    thus run a dataset's real list shapes (e.g. Places-LT's 106,300 entries) through the
+    prepared-format reader without writing 100k files. Returns the manifest.
+    """
+    # pylint: disable=import-outside-toplevel
+    import tensorflow as tf
+
+    from lpt_jax.data.prepare import _example
+    from lpt_jax.data.prepared import FORMAT_VERSION, MANIFEST
+
+    tf.io.gfile.makedirs(out_dir)
+    manifest = {"format": FORMAT_VERSION, "name": name, "class_names": list(class_names),
+                "origin": "stub images (lpt_jax.data.testing.write_prepared_stub)", "splits": {}}
+    for split, (paths, labels) in lists.items():
+        shard = f"{split}-00000.tfrecord"
+        sizes = []
+        with tf.io.TFRecordWriter(os.path.join(out_dir, shard)) as writer:
+            for i, (path, label) in enumerate(zip(paths, labels)):
+                image = images[int(label) % len(images)]
+                writer.write(_example(image, int(label), i, str(path)))
+                sizes.append(len(image))
+        manifest["splits"][split] = {"files": [shard], "labels": [int(x) for x in labels],
+                                     "num_bytes": sizes, "skipped": []}
+    with tf.io.gfile.GFile(os.path.join(out_dir, MANIFEST), "w") as f:
+        json.dump(manifest, f)
+    return manifest

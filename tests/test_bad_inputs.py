@@ -1,0 +1,393 @@
+"""Bad inputs (issue 7), each through the user's entry point: one actionable error line that
+names the file / line / field / value and says what to do, and no partial output left behind.
+
+Command-line cases run `python run.py` in subprocesses, launched together because imports
+dominate their time; cases whose error is the library's own message call `train.train`
+in-process. The data: a JPEG version of tests/tiny_run.py's folder with 8 training images
+(3/2/2/1 per class), so that step 0's instance-balanced batch of 8 reads every one of them and
+a bad file is met before any checkpoint, whatever the sampler's seed.
+"""
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from lpt_jax import train
+from lpt_jax.data import DataError, testing
+
+from tiny_run import COLORS, make_backbone
+
+REPO = Path(__file__).resolve().parents[1]
+COUNTS = (3, 2, 2, 1)  # 8 training images: one instance-balanced batch of 8 holds them all
+EVAL_PER_CLASS = 4
+CONFIG_FILE = '''"""run.py config of test_bad_inputs: tiny_run.py's run on <arg>/data, 2 steps."""
+import pathlib
+import sys
+
+sys.path.insert(0, {tests!r})
+
+from tiny_run import tiny_config  # noqa: E402
+
+
+def get_config(arg):
+    c = tiny_config(pathlib.Path(arg))
+    c.train.phases = "1"
+    c.train.max_steps = 2
+    c.train.log_every_steps = 1
+    c.eval.plot = False
+    return c
+'''
+
+
+# ------------------------------------------------------------------------------------------
+# Inputs.
+
+def _jpeg_folder(root, counts=COUNTS, eval_per_class=EVAL_PER_CLASS, seed=0):
+    rng = np.random.default_rng(seed)
+    for split, per_class in (("train", counts), ("val", [eval_per_class] * len(counts)),
+                             ("test", [eval_per_class] * len(counts))):
+        for c, n in enumerate(per_class):
+            d = Path(root) / split / f"class_{c}"
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                img = np.array(COLORS[c])[None, None] + rng.normal(0, 50, (36, 36, 3))
+                Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(d / f"{i}.jpg",
+                                                                            quality=90)
+    return Path(root)
+
+
+@dataclasses.dataclass
+class Inputs:
+    base: Path            # the config file's argument: holds data/ and vit.npz
+    config_file: Path
+    good: Path            # image roots
+    corrupt: Path         # train/class_1/1.jpg and test/class_2/2.jpg truncated
+    all_corrupt: Path
+    no_train_class: Path  # train/class_3/ is empty
+    empty: Path           # class folders without images
+    truncated_npz: Path
+
+    @property
+    def bad_train(self):
+        return self.corrupt / "train" / "class_1" / "1.jpg"
+
+    @property
+    def bad_test(self):
+        return self.corrupt / "test" / "class_2" / "2.jpg"
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("bad_inputs")
+    good = _jpeg_folder(base / "data")
+    make_backbone(base / "vit.npz")
+    config_file = base / "bad_inputs_config.py"
+    config_file.write_text(CONFIG_FILE.format(tests=str(REPO / "tests")))
+
+    corrupt = base / "corrupt"
+    shutil.copytree(good, corrupt)
+    all_corrupt = base / "all_corrupt"
+    shutil.copytree(good, all_corrupt)
+    for p in all_corrupt.rglob("*.jpg"):
+        testing.truncate_file(str(p))
+    no_train_class = base / "no_train_class"
+    shutil.copytree(good, no_train_class)
+    for p in (no_train_class / "train" / "class_3").glob("*.jpg"):
+        p.unlink()
+    empty = base / "empty"
+    for split in ("train", "val"):
+        for c in range(4):
+            (empty / split / f"class_{c}").mkdir(parents=True)
+    truncated = base / "vit_truncated.npz"
+    raw = (base / "vit.npz").read_bytes()
+    truncated.write_bytes(raw[:len(raw) // 2])
+
+    found = Inputs(base, config_file, good, corrupt, all_corrupt, no_train_class, empty,
+                   truncated)
+    testing.truncate_file(str(found.bad_train))
+    testing.truncate_file(str(found.bad_test))
+    return found
+
+
+def file_config(inputs, **data_fields):
+    """The config run.py builds from the test's config file, plus data.<field> overrides."""
+    spec = importlib.util.spec_from_file_location("bad_inputs_config", inputs.config_file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(str(inputs.base))
+    for k, v in data_fields.items():
+        setattr(config.data, k, v)
+    return config
+
+
+def snapshot(path):
+    """{relative path: sha256 or 'dir'} of everything under `path`; None if it does not exist."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            if p.is_file() else "dir" for p in sorted(path.rglob("*"))}
+
+
+# ------------------------------------------------------------------------------------------
+# A finished run, in skip mode, with a corrupt training and a corrupt test image.
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture(scope="module")
+def skip_run(inputs):
+    config = file_config(inputs, root=str(inputs.corrupt), corrupt_images="skip")
+    workdir = inputs.base / "skip_run"
+    records = _Records()
+    streams_log = logging.getLogger("lpt_jax.data.streams")
+    streams_log.addHandler(records)
+    try:
+        report = train.train(config, str(workdir))
+    finally:
+        streams_log.removeHandler(records)
+    return workdir, report, records.messages
+
+
+def _scalar_values(logdir, tag):
+    import tensorflow as tf
+    values = []
+    for path in sorted(Path(logdir).glob("events.out.tfevents.*")):
+        for raw in tf.data.TFRecordDataset(str(path)):
+            event = tf.compat.v1.Event.FromString(raw.numpy())
+            values += [float(tf.make_ndarray(v.tensor)) for v in event.summary.value
+                       if v.tag == tag]
+    return values
+
+
+def test_corrupt_jpeg_skipped_and_counted(inputs, skip_run):
+    workdir, report, messages = skip_run
+    train_skips = [m for m in messages if "skipping unreadable training image" in m]
+    test_skips = [m for m in messages if "skipping unreadable test image" in m]
+    assert len(train_skips) == 1 and str(inputs.bad_train) in train_skips[0]
+    assert "(1 skipped so far, data.corrupt_images='skip'): Invalid JPEG data" in train_skips[0]
+    assert len(test_skips) == 1 and str(inputs.bad_test) in test_skips[0]
+    assert "(1 skipped so far" in test_skips[0]
+    assert _scalar_values(workdir / "phase1", "skipped_images") == [1.0]  # TensorBoard
+    # the run completed; the skipped test image is left out of the results
+    assert report["num_examples"] == 4 * EVAL_PER_CLASS - 1
+    rows = (workdir / "results" / "per_class.csv").read_text().splitlines()[1:]
+    assert [int(r.split(",")[3]) for r in rows] == [4, 4, 3, 4]
+    assert (workdir / "phase1" / "export.npz").is_file()
+
+
+# ------------------------------------------------------------------------------------------
+# Command-line cases.
+
+@dataclasses.dataclass
+class Case:
+    args: tuple
+    exit_code: int
+    says: tuple            # fragments of the error line: what, where, what to do
+    workdir: str = ""      # '' = a fresh one per case
+
+
+def cli_cases(inputs, skip_workdir, copy_of_skip_workdir):
+    return {
+        "unknown config field": Case(
+            ("--config.phase1.epoch=3",), 2,
+            ("--config.phase1.epoch=3", "config.phase1 has no field 'epoch'",
+             "did you mean config.phase1.epochs?")),
+        "value of the wrong type": Case(
+            ("--config.phase1.batch_size=eight",), 2,
+            ("--config.phase1.batch_size=eight", "expected an integer, like the config's 8")),
+        "all-corrupt image folder": Case(
+            (f"--config.data.root={inputs.all_corrupt}",), 1,
+            ("none of the 8 images of a train batch can be read", str(inputs.all_corrupt),
+             "Invalid JPEG data", "check that data.root holds JPEG/PNG images")),
+        "all-corrupt image folder, skip mode": Case(
+            (f"--config.data.root={inputs.all_corrupt}", "--config.data.corrupt_images=skip"), 1,
+            ("every training image of class", str(inputs.all_corrupt),
+             "a class needs at least one readable image (check data.root)")),
+        "corrupt JPEG among good ones, fail mode": Case(
+            (f"--config.data.root={inputs.corrupt}",), 1,
+            (f"cannot read image {inputs.bad_train} (train split", "Invalid JPEG data",
+             "fix or remove the file, or set data.corrupt_images='skip'")),
+        "checkpoint of another model size": Case(
+            ("--config.model.vit.width=48",), 1,
+            (f"checkpoint {inputs.base / 'vit.npz'} does not fit the model: shape mismatch (",
+             ": checkpoint (32,) vs model (48,)",
+             "check --config.backbone.checkpoint and --config.model.vit")),
+        "truncated npz": Case(
+            (f"--config.backbone.checkpoint={inputs.truncated_npz}",), 1,
+            (f"{inputs.truncated_npz} is not a readable .npz checkpoint",
+             "check --config.backbone.checkpoint")),
+        "batch size not divisible by the devices": Case(
+            ("--config.phase1.batch_size=12",), 1,
+            ("phase1.batch_size=12 is not divisible by the 8 devices", "choose a multiple of 8")),
+        "workdir of a different config": Case(
+            (f"--config.data.root={inputs.corrupt}", "--config.data.corrupt_images=skip",
+             "--config.loss.cb.margin=0.2"), 1,
+            (f"{skip_workdir} holds a run with a different config (loss.cb.margin)",
+             "use a new --workdir, or pass --config.train.allow_config_change=True"),
+            workdir=str(skip_workdir)),
+        "workdir of a different config, told to resume, then bad data": Case(
+            (f"--config.data.root={inputs.all_corrupt}", "--config.train.allow_config_change=True"),
+            1, ("none of the 8 images of a val batch can be read", "Invalid JPEG data"),
+            workdir=str(copy_of_skip_workdir)),
+    }
+
+
+@dataclasses.dataclass
+class Outcome:
+    case: Case
+    returncode: int
+    stderr: str
+    workdir: str
+    before: dict
+    after: dict
+
+
+def _run_cli(inputs, case, workdir):
+    env = dict(os.environ)  # keeps conftest's 8 CPU devices
+    if jax.config.jax_compilation_cache_dir:
+        env["JAX_COMPILATION_CACHE_DIR"] = jax.config.jax_compilation_cache_dir
+    before = snapshot(workdir)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "run.py"), f"--config={inputs.config_file}:{inputs.base}",
+         f"--workdir={workdir}", *case.args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    return Outcome(case, proc.returncode, proc.stderr, workdir, before, snapshot(workdir))
+
+
+@pytest.fixture(scope="module")
+def cli(inputs, skip_run):
+    copy = inputs.base / "skip_run_copy"
+    shutil.copytree(skip_run[0], copy)
+    cases = cli_cases(inputs, skip_run[0], copy)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        futures = {name: pool.submit(_run_cli, inputs, case,
+                                     case.workdir or str(inputs.base / f"wd_{i}"))
+                   for i, (name, case) in enumerate(cases.items())}
+        return {name: f.result() for name, f in futures.items()}
+
+
+def error_line(outcome) -> str:
+    lines = [line for line in outcome.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, outcome.stderr
+    assert "Traceback" not in outcome.stderr, outcome.stderr
+    return lines[0][len("error: "):]
+
+
+CLI_CASES = ["unknown config field", "value of the wrong type",
+             "all-corrupt image folder", "all-corrupt image folder, skip mode",
+             "corrupt JPEG among good ones, fail mode", "checkpoint of another model size",
+             "truncated npz",
+             "batch size not divisible by the devices",
+             "workdir of a different config",
+             "workdir of a different config, told to resume, then bad data"]
+
+
+@pytest.mark.parametrize("name", CLI_CASES)
+def test_cli_error(cli, name):
+    outcome = cli[name]
+    message = error_line(outcome)
+    for fragment in outcome.case.says:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+    assert outcome.returncode == outcome.case.exit_code, outcome.stderr
+    assert outcome.after == outcome.before, "the workdir changed"
+
+
+def test_refused_workdir_was_a_real_run(cli):
+    """The refusal above guarded something: a finished run's outputs, all still there."""
+    for name in ("workdir of a different config",
+                 "workdir of a different config, told to resume, then bad data"):
+        before = cli[name].before
+        assert {"config.json", "phase1/export.npz", "results/results.json"} <= set(before)
+
+
+def test_told_to_resume_rewrote_then_restored_config_json(cli):
+    """allow_config_change=True got past the refusal (the run reached the data and recorded
+    its own config); the failure then put the old config.json back."""
+    outcome = cli["workdir of a different config, told to resume, then bad data"]
+    assert "holds a run with a different config" not in outcome.stderr
+    assert "config.json (restored)" in outcome.stderr, outcome.stderr
+
+
+# ------------------------------------------------------------------------------------------
+# In-process cases: the data package's messages, and nothing written.
+
+def _write_list(path, rows):
+    path.write_text("".join(f"{p} {label}\n" for p, label in rows))
+    return str(path)
+
+
+def _train_rows():
+    return [(f"train/class_{c}/{i}.jpg", c) for c, n in enumerate(COUNTS) for i in range(n)]
+
+
+def _fails_cleanly(config, workdir, exc_type=DataError) -> str:
+    with pytest.raises(exc_type) as info:
+        train.train(config, str(workdir))
+    message = str(info.value)
+    assert "\n" not in message, message
+    assert snapshot(workdir) is None, "the workdir was written"
+    return message
+
+
+def test_image_root_missing(inputs, tmp_path):
+    nowhere = inputs.base / "nowhere"
+    config = file_config(inputs, root=str(nowhere))
+    message = _fails_cleanly(config, tmp_path / "wd")
+    assert message.startswith(f"image_folder: data.root={nowhere} does not exist; expected a "
+                              "folder with train/<class>/*.jpg")
+
+
+def test_split_file_with_a_malformed_line(inputs, tmp_path):
+    rows = _train_rows()
+    bad_list = _write_list(tmp_path / "train.txt", rows)
+    lines = Path(bad_list).read_text().splitlines()
+    lines[2] = "train/class_0/2.jpg two"
+    Path(bad_list).write_text("\n".join(lines) + "\n")
+    config = file_config(inputs, train_list=bad_list)
+    message = _fails_cleanly(config, tmp_path / "wd")
+    assert message.startswith(f"{bad_list}:3: ")
+    assert message.endswith("expected '<relative path> <integer label>', got "
+                            "'train/class_0/2.jpg two'; fix or remove that line")
+
+
+def test_label_not_below_num_classes(inputs, tmp_path):
+    rows = _train_rows()
+    rows[-1] = (rows[-1][0], 4)
+    train_list = _write_list(tmp_path / "train.txt", rows)
+    config = file_config(inputs, train_list=train_list, num_classes=4)
+    message = _fails_cleanly(config, tmp_path / "wd")
+    assert message == (f"{train_list}:8: label 4 of train/class_3/0.jpg is outside [0, 4); "
+                       "fix the label, or raise data.num_classes (now 4)")
+
+
+def test_class_with_zero_training_images(inputs, tmp_path):
+    config = file_config(inputs, root=str(inputs.no_train_class))
+    message = _fails_cleanly(config, tmp_path / "wd")
+    assert "1 classes have no training image: 3 (class_3)" in message
+    assert "add training images or remove the class" in message
+
+
+def test_empty_image_folder(inputs, tmp_path):
+    config = file_config(inputs, root=str(inputs.empty))
+    message = _fails_cleanly(config, tmp_path / "wd")
+    assert f"{inputs.empty / 'train'} holds no .jpg/.jpeg/.png images" in message
+    assert "data.root should be a folder with train/<class>/*.jpg" in message
