@@ -23,6 +23,10 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from lpt_jax import platform  # noqa: E402
+
+platform.configure_for_cpu()  # XLA CPU options measured in benchmarks/ (before JAX starts)
+
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import ConfigDict, config_flags  # noqa: E402
 

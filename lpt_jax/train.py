@@ -347,11 +347,19 @@ def run_phase(ctx: Context, phase: int) -> dict:
         del stream  # stop tf.data's prefetch threads now rather than at interpreter exit
 
     trained = jax.device_get(state["trainable"])
+    result = tree.merge(trained, tree.split(params, patterns)[1])
     if jax.process_index() == 0:
-        ckpt_lib.export_trained(export_path(ctx.workdir, phase), trained,
+        ckpt_lib.export_trained(export_path(ctx.workdir, phase), exported_subtree(result, phase),
                                 _export_meta(ctx, phase, total))
     _sync("export")
-    return tree.merge(trained, tree.split(params, patterns)[1])
+    return result
+
+
+def exported_subtree(params: Mapping, phase: int) -> dict:
+    """What an export holds: everything but the backbone that phases 1..phase have trained,
+    so that the file alone (next to the backbone) reproduces the phase's predictions."""
+    patterns = tuple(p for ph in range(1, phase + 1) for p in TRAINABLE[ph])
+    return tree.split(params, patterns)[0]
 
 
 def initial_state(params: Mapping, patterns, tx: optax.GradientTransformation,
@@ -385,7 +393,9 @@ def _finished_export(ctx: Context, phase: int, total: int):
     if not _exists(path):
         return None
     trained, meta = ckpt_lib.load_export(path)
-    return trained if meta.get("step") == total else None
+    if meta.get("step") != total:
+        return None
+    return tree.split(trained, trainable_patterns(ctx.config, phase))[0]
 
 
 def _export_meta(ctx: Context, phase: int, step: int) -> dict:

@@ -85,7 +85,10 @@ def test_exports_hold_only_what_each_phase_trains(trained):
     p1, meta1 = ckpt_lib.load_export(train.export_path(workdir, 1))
     p2, meta2 = ckpt_lib.load_export(train.export_path(workdir, 2))
     assert sorted(tree.flatten(p1)) == ["head/kernel", "shared_prompt"]
-    assert sorted(tree.flatten(p2)) == ["head/kernel", "pool_keys", "pool_prompts"]
+    # phase 2's export is self-contained: it carries phase 1's (frozen) shared prompt too
+    assert sorted(tree.flatten(p2)) == ["head/kernel", "pool_keys", "pool_prompts",
+                                        "shared_prompt"]
+    np.testing.assert_array_equal(p1["shared_prompt"], p2["shared_prompt"])
     assert meta1["phase"] == 1 and meta2["phase"] == 2
     assert meta2["backbone"]["size"] == os.path.getsize(meta2["config"]["backbone"]["checkpoint"])
     assert meta2["class_names"] == ["class_0", "class_1", "class_2", "class_3"]
@@ -220,3 +223,54 @@ def test_refuses_to_resume_a_different_run(tmp_path):
         train.train(config, str(tmp_path / "wd"))
     config.train.allow_config_change = True
     train.train(config, str(tmp_path / "wd"))
+
+
+def test_eval_mode_reproduces_the_final_table(trained):
+    config, workdir, report = trained
+    again = train.evaluate_workdir(config, workdir)
+    assert again["phase"] == 2 and again["overall"] == report["overall"]
+    assert os.path.exists(os.path.join(workdir, "eval", "table.md"))
+    phase1 = train.evaluate_workdir(config, workdir, train.export_path(workdir, 1))
+    assert phase1["phase"] == 1
+
+
+def test_predict_mode_gives_top_k_labels(trained):
+    config, workdir, _ = trained
+    files = sorted(glob.glob(os.path.join(config.data.root, "test", "class_0", "*.png")))[:3]
+    config.predict.top_k = 2
+    rows = list(train.predict_files(config, workdir, files))
+    assert [r["file"] for r in rows] == files
+    for r in rows:
+        assert len(r["top_k"]) == 2
+        assert {t["name"] for t in r["top_k"]} <= {f"class_{i}" for i in range(4)}
+        assert r["top_k"][0]["score"] >= r["top_k"][1]["score"]
+        assert -1 <= r["top_k"][1]["score"] <= 1  # cosine logits
+    # the same answer as the evaluation path gives for these images
+    ctx = train.build_context(config, workdir)
+    params, phase = train.load_trained(ctx)
+    logits, _ = train.make_predict_fn(ctx.model, phase, ctx.mesh)(
+        params, jnp.asarray(np.concatenate([train.data.load_image_files(files, config.data)] * 8)[:8]))
+    assert [r["top_k"][0]["label"] for r in rows] == np.argmax(np.asarray(logits), -1)[:3].tolist()
+
+
+@pytest.mark.parametrize("option", ["remat", "bfloat16"])
+def test_remat_and_bf16_steps(tmp_path, option):
+    """Remat gives the same step; bf16 activations (float32 params and loss) stay close."""
+    results = {}
+    for variant in ("base", option):
+        config = tiny_config(tmp_path, epochs=1)
+        config.train.max_steps = 2
+        config.train.phases = "1"
+        config.optim.warmup_epochs = 0
+        config.eval.plot = False
+        if variant == "remat":
+            config.model.vit.remat = True
+        if variant == "bfloat16":
+            config.model.vit.dtype = "bfloat16"
+        train.train(config, str(tmp_path / variant))
+        results[variant] = tree.flatten(
+            ckpt_lib.load_export(train.export_path(str(tmp_path / variant), 1))[0])
+    for k, v in results["base"].items():
+        assert results[option][k].dtype == np.float32
+        tol = 1e-5 if option == "remat" else 2e-2
+        np.testing.assert_allclose(results[option][k], v, atol=tol, err_msg=k)
