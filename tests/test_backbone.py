@@ -206,3 +206,23 @@ def test_remote_paths_go_through_gfile(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="not found: ram://ckpts/nope.npz"):
         backbone.load_params("ram://ckpts/nope.npz", _params(model))
     assert zipfile.is_zipfile(io.BytesIO(buf.getvalue()))
+
+
+def test_representation_layer(tmp_path):
+    """pre_logits loads from the checkpoint and is tanh(Dense) on the pooled feature."""
+    with_rep = _vit(representation_size=12)
+    ref = _params(with_rep)
+    assert ref["pre_logits"]["kernel"].shape == (16, 12) and ref["head"]["kernel"].shape == (12, 5)
+    loaded = backbone.load_params(_save(tmp_path / "rep.npz", flatten(ref)), _params(with_rep, 3))
+    x = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3), minval=-1, maxval=1)
+    logits, out = with_rep.apply({"params": loaded}, x)
+    tokens = with_rep.apply({"params": loaded}, x, method=with_rep.embed)
+    encoded = with_rep.apply({"params": loaded}, tokens, method=with_rep.encode)
+    normed = with_rep.apply({"params": loaded}, encoded,
+                            method=lambda m, t: m.Transformer.norm(t))[:, 0]
+    pre = np.tanh(np.asarray(normed) @ ref["pre_logits"]["kernel"] + ref["pre_logits"]["bias"])
+    np.testing.assert_allclose(out["pre_logits"], pre, atol=1e-5)
+    np.testing.assert_allclose(logits, pre @ ref["head"]["kernel"] + ref["head"]["bias"], atol=1e-5)
+    with pytest.raises(CheckpointError, match="missing from checkpoint.*pre_logits/kernel"):
+        backbone.load_params(_save(tmp_path / "norep.npz", flatten(_params(_vit()))),
+                             _params(with_rep))
