@@ -32,11 +32,7 @@ def tree(tmp_path_factory):
 
 
 def _cfg(root, **kw):
-    cfg = data.default_config()
-    cfg.name, cfg.root, cfg.image_size, cfg.resize_size = "image_folder", str(root), 32, 36
-    for k, v in kw.items():
-        setattr(cfg, k, v)
-    return cfg
+    return testing.image_folder_config(root, **kw)
 
 
 def _take(stream, n):

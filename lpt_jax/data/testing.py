@@ -112,3 +112,13 @@ def write_prepared_stub(out_dir: str, name: str, class_names, lists: dict, image
     with tf.io.gfile.GFile(os.path.join(out_dir, MANIFEST), "w") as f:
         json.dump(manifest, f)
     return manifest
+
+
+def image_folder_config(root, **overrides):
+    """A data config for a small `image_folder` tree at 32 px (tests and examples)."""
+    from lpt_jax.data.config import default_config
+    cfg = default_config()
+    cfg.name, cfg.root, cfg.image_size, cfg.resize_size = "image_folder", str(root), 32, 36
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
