@@ -43,7 +43,6 @@ sys.path.insert(0, str(HERE.parent))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 import gpu_h100 as g  # noqa: E402
 from lpt_jax import tree  # noqa: E402

@@ -5,7 +5,6 @@ steps of both phases."""
 import importlib.util
 import io
 import json
-import os
 import tarfile
 from pathlib import Path
 

@@ -1,7 +1,6 @@
 """Preemption and faults: SIGTERM saves and resumes identically; SIGKILL during asynchronous
 checkpoint writes never leaves a broken checkpoint; non-finite steps stop or are skipped."""
 
-import glob
 import os
 import signal
 import subprocess
