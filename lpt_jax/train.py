@@ -541,7 +541,8 @@ def evaluate_params(ctx: Context, params, phase: int, split: str, outdir: str,
                   skipped_images=int(skipped))
     if jax.process_index() == 0:
         paths = evaluate.write_reports(outdir, report, title=title, plot=ctx.config.eval.plot)
-        logging.info("%s\n%s", title, evaluate.markdown_table(report, title))
+        logging.info("%s\n%s\nwritten: %s", title, evaluate.markdown_table(report, title),
+                     ", ".join(paths.values()))
         report["files"] = paths
     return report
 
