@@ -104,7 +104,7 @@ def plot_per_class(report: Mapping, path: str, title: str = "") -> None:
     ax.set_ylabel("top-1 accuracy of the class (%)")
     ax.set_ylim(-2, 102)
     ax.set_title(title or f"per-class accuracy, overall {report['overall']:.2f}%")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="best", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     buf = io.BytesIO()
