@@ -29,6 +29,8 @@ class PhaseCheckpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, save_interval_steps=max(1, every_steps), create=True,
             enable_async_checkpointing=asynchronous)
+        if "://" not in directory:  # Orbax wants absolute local paths
+            directory = os.path.abspath(directory)
         self.directory = directory
         self._manager = ocp.CheckpointManager(directory, options=options)
 

@@ -273,3 +273,18 @@ def test_remat_and_bf16_steps(tmp_path, option):
         assert results[option][k].dtype == np.float32
         tol = 1e-5 if option == "remat" else 2e-2
         np.testing.assert_allclose(results[option][k], v, atol=tol, err_msg=k)
+
+
+def test_relative_workdir(tmp_path, monkeypatch):
+    """The README runs with --workdir=runs/demo: a path relative to the current directory."""
+    config = tiny_config(tmp_path)
+    config.train.max_steps = 2
+    config.train.phases = "1"
+    config.eval.plot = False
+    monkeypatch.chdir(tmp_path)
+    train.train(config, "runs/rel")
+    assert (tmp_path / "runs/rel/phase1/export.npz").exists()
+    assert (tmp_path / "runs/rel/results/table.md").exists()
+    config.train.max_steps = 3  # resuming from the relative path's checkpoint
+    config.train.allow_config_change = True
+    train.train(config, "runs/rel")
