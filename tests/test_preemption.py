@@ -118,7 +118,7 @@ def _nan_when_class3(logits, labels, class_counts, rng=None, *, gamma_pos, gamma
                             gamma_neg=gamma_neg, scale=scale, margin=margin,
                             cloud_weight=cloud_weight, cloud_std=cloud_std,
                             label_smoothing=label_smoothing)
-    return jnp.where(jnp.any(labels == 3), jnp.nan, loss)
+    return loss * jnp.where(jnp.any(labels == 3), jnp.nan, 1.0)  # NaN value and gradients
 
 
 @pytest.fixture
@@ -135,13 +135,21 @@ def _bad_steps(config, tmp):
             if 3 in next(stream)["cb"]["label"].tolist()]
 
 
-def test_nonfinite_loss_stops_with_the_step_and_part(straight, nan_loss):
-    tmp, _ = straight
+def _nan_config(tmp, **train_fields):
+    """10 steps of phase 1 whose class-balanced loss turns NaN on batches holding class 3."""
     config = tiny_config(tmp)
     config.train.phases = "1"
     config.train.max_steps = 10
-    config.train.log_every_steps = 1
+    config.train.update(train_fields)
     config.loss.cb.name = "agcl_nan_on_class3"
+    return config
+
+
+def test_nonfinite_loss_stops_with_the_step_and_part(straight, nan_loss):
+    tmp, _ = straight
+    # Metrics are read every 10 steps but checkpoints written every step, so states after
+    # the faulty step are saved before the error is seen: they must hold no NaN.
+    config = _nan_config(tmp, log_every_steps=10, checkpoint_every_steps=1)
     first_bad = _bad_steps(config, tmp)[0]
     with pytest.raises(train.NonFiniteError) as err:
         train.train(config, str(tmp / "nan_stop"))
@@ -149,6 +157,7 @@ def test_nonfinite_loss_stops_with_the_step_and_part(straight, nan_loss):
     assert f"at step {first_bad}" in msg and "loss_cb" in msg
     ckdir = tmp / "nan_stop" / "phase1" / "checkpoints"
     steps = sorted(int(p.name) for p in ckdir.iterdir()) if ckdir.exists() else []
+    assert steps and steps[-1] > first_bad, steps
     ck = ckpt_lib.PhaseCheckpointer(str(ckdir), every_steps=1, keep=3)
     for s in steps:  # nothing saved is worse than the last good state
         state, _ = ck.restore(s, None)
@@ -158,12 +167,7 @@ def test_nonfinite_loss_stops_with_the_step_and_part(straight, nan_loss):
 
 def test_nonfinite_steps_can_be_skipped_and_counted(straight, nan_loss):
     tmp, _ = straight
-    config = tiny_config(tmp)
-    config.train.phases = "1"
-    config.train.max_steps = 10
-    config.train.log_every_steps = 10
-    config.train.on_nonfinite = "skip"
-    config.loss.cb.name = "agcl_nan_on_class3"
+    config = _nan_config(tmp, log_every_steps=10, on_nonfinite="skip")
     bad = _bad_steps(config, tmp)
     assert 0 < len(bad) < 10
     train.train(config, str(tmp / "nan_skip"))
