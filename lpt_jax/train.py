@@ -379,13 +379,18 @@ def _with_phase1_result(ctx: Context, params: dict) -> dict:
             f"phase 2 needs the result of phase 1, and {path} does not exist: run phase 1 "
             "first (--config.train.phases=1,2) or point --config.train.phase1_export at an "
             "export.npz")
+    return _with_export(params, path)[0]  # shared prompt + head from phase 1
+
+
+def _with_export(params: Mapping, path: str) -> tuple[dict, dict]:
+    """`params` with the leaves of an export file put in (shapes checked), and its meta."""
     trained, meta = ckpt_lib.load_export(path)
     flat = tree.flatten(params)
-    for key, value in tree.flatten(trained).items():  # shared prompt + head from phase 1
-        if key not in flat or flat[key].shape != value.shape:
-            raise ConfigError(f"{path}: {key} {value.shape} does not fit this model")
+    for key, value in tree.flatten(trained).items():
+        if key not in flat or tuple(flat[key].shape) != tuple(value.shape):
+            raise ConfigError(f"{path}: {key} {tuple(value.shape)} does not fit this model")
         flat[key] = value
-    return tree.unflatten(flat)
+    return tree.unflatten(flat), meta
 
 
 def _finished_export(ctx: Context, phase: int, total: int):
@@ -580,17 +585,12 @@ def load_trained(ctx: Context, path: Optional[str] = None) -> tuple[dict, int]:
         else:
             raise ConfigError(f"no export.npz under {ctx.workdir}/phase{{1,2}}: train first or "
                               "pass --export")
-    trained, meta = ckpt_lib.load_export(path)
-    flat = tree.flatten(ctx.params)
-    for key, value in tree.flatten(trained).items():
-        if key not in flat or tuple(flat[key].shape) != tuple(value.shape):
-            raise ConfigError(f"{path}: {key} {tuple(value.shape)} does not fit this model")
-        flat[key] = value
+    params, meta = _with_export(ctx.params, path)
     if ctx.backbone_identity and meta.get("backbone") and (
             meta["backbone"].get("sha256_head_tail") != ctx.backbone_identity["sha256_head_tail"]):
         logging.warning("%s was trained with backbone %s, now loading %s", path,
                         meta["backbone"].get("path"), ctx.backbone_identity["path"])
-    return tree.unflatten(flat), int(meta["phase"])
+    return params, int(meta["phase"])
 
 
 def evaluate_workdir(config, workdir: str, export: Optional[str] = None) -> dict:
