@@ -10,6 +10,5 @@ def get_config(arg=None):
     c = base_config()
     c.data.name = "cifar100_lt"
     c.data.imbalance_ratio = int(arg) if arg else 100
-    c.data.eval_split = "test"   # CIFAR has no val split: train to the last epoch
-    c.eval.final_split = "test"
+    c.eval.final_split = "test"  # CIFAR has no val split: train to the last epoch
     return c

@@ -28,11 +28,10 @@ BACKBONE = DEMO_DIR / "vit_cifar4_w128d6.npz"
 
 def get_config(arg=None):
     c = base_config()
-    # The pretrained backbone's shape (demo/vit_cifar4_w128d6.json); LPT's numerics (§1).
-    c.model.vit = dict(variant=None, width=128, depth=6, num_heads=4, mlp_dim=512,
-                       patch_size=4, image_size=32, pool_type="tok", representation_size=0,
-                       layernorm_epsilon=1e-5, gelu_approximate=False, dtype="float32",
-                       remat=False)
+    # The pretrained backbone's shape (demo/vit_cifar4_w128d6.json); the rest of model.vit
+    # (class token, LayerNorm eps 1e-5, exact GELU: LPT's numerics, §1) is common's.
+    c.model.vit.update(dict(variant=None, width=128, depth=6, num_heads=4, mlp_dim=512,
+                            patch_size=4, image_size=32))
     c.model.lpt.shared_depth = 3      # K: the first half of the blocks, as 6 of 12 in ViT-B
     c.model.lpt.pool_size = 10
     c.backbone.checkpoint = str(BACKBONE)   # its 4-way head is dropped by backbone.ignore
@@ -41,7 +40,6 @@ def get_config(arg=None):
     c.data.root = str(DATA_ROOT)
     c.data.image_size = 32
     c.data.resize_size = 32           # CIFAR is already 32 px: eval sees the whole image
-    c.data.eval_split = "val"
 
     for phase in (c.phase1, c.phase2):
         phase.epochs = 5

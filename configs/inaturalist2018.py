@@ -6,6 +6,5 @@ from configs.common import base_config
 def get_config(arg=None):
     c = base_config()
     c.data.name = "inaturalist2018"
-    c.data.eval_split = "val"
     c.eval.final_split = "val"  # iNaturalist 2018 reports on its official val split
     return c

@@ -1,4 +1,4 @@
-"""Places-LT (365 classes) with a frozen AugReg ViT-B/16 in21k: LPT_SPEC.md defaults.
+"""Places-LT (365 classes) with a frozen AugReg ViT-B/16 in21k: docs/spec.md defaults.
 
   python run.py --config=configs/places_lt.py --workdir=gs://bucket/places \
       --config.data.root=gs://bucket/places365_standard

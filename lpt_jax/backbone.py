@@ -6,7 +6,8 @@ Both layouts are normalised to big_vision's names before matching:
     folded into `cls` (exact: the CLS token only ever sees cls + posemb[0]); block modules use
     global numbering (`MultiHeadDotProductAttention_1`, `LayerNorm_2`, `MlpBlock_3`);
   * scan layout (`Transformer/encoderblock/...` with a leading depth axis) is unstacked.
-Position embeddings are resampled bilinearly to the model's grid when they differ.
+Position embeddings are resampled bilinearly to the model's grid when they differ
+(`scipy.ndimage.zoom(order=1)`, as big_vision does).
 
 Then every model parameter must be loaded or match a `dont_load` pattern (it keeps its init),
 and every checkpoint array must be used or match an `ignore` pattern; shapes must agree.
@@ -15,13 +16,15 @@ Anything else is one `CheckpointError` listing all problems with their shapes.
 
 from __future__ import annotations
 
+import hashlib
 import zipfile
 from typing import Iterable, Mapping
 
-import numpy as np
-
 import ml_dtypes
+import numpy as np
+import scipy.ndimage
 
+from lpt_jax import files
 from lpt_jax.tree import flatten, matches as _matches, unflatten
 
 
@@ -32,18 +35,32 @@ class CheckpointError(ValueError):
 # ------------------------------------------------------------------------------------------
 # Reading arrays.
 
-def _open(path: str):
-    if "://" in path:  # gs://, s3:// ... through TF's filesystems, imported only when needed
-        import tensorflow as tf
-        if not tf.io.gfile.exists(path):
-            raise CheckpointError(f"checkpoint not found: {path}")
-        return tf.io.gfile.GFile(path, "rb")
+def _open_checkpoint(path: str):
+    """`files.open_read(path)`; a missing or unopenable file is a one-line `CheckpointError`."""
+    if not files.exists(path):  # remote files open lazily: ask first
+        raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        return open(path, "rb")
+        return files.open_read(path)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint not found: {path}") from None
     except OSError as e:
         raise CheckpointError(f"cannot open checkpoint {path}: {e.strerror or e}") from None
+
+
+_MIB = 1 << 20
+
+
+def file_fingerprint(path: str) -> dict:
+    """Identity of a (possibly huge, possibly remote) file without reading all of it:
+    ``{"path", "size", "sha256_head_tail"}``, the sha256 over its first and last MiB."""
+    with _open_checkpoint(path) as f:
+        size = files.size(path)
+        head = f.read(_MIB)
+        if size > 2 * _MIB:
+            f.seek(size - _MIB)
+        tail = f.read(_MIB) if size > _MIB else b""  # 1-2 MiB: the bytes after the head
+    return {"path": path, "size": size,
+            "sha256_head_tail": hashlib.sha256(head + tail).hexdigest()}
 
 
 def _fix_dtype(a: np.ndarray) -> np.ndarray:
@@ -63,7 +80,7 @@ def read_arrays(path: str) -> dict[str, np.ndarray]:
     benchmarks/results/backbone_load_memory.md); reading a remote file into bytes first
     would cost 3x.
     """
-    f = _open(path)
+    f = _open_checkpoint(path)
     try:
         loaded = np.load(f, allow_pickle=False)
         if isinstance(loaded, np.ndarray):  # .npy: only a structured array can hold a tree
@@ -119,32 +136,17 @@ def to_big_vision_layout(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarr
     return out
 
 
-def _zoom_axis_linear(a: np.ndarray, new: int, axis: int) -> np.ndarray:
-    """Linear resampling along one axis with end points aligned (ndimage.zoom(order=1))."""
-    old = a.shape[axis]
-    if old == new:
-        return a
-    if old == 1:
-        return np.repeat(a, new, axis=axis)
-    pos = np.arange(new) * ((old - 1) / (new - 1)) if new > 1 else np.zeros(1)
-    lo = np.clip(np.floor(pos).astype(int), 0, old - 2)
-    frac = (pos - lo).astype(a.dtype)
-    shape = [1] * a.ndim
-    shape[axis] = new
-    frac = frac.reshape(shape)
-    return (np.take(a, lo, axis=axis) * (1 - frac) + np.take(a, lo + 1, axis=axis) * frac)
-
-
 def resample_posemb(posemb: np.ndarray, new_grid: tuple[int, int]) -> np.ndarray:
-    """(1, gh*gw, D) on a square grid -> (1, nh*nw, D), bilinear like big_vision's resampling."""
+    """(1, g*g, D) on a square grid -> (1, nh*nw, D), bilinear with end points aligned, as
+    big_vision's `resample_posemb` (scipy.ndimage.zoom, order=1)."""
     n, d = posemb.shape[1], posemb.shape[2]
     g = int(round(np.sqrt(n)))
     if g * g != n:
         raise CheckpointError(f"pos_embedding has {n} rows, not a square grid: cannot resample")
-    grid = posemb.reshape(g, g, d).astype(np.float32)
-    grid = _zoom_axis_linear(grid, new_grid[0], 0)
-    grid = _zoom_axis_linear(grid, new_grid[1], 1)
-    return grid.reshape(1, new_grid[0] * new_grid[1], d)
+    nh, nw = new_grid
+    grid = np.asarray(posemb, np.float32).reshape(g, g, d)
+    grid = scipy.ndimage.zoom(grid, (nh / g, nw / g, 1), order=1)
+    return grid.reshape(1, nh * nw, d)
 
 
 # ------------------------------------------------------------------------------------------
@@ -208,12 +210,5 @@ def save_big_vision_npz(path: str, params: Mapping, *, scan: bool = False) -> No
             blocks.setdefault(rest, []).append((int(idx), flat.pop(key)))
         for rest, items in blocks.items():
             flat[f"Transformer/encoderblock/{rest}"] = np.stack([a for _, a in sorted(items)])
-    with _open_for_write(path) as f:
+    with files.open_write(path) as f:
         np.savez(f, **flat)
-
-
-def _open_for_write(path: str):
-    if "://" in path:
-        import tensorflow as tf
-        return tf.io.gfile.GFile(path, "wb")
-    return open(path, "wb")

@@ -1,4 +1,4 @@
-"""LPT's losses: A-GCL, its baselines, and the per-step phase objective (LPT_SPEC.md §3).
+"""LPT's losses: A-GCL, its baselines, and the per-step phase objective (docs/spec.md §3).
 
 Every loss takes raw cosine logits ``(B, C)`` and integer labels ``(B,)`` and returns a scalar.
 Cosines are multiplied by ``scale`` inside the loss (the head has none). Computation runs in
@@ -14,6 +14,10 @@ A-GCL of one batch, with n_c the training images of class c:
 6. t = (1 - eps) * onehot + eps / C
 7. loss = mean_b [ -sum_c t * w * log p ]
 
+Cross-entropy and label smoothing are optax's (``optax.losses.softmax_cross_entropy``,
+``optax.smooth_labels``); A-GCL passes its weighted targets ``t * w`` to the same
+cross-entropy. Both keep the input's dtype, so float64 stays float64.
+
 Registry ``LOSSES`` maps a config name to a loss; ``make_branch_loss`` binds class counts and
 constants into ``f(logits, labels, rng)``.
 """
@@ -26,6 +30,7 @@ from typing import Any, Callable, Mapping, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 # The two A-GCL instances of LPT: class-balanced and instance-balanced branch.
 AGCL_BRANCH_DEFAULTS: Mapping[str, Mapping[str, float]] = {
@@ -65,14 +70,13 @@ def _is_static_zero(x: Any) -> bool:
 
 
 def _smoothed_targets(onehot: jnp.ndarray, label_smoothing: float) -> jnp.ndarray:
-    num_classes = onehot.shape[-1]
-    return (1.0 - label_smoothing) * onehot + label_smoothing / num_classes
+    """(1 - eps) * onehot + eps / C."""
+    return optax.smooth_labels(onehot, label_smoothing)
 
 
 def _cross_entropy(scaled_logits: jnp.ndarray, targets: jnp.ndarray) -> jnp.ndarray:
-    """Mean over the batch of -sum_c t_c log softmax(scaled)_c."""
-    log_p = jax.nn.log_softmax(scaled_logits, axis=-1)
-    return jnp.mean(-jnp.sum(targets * log_p, axis=-1))
+    """Mean over the batch of -sum_c t_c log softmax(scaled)_c (targets need not sum to 1)."""
+    return jnp.mean(optax.losses.softmax_cross_entropy(scaled_logits, targets))
 
 
 # ----------------------------------------------------------------------------- noise
@@ -136,7 +140,7 @@ def agcl_loss(logits: jnp.ndarray, labels: jnp.ndarray, class_counts: Any,
               scale: float = 20.0, margin: float = 0.1, cloud_weight: float = 0.5,
               cloud_std: float = 1 / 3, label_smoothing: float = 0.1,
               noise: Optional[jnp.ndarray] = None) -> jnp.ndarray:
-    """Asymmetric Gaussian-clouded logit loss (LPT_SPEC §3, steps 1-7); a scalar.
+    """Asymmetric Gaussian-clouded logit loss (docs/spec.md §3, steps 1-7); a scalar.
 
     Parameters
     ----------
@@ -147,10 +151,12 @@ def agcl_loss(logits: jnp.ndarray, labels: jnp.ndarray, class_counts: Any,
     z = clouded_logits(logits, class_counts, rng, cloud_weight=cloud_weight,
                        cloud_std=cloud_std, noise=noise)
     onehot = jax.nn.one_hot(labels, z.shape[-1], dtype=z.dtype)
-    log_p = jax.nn.log_softmax(scale * (z - margin * onehot), axis=-1)
-    weights = _asymmetric_weights(log_p, onehot, gamma_pos, gamma_neg)
+    scaled = scale * (z - margin * onehot)
+    # The weights depend on log p and are not detached; XLA computes log_softmax once.
+    weights = _asymmetric_weights(jax.nn.log_softmax(scaled, axis=-1), onehot, gamma_pos,
+                                  gamma_neg)
     targets = _smoothed_targets(onehot, label_smoothing)
-    return jnp.mean(-jnp.sum(targets * weights * log_p, axis=-1))
+    return _cross_entropy(scaled, targets * weights)
 
 
 def _asymmetric_weights(log_p: jnp.ndarray, onehot: jnp.ndarray, gamma_pos: float,

@@ -1,17 +1,13 @@
-"""The optimizer of LPT_SPEC.md §5: SGD + coupled decay on the trainable leaves, per-epoch lr."""
+"""The optimiser of docs/spec.md §5: SGD with momentum and coupled weight decay, stepped per
+epoch, applied to the trainable subtree only (the frozen tree never reaches it)."""
 
 from __future__ import annotations
 
 import math
-from typing import Mapping
 
 import jax.numpy as jnp
 import numpy as np
 import optax
-
-from lpt_jax import tree
-
-_partition = getattr(optax, "partition", None) or optax.multi_transform  # renamed in optax 0.2.5
 
 
 def epoch_learning_rates(base_lr: float, epochs: int, *, warmup_lr: float = 1e-6,
@@ -36,20 +32,21 @@ def epoch_schedule(rates: np.ndarray, steps_per_epoch: int) -> optax.Schedule:
     return schedule
 
 
-def make_optimizer(params: Mapping, trainable_patterns, optim_cfg, *, batch_size: int,
-                   epochs: int, steps_per_epoch: int) -> tuple[optax.GradientTransformation,
-                                                                 optax.Schedule]:
-    """An optax partition over the full LPT tree: the trainable leaves (by path regex) get
-    coupled weight decay then SGD with momentum; every other leaf is frozen (zero update).
-
-    Frozen leaves carry no optimizer state, so `init` on the full tree stays small.
-    """
+def make_schedule(optim_cfg, *, batch_size: int, epochs: int,
+                  steps_per_epoch: int) -> optax.Schedule:
     rates = epoch_learning_rates(peak_learning_rate(optim_cfg, batch_size), epochs,
                                  warmup_lr=optim_cfg.warmup_lr,
                                  warmup_epochs=optim_cfg.warmup_epochs)
-    schedule = epoch_schedule(rates, steps_per_epoch)
-    trainable = optax.chain(optax.add_decayed_weights(optim_cfg.weight_decay),  # before momentum
-                            optax.sgd(schedule, momentum=optim_cfg.momentum))
-    tx = _partition({"trainable": trainable, "frozen": optax.set_to_zero()},
-                    tree.labels(params, trainable_patterns))
-    return tx, schedule
+    return epoch_schedule(rates, steps_per_epoch)
+
+
+def make_optimizer(optim_cfg) -> optax.GradientTransformation:
+    """SGD with coupled decay and momentum, *without* the learning rate: the train step scales
+    the direction by `schedule(step)` itself, so the train step's counter is the one clock
+    for data position, lr and the loss weights (a skipped step moves none of them apart).
+
+    Equal to optax.chain(add_decayed_weights(wd), optax.sgd(schedule, momentum)): sgd is
+    trace(momentum) then a scale by -lr.
+    """
+    return optax.chain(optax.add_decayed_weights(optim_cfg.weight_decay),  # before momentum
+                       optax.trace(decay=optim_cfg.momentum, nesterov=False))

@@ -31,10 +31,11 @@ def maybe_initialize_distributed() -> None:
 
 
 def make_mesh(devices=None) -> Mesh:
-    """A 1-D data-parallel mesh over all devices (Auto axis: replicated tokens may meet
-    batch-sharded ones without explicit sharding annotations)."""
-    devices = np.asarray(devices if devices is not None else jax.devices())
-    return Mesh(devices.reshape(-1), (DATA_AXIS,))
+    """A 1-D data-parallel mesh over `devices` (default: all). Auto axis: replicated tokens
+    may meet batch-sharded ones without explicit sharding annotations."""
+    devices = list(devices if devices is not None else jax.devices())
+    return jax.make_mesh((len(devices),), (DATA_AXIS,), (jax.sharding.AxisType.Auto,),
+                         devices=devices)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -62,8 +63,8 @@ def global_batch(local_tree, mesh: Mesh):
         lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_tree)
 
 
-def replicate(tree, mesh: Mesh):
-    """Puts host values on every device of the mesh (same value on every process)."""
-    sharding = replicated(mesh)
-    return jax.tree.map(lambda x: jax.make_array_from_callback(
-        np.shape(x), sharding, lambda idx, x=x: np.asarray(x)[idx]), tree)
+def sync(name: str) -> None:
+    """Waits until every process reaches this point (no-op with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)

@@ -5,29 +5,18 @@ from __future__ import annotations
 import re
 from typing import Iterable, Mapping
 
+from flax import traverse_util
 
-def flatten(tree: Mapping, prefix: str = "") -> dict[str, object]:
-    """{'a': {'b': x}} -> {'a/b': x}."""
-    out = {}
-    for k, v in tree.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(flatten(v, key + "/"))
-        else:
-            out[key] = v
-    return out
+
+def flatten(tree: Mapping) -> dict[str, object]:
+    """{'a': {'b': x}} -> {'a/b': x}; empty sub-dicts vanish (nested dicts and FrozenDicts
+    are nodes, anything else is a leaf)."""
+    return traverse_util.flatten_dict(dict(tree), sep="/")
 
 
 def unflatten(flat: Mapping[str, object]) -> dict:
-    """{'a/b': x} -> {'a': {'b': x}}."""
-    tree: dict = {}
-    for key, v in flat.items():
-        node = tree
-        *parents, leaf = key.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = v
-    return tree
+    """{'a/b': x} -> {'a': {'b': x}} (plain dicts)."""
+    return traverse_util.unflatten_dict(dict(flat), sep="/")
 
 
 def matches(path: str, patterns: Iterable[str]) -> bool:

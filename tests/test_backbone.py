@@ -226,3 +226,32 @@ def test_representation_layer(tmp_path):
     with pytest.raises(CheckpointError, match="missing from checkpoint.*pre_logits/kernel"):
         backbone.load_params(_save(tmp_path / "norep.npz", flatten(_params(_vit()))),
                              _params(with_rep))
+
+
+def test_vit_backbone_module_resamples_to_the_model_grid(tmp_path):
+    """`models.get_backbone('vit').load_params` is backbone.load_params with the model's grid."""
+    from lpt_jax import models
+    vit = models.get_backbone("vit")
+    small, wide = _vit(image_size=(32, 32)), _vit(image_size=(32, 48))  # 4x4 -> 4x6 grid
+    ref = _params(small)
+    path = _save(tmp_path / "c.npz", flatten(ref))
+    loaded = vit.load_params(path, _params(wide, 3), dont_load=(), ignore=(), model=wide)
+    want = scipy.ndimage.zoom(np.asarray(ref["pos_embedding"]).reshape(4, 4, 16),
+                              (1, 1.5, 1), order=1).reshape(1, 24, 16)
+    np.testing.assert_allclose(loaded["pos_embedding"], want, atol=1e-6)
+    assert vit.from_config(dict(variant="Ti/16", image_size=224)).width == 192
+
+
+@pytest.mark.parametrize("size", [0, 1000, 1 << 20, (1 << 20) + 7, 3 << 20])
+def test_file_fingerprint_hashes_head_and_tail(tmp_path, size):
+    import hashlib
+    data = np.random.default_rng(size).bytes(size)
+    path = tmp_path / "f.npz"
+    path.write_bytes(data)
+    mib = 1 << 20
+    tail = data[-mib:] if size > 2 * mib else data[mib:]
+    want = hashlib.sha256(data[:mib] + tail).hexdigest()
+    assert backbone.file_fingerprint(str(path)) == {
+        "path": str(path), "size": size, "sha256_head_tail": want}
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        backbone.file_fingerprint(str(tmp_path / "nope.npz"))

@@ -1,4 +1,4 @@
-"""Counts, shot groups and split lists: the numbers LPT_SPEC.md fixes."""
+"""Counts, shot groups and split lists: the numbers docs/spec.md fixes."""
 
 import gzip
 import os
@@ -11,8 +11,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from lpt_jax import data  # noqa: E402
 from lpt_jax.data import list_datasets, split_lists  # noqa: E402
-
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
 def _cfg(**kw):
@@ -77,11 +75,9 @@ def test_imagenet_lt_shipped_eval_lists():
 
 
 @pytest.mark.parametrize("subdir", ["places_lt", "imagenet_lt", "inaturalist18"])
-def test_shipped_lists_equal_shared_lists(subdir):
-    if not (SHARED / "data" / "splits").is_dir():
-        pytest.skip(f"{SHARED} is absent")
+def test_shipped_lists_equal_shared_lists(subdir, shared_splits):
     shipped = Path(split_lists.SHIPPED_SPLIT_DIR) / subdir
-    originals = sorted((SHARED / "data" / "splits" / subdir).iterdir())
+    originals = sorted((shared_splits / subdir).iterdir())
     assert originals
     for original in originals:
         copy = shipped / original.name

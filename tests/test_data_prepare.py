@@ -3,7 +3,6 @@
 import json
 import os
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,18 +14,12 @@ import tensorflow as tf  # noqa: E402
 from lpt_jax import data  # noqa: E402
 from lpt_jax.data import prepare, testing  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-TARBALL = SHARED / "data" / "images" / "cifar10-jpg.tar.gz"
 COUNTS = testing.long_tail_counts(10, 24, 2)
 
 
 @pytest.fixture(scope="module")
-def tree(tmp_path_factory):
-    if not TARBALL.is_file():
-        pytest.skip(f"{TARBALL} is absent")
-    root = tmp_path_factory.mktemp("tree")
-    testing.cifar10_tree(str(TARBALL), str(root), COUNTS, eval_per_class=3, eval_split="val")
-    return root
+def tree(cifar10_tree):
+    return cifar10_tree(COUNTS, eval_per_class=3, eval_splits=("val",))
 
 
 def _cfg(root, **kw):

@@ -3,7 +3,6 @@
 import logging
 import os
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,20 +14,13 @@ import tensorflow as tf  # noqa: E402
 from lpt_jax import data  # noqa: E402
 from lpt_jax.data import preprocess, testing  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-TARBALL = SHARED / "data" / "images" / "cifar10-jpg.tar.gz"
 COUNTS = testing.long_tail_counts(10, 40, 4)  # 40 ... 4 training images per class
 EVAL_PER_CLASS = 5
 
 
 @pytest.fixture(scope="module")
-def tree(tmp_path_factory):
-    if not TARBALL.is_file():
-        pytest.skip(f"{TARBALL} is absent")
-    root = tmp_path_factory.mktemp("cifar10_lt")
-    testing.cifar10_tree(str(TARBALL), str(root), COUNTS, EVAL_PER_CLASS)
-    shutil.copytree(root / "test", root / "val")
-    return root
+def tree(cifar10_tree):
+    return cifar10_tree(COUNTS, EVAL_PER_CLASS, eval_splits=("test", "val"))
 
 
 def _cfg(root, **kw):

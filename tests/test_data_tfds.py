@@ -85,7 +85,7 @@ def test_cifar100_lt_reproduces_reference_subset(ratio):
     assert src.num_classes == 100 and len(src.class_names) == 100  # names: TFDS metadata
     np.testing.assert_array_equal(_positions(src, "test"), np.arange(10_000))
     assert set(src.splits) == {"train", "test"}
-    with pytest.raises(data.DataError, match="no 'val' split.*eval_split='test'"):
+    with pytest.raises(data.DataError, match="no 'val' split.*eval.final_split=test"):
         data.make_eval_stream(src, _cfg(), "val", 8)
 
 

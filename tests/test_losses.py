@@ -1,4 +1,4 @@
-"""Tests of lpt_jax.losses against float64 NumPy references written here from LPT_SPEC.md §3.
+"""Tests of lpt_jax.losses against float64 NumPy references written here from docs/spec.md §3.
 
 The references below never call the module: they restate the spec's formulas in NumPy, and
 their gradients come from central finite differences in float64.

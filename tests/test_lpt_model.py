@@ -1,4 +1,4 @@
-"""Tests of lpt_jax.models.lpt (LPT_SPEC.md §2) on a small random ViT.
+"""Tests of lpt_jax.models.lpt (docs/spec.md §2) on a small random ViT.
 
 The shared trunk is checked three ways: against LPT's own two-pass reference, and against an
 independent block-by-block computation written here (explicit concatenation of prompts, NumPy
@@ -19,9 +19,10 @@ from lpt_jax import tree
 from lpt_jax.models.lpt import LPT, TRAINABLE, lpt_from_config
 from lpt_jax.models.vit import ViT
 
+from helpers import TINY_VIT, vit_kwargs
+
 # Small random model: width 32, depth 4, K=2, pool 5, image 32, patch 8.
-VIT = dict(image_size=(32, 32), patch_size=(8, 8), width=32, depth=4, mlp_dim=64,
-           num_heads=2, layernorm_epsilon=1e-5)
+VIT = vit_kwargs(TINY_VIT)  # as ViT keyword arguments
 LPT_KW = dict(num_classes=7, prompt_length=3, pool_size=5, shared_depth=2, top_k=2)
 POSITIONS = ("append", "after_cls")
 BATCH = 4
@@ -507,3 +508,30 @@ def test_invalid_constants_fail_early(bad):
     with pytest.raises(ValueError):
         jax.eval_shape(make_model(**bad).init, jax.random.key(0),
                        jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
+
+
+# ----------------------------------------------------------------------------- backbone registry
+
+
+def test_backbone_registry_finds_vit_and_names_the_known_ones():
+    from lpt_jax import models
+    from lpt_jax.errors import ConfigError
+    from lpt_jax.models import vit
+    assert models.get_backbone("vit") is vit
+    assert "vit" in models.known_backbones() and "lpt" not in models.known_backbones()
+    for bad in ("siglip", "lpt", "../vit", ""):
+        with pytest.raises(ConfigError, match=r"known backbones are \[.*'vit'"):
+            models.get_backbone(bad)
+
+
+def test_lpt_from_config_builds_the_named_backbone():
+    c = _model_config(dict(VIT, image_size=32), prompt_length=3, pool_size=5, shared_depth=2,
+                      top_k=2, head_dropout=0.1, prompt_init_std=0.02,
+                      prompt_position="append")
+    default = lpt_from_config(c, num_classes=7)  # no model.backbone: the ViT
+    c.backbone = "vit"
+    named = lpt_from_config(c, num_classes=7)
+    assert isinstance(named.backbone, ViT) and named.backbone == default.backbone
+    c.backbone = "nope"
+    with pytest.raises(ValueError, match="model.backbone='nope'"):
+        lpt_from_config(c, num_classes=7)

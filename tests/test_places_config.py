@@ -13,7 +13,6 @@ dominates it).
 
 import csv
 import gzip
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -23,15 +22,14 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from lpt_jax import checkpoint as ckpt_lib  # noqa: E402
-from lpt_jax import data, train, tree  # noqa: E402
+from lpt_jax import data, exports, rundir, trainer, tree  # noqa: E402
 from lpt_jax.data import list_datasets, testing  # noqa: E402
 
+from helpers import CONFIGS, REPO, TINY_BLOCK, load_config  # noqa: E402
 from tiny_run import make_backbone  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "lpt_jax" / "data" / "splits" / "places_lt"
-SMALL_VIT = dict(variant=None, width=32, depth=8, num_heads=2, mlp_dim=64, patch_size=32)
+SMALL_VIT = dict(variant=None, **TINY_BLOCK, depth=8, patch_size=32)
 STEPS = 2            # per phase
 BATCH = 8            # per stream: one image per device on the 8 test devices, 2 classes x 4
 EVAL_EXAMPLES = 16
@@ -47,11 +45,7 @@ def _list_counts(name):
 def places_config(tmp_path):
     """configs/places_lt.py's get_config(), locked as run.py locks it, made small
     only where the CPU needs it."""
-    spec = importlib.util.spec_from_file_location("places_lt_config",
-                                                  REPO / "configs" / "places_lt.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = load_config(CONFIGS / "places_lt.py")
     config.lock()  # as run.py's DEFINE_config_file(lock_config=True): no new fields by typo
     # the shipped lists, parsed by the loader that `format='files'` runs
     class_names, lists = list_datasets.load_lists(list_datasets.PLACES_LT, config.data)
@@ -78,7 +72,7 @@ def places_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("places")
     config = places_config(tmp)
     workdir = str(tmp / "wd")
-    report = train.train(config, workdir)
+    report = trainer.train(config, workdir)
     return config, workdir, report
 
 
@@ -86,7 +80,6 @@ def test_config_keeps_the_real_shapes_and_constants(places_run):
     config, _, _ = places_run
     assert (config.data.name, config.data.image_size, config.data.resize_size) == (
         "places_lt", 224, 256)
-    assert config.data.group_rule == "release"
     assert config.model.vit.image_size == 224 and config.model.vit.depth == SMALL_VIT["depth"]
     lpt = config.model.lpt
     assert (lpt.prompt_length, lpt.pool_size, lpt.shared_depth, lpt.top_k) == (10, 20, 6, 2)
@@ -112,7 +105,7 @@ def test_source_holds_the_shipped_lists(places_run):
 def test_both_phases_ran_their_steps(places_run):
     _, workdir, _ = places_run
     for phase in (1, 2):
-        _, meta = ckpt_lib.load_export(train.export_path(workdir, phase))
+        _, meta = exports.read(rundir.export_path(workdir, phase))
         assert meta["step"] == STEPS and meta["num_classes"] == 365
         steps = [int(s) for s in os.listdir(Path(workdir) / f"phase{phase}" / "checkpoints")
                  if s.isdigit()]
@@ -122,8 +115,8 @@ def test_both_phases_ran_their_steps(places_run):
 def test_exports_have_the_places_shapes(places_run):
     _, workdir, _ = places_run
     width, depth, k = SMALL_VIT["width"], SMALL_VIT["depth"], 6
-    p1 = tree.flatten(ckpt_lib.load_export(train.export_path(workdir, 1))[0])
-    p2 = tree.flatten(ckpt_lib.load_export(train.export_path(workdir, 2))[0])
+    p1 = tree.flatten(exports.read(rundir.export_path(workdir, 1))[0])
+    p2 = tree.flatten(exports.read(rundir.export_path(workdir, 2))[0])
     assert p1["shared_prompt"].shape == (depth, 10, width)
     assert p1["head/kernel"].shape == (width, 365)
     assert p2["head/kernel"].shape == (width, 365)

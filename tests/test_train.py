@@ -1,6 +1,5 @@
 """The trainer end to end on a tiny model: outputs, loss, frozen params, resume, devices, errors."""
 
-import dataclasses
 import glob
 import json
 import os
@@ -11,32 +10,23 @@ import numpy as np
 import pytest
 
 from lpt_jax import checkpoint as ckpt_lib
-from lpt_jax import optim, train, tree
+from lpt_jax import context, data, exports, inference, optim, rundir, steps, trainer, tree
+from lpt_jax.errors import ConfigError, Preempted
+from lpt_jax.models.lpt import TRAINABLE, lpt_from_config
+from lpt_jax.phases import PHASES
 from lpt_jax.backbone import CheckpointError
-from lpt_jax.models.lpt import TRAINABLE
 
+from helpers import tb_scalars
 from tiny_run import tiny_config
-
-
-def _scalars(logdir, tag):
-    """(step, value) pairs of a scalar tag from clu's TensorBoard event files."""
-    import tensorflow as tf
-    out = []
-    for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
-        for raw in tf.data.TFRecordDataset(path):
-            event = tf.compat.v1.Event.FromString(raw.numpy())
-            for v in event.summary.value:
-                if v.tag == tag:
-                    out.append((event.step, float(tf.make_ndarray(v.tensor))))
-    return sorted(out)
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
     config = tiny_config(tmp, epochs=3)
+    config.eval.every_epochs = 1  # validation curves during training
     workdir = str(tmp / "wd")
-    report = train.train(config, workdir)
+    report = trainer.train(config, workdir)
     return config, workdir, report
 
 
@@ -63,9 +53,27 @@ def test_outputs_exist_and_are_well_formed(trained):
         assert steps[-1] == 18 and len(steps) <= config.train.keep_checkpoints
 
 
+def test_validation_curves_during_training(trained):
+    """eval.every_epochs=1: val accuracy at every epoch boundary but the last (the end of a
+    phase has its own val report); written from the val split, never test."""
+    _, workdir, _ = trained
+    for phase in (1, 2):
+        pdir = os.path.join(workdir, f"phase{phase}")
+        for tag in ("val/overall", "val/medium", "val/few"):  # train counts 24/12/6/3
+            points = tb_scalars(pdir, tag)
+            assert [s for s, _ in points] == [6, 12], (tag, points)
+            assert all(0 <= v <= 100 for _, v in points)
+        assert not tb_scalars(pdir, "val/many")  # no many-shot class: no curve
+    # what is logged: the IB weight under a name that does not read as time remaining, and
+    # no constant-zero matching term in phase 1
+    assert tb_scalars(os.path.join(workdir, "phase1"), "ib_weight")
+    assert not tb_scalars(os.path.join(workdir, "phase1"), "match_cb")
+    assert tb_scalars(os.path.join(workdir, "phase2"), "match_cb")
+
+
 def test_loss_goes_down(trained):
     _, workdir, _ = trained
-    loss = [v for _, v in _scalars(os.path.join(workdir, "phase1"), "loss")]
+    loss = [v for _, v in tb_scalars(os.path.join(workdir, "phase1"), "loss")]
     assert len(loss) == 9
     assert np.mean(loss[-2:]) < 0.5 * np.mean(loss[:2]), loss
 
@@ -73,16 +81,16 @@ def test_loss_goes_down(trained):
 def test_phase2_logs_matching_and_pool_use(trained):
     _, workdir, _ = trained
     pdir = os.path.join(workdir, "phase2")
-    match = [v for _, v in _scalars(pdir, "match_cb")]
+    match = [v for _, v in tb_scalars(pdir, "match_cb")]
     assert match and all(0 < m <= 2 for m in match)  # sum of top-2 cosines
-    used = [v for _, v in _scalars(pdir, "pool_entries_used")]
+    used = [v for _, v in tb_scalars(pdir, "pool_entries_used")]
     assert used and all(2 <= u <= 5 for u in used)
 
 
 def test_exports_hold_only_what_each_phase_trains(trained):
     _, workdir, _ = trained
-    p1, meta1 = ckpt_lib.load_export(train.export_path(workdir, 1))
-    p2, meta2 = ckpt_lib.load_export(train.export_path(workdir, 2))
+    p1, meta1 = exports.read(rundir.export_path(workdir, 1))
+    p2, meta2 = exports.read(rundir.export_path(workdir, 2))
     assert sorted(tree.flatten(p1)) == ["head/kernel", "shared_prompt"]
     # phase 2's export is self-contained: it carries phase 1's (frozen) shared prompt too
     assert sorted(tree.flatten(p2)) == ["head/kernel", "pool_keys", "pool_prompts",
@@ -98,10 +106,10 @@ def test_exports_hold_only_what_each_phase_trains(trained):
 def test_frozen_params_bit_identical_after_training(tmp_path):
     config = tiny_config(tmp_path, epochs=1)
     config.optim.warmup_epochs = 0
-    ctx = train.build_context(config, str(tmp_path / "wd"))
+    ctx = context.build_context(config, str(tmp_path / "wd"))
     before = jax.device_get(ctx.params)
-    after1 = train.run_phase(ctx, 1)
-    after2 = train.run_phase(dataclasses.replace(ctx, params=after1), 2)
+    after1 = trainer.run_phase(ctx, PHASES[1], ctx.params)
+    after2 = trainer.run_phase(ctx, PHASES[2], after1)
     for a, b, patterns in ((before, after1, TRAINABLE[1]), (after1, after2, TRAINABLE[2])):
         fa, fb = tree.flatten(a), tree.flatten(b)
         for k in fa:
@@ -111,35 +119,47 @@ def test_frozen_params_bit_identical_after_training(tmp_path):
                 np.testing.assert_array_equal(fa[k], fb[k], err_msg=k)
 
 
-def test_optimizer_never_moves_frozen_leaves():
-    params = {"backbone": {"w": jnp.ones((3, 3))}, "shared_prompt": jnp.ones((2, 4)),
-              "head": {"kernel": jnp.ones((4, 2))}}
+def test_optimizer_is_sgd_with_momentum_and_coupled_decay():
+    """The direction the step scales by -lr: d1 = g + wd*p, d2 = m*d1 + g + wd*p."""
     cfg = tiny_config.__globals__["base_config"]().optim
-    tx, _ = optim.make_optimizer(params, TRAINABLE[1], cfg, batch_size=256, epochs=2,
-                                 steps_per_epoch=1)
+    tx = optim.make_optimizer(cfg)
+    params = {"w": jnp.ones((2, 4))}
+    grads = {"w": 3.0 * jnp.ones((2, 4))}
     state = tx.init(params)
-    grads = jax.tree.map(lambda x: 3.0 * jnp.ones_like(x), params)
-    updates, _ = tx.update(grads, state, params)
-    assert float(jnp.abs(updates["backbone"]["w"]).max()) == 0.0
-    # epoch 0 runs at 1e-6: update = -lr * (g + wd * p)
-    np.testing.assert_allclose(updates["shared_prompt"], -1e-6 * (3.0 + 0.01), rtol=1e-5)
-    # frozen leaves carry no optimizer state (only the trainable subtree has momentum)
-    leaves = jax.tree.leaves(state)
-    assert sum(np.size(x) for x in leaves) == 2 * 4 + 4 * 2 + 1  # + the schedule step count
+    d1, state = tx.update(grads, state, params)
+    d2, _ = tx.update(grads, state, params)
+    np.testing.assert_allclose(d1["w"], 3.0 + 0.01, rtol=1e-6)
+    np.testing.assert_allclose(d2["w"], 0.9 * 3.01 + 3.01, rtol=1e-6)
+
+
+def test_train_step_state_holds_only_the_trainable_subtree(tmp_path):
+    """Freezing is structural: frozen leaves are outside the state and its optimiser state."""
+    config = tiny_config(tmp_path)
+    model = lpt_from_config(config.model, 4)
+    params = context.init_params(model, config)
+    for phase in PHASES.values():
+        ts = steps.make_train_step(model, phase, config, class_counts=np.array([8, 4, 2, 1]),
+                                   steps_per_epoch=2, batch_size=8)
+        state, frozen = ts.init(params)
+        trained = set(tree.flatten(state["trainable"]))
+        assert trained == {k for k in tree.flatten(params) if tree.matches(k, phase.trainable)}
+        assert "backbone" in frozen and not trained & set(tree.flatten(frozen))
+        momentum = [x.shape for x in jax.tree.leaves(state["opt_state"])]
+        assert sorted(momentum) == sorted(x.shape for x in jax.tree.leaves(state["trainable"]))
 
 
 def test_kill_and_resume_is_bitwise(tmp_path):
     config = tiny_config(tmp_path)
     config.train.phases = "1"
-    train.train(config, str(tmp_path / "straight"))
+    trainer.train(config, str(tmp_path / "straight"))
     config.train.stop_after_steps = 5
-    with pytest.raises(train.Preempted, match="step 5"):
-        train.train(config, str(tmp_path / "resumed"))
+    with pytest.raises(Preempted, match="step 5"):
+        trainer.train(config, str(tmp_path / "resumed"))
     assert 5 in [int(s) for s in os.listdir(tmp_path / "resumed/phase1/checkpoints")]
     config.train.stop_after_steps = 0
-    train.train(config, str(tmp_path / "resumed"))
-    a, _ = ckpt_lib.load_export(train.export_path(str(tmp_path / "straight"), 1))
-    b, _ = ckpt_lib.load_export(train.export_path(str(tmp_path / "resumed"), 1))
+    trainer.train(config, str(tmp_path / "resumed"))
+    a, _ = exports.read(rundir.export_path(str(tmp_path / "straight"), 1))
+    b, _ = exports.read(rundir.export_path(str(tmp_path / "resumed"), 1))
     for k, v in tree.flatten(a).items():
         np.testing.assert_array_equal(v, tree.flatten(b)[k], err_msg=k)
 
@@ -154,10 +174,10 @@ def test_eight_devices_match_one(tmp_path):
         config.optim.warmup_epochs = 0
         config.optim.base_lr = 5.0  # large steps, so that a difference would show
         config.eval.plot = False
-        train.train(config, str(tmp_path / f"wd{n}"))
-        results[n] = [ckpt_lib.load_export(train.export_path(str(tmp_path / f"wd{n}"), p))[0]
+        trainer.train(config, str(tmp_path / f"wd{n}"))
+        results[n] = [exports.read(rundir.export_path(str(tmp_path / f"wd{n}"), p))[0]
                       for p in (1, 2)]
-    init = train.init_params(train.lpt_from_config(config.model, 4), config)
+    init = context.init_params(lpt_from_config(config.model, 4), config)
     for phase in (0, 1):
         one, eight = tree.flatten(results[1][phase]), tree.flatten(results[8][phase])
         for k in one:
@@ -169,15 +189,14 @@ def test_eight_devices_match_one(tmp_path):
 def test_checkpoint_is_small_for_vit_b16_with_365_classes(tmp_path):
     """The real state of phase 2 (the bigger one) for ViT-B/16 and a 365-way head."""
     from configs.common import base_config
-    from lpt_jax.models.lpt import lpt_from_config
+    from lpt_jax.models.lpt import TRAINABLE, lpt_from_config
     config = base_config()
     model = lpt_from_config(config.model, 365)
-    params = train.init_params(model, config)  # backbone stays abstract: never materialised
+    params = context.init_params(model, config)  # backbone stays abstract: never materialised
     backbone_sizes = {int(np.prod(x.shape)) for x in jax.tree.leaves(params["backbone"])
                       if np.prod(x.shape) > 10_000}
-    tx, _ = optim.make_optimizer(params, TRAINABLE[2], config.optim, batch_size=256,
-                                 epochs=10, steps_per_epoch=245)
-    state, _ = train.initial_state(params, TRAINABLE[2], tx, seed=0)
+    state, _ = steps.make_train_step(model, PHASES[2], config, class_counts=np.ones(365),
+                                     steps_per_epoch=245, batch_size=256).init(params)
     ckpt = ckpt_lib.PhaseCheckpointer(str(tmp_path / "ck"), every_steps=1, keep=1)
     ckpt.save(1, state, {"phase": 2}, force=True)
     ckpt.close()
@@ -192,23 +211,23 @@ def test_checkpoint_is_small_for_vit_b16_with_365_classes(tmp_path):
 def test_errors_before_the_first_step(tmp_path):
     config = tiny_config(tmp_path)
     config.train.phases = "2"
-    with pytest.raises(train.ConfigError, match="phase 2 needs the result of phase 1"):
-        train.train(config, str(tmp_path / "a"))
+    with pytest.raises(ConfigError, match="phase 2 needs the result of phase 1"):
+        trainer.train(config, str(tmp_path / "a"))
     config = tiny_config(tmp_path, batch_size=12)
     with pytest.raises(ValueError, match="batch_size=12 is not divisible by the 8 devices"):
-        train.train(config, str(tmp_path / "b"))
+        trainer.train(config, str(tmp_path / "b"))
     config = tiny_config(tmp_path)
     config.backbone.checkpoint = str(tmp_path / "missing.npz")
     with pytest.raises(CheckpointError, match="not found"):
-        train.train(config, str(tmp_path / "c"))
+        trainer.train(config, str(tmp_path / "c"))
     config = tiny_config(tmp_path)
     config.model.vit.width = 48
     with pytest.raises(CheckpointError, match="shape mismatch"):
-        train.train(config, str(tmp_path / "d"))
+        trainer.train(config, str(tmp_path / "d"))
     config = tiny_config(tmp_path)
     config.data.image_size = 24
-    with pytest.raises(train.ConfigError, match="image_size"):
-        train.train(config, str(tmp_path / "e"))
+    with pytest.raises(ConfigError, match="image_size"):
+        trainer.train(config, str(tmp_path / "e"))
 
 
 def test_refuses_to_resume_a_different_run(tmp_path):
@@ -216,20 +235,20 @@ def test_refuses_to_resume_a_different_run(tmp_path):
     config.train.max_steps = 1
     config.train.phases = "1"
     config.eval.plot = False
-    train.train(config, str(tmp_path / "wd"))
+    trainer.train(config, str(tmp_path / "wd"))
     config.loss.cb.margin = 0.2
-    with pytest.raises(train.ConfigError, match="loss.cb.margin"):
-        train.train(config, str(tmp_path / "wd"))
+    with pytest.raises(ConfigError, match="loss.cb.margin"):
+        trainer.train(config, str(tmp_path / "wd"))
     config.train.allow_config_change = True
-    train.train(config, str(tmp_path / "wd"))
+    trainer.train(config, str(tmp_path / "wd"))
 
 
 def test_eval_mode_reproduces_the_final_table(trained):
     config, workdir, report = trained
-    again = train.evaluate_workdir(config, workdir)
+    again = inference.evaluate_workdir(config, workdir)
     assert again["phase"] == 2 and again["overall"] == report["overall"]
     assert os.path.exists(os.path.join(workdir, "eval", "table.md"))
-    phase1 = train.evaluate_workdir(config, workdir, train.export_path(workdir, 1))
+    phase1 = inference.evaluate_workdir(config, workdir, rundir.export_path(workdir, 1))
     assert phase1["phase"] == 1
 
 
@@ -237,7 +256,7 @@ def test_predict_mode_gives_top_k_labels(trained):
     config, workdir, _ = trained
     files = sorted(glob.glob(os.path.join(config.data.root, "test", "class_0", "*.png")))[:3]
     config.predict.top_k = 2
-    rows = list(train.predict_files(config, workdir, files))
+    rows = list(inference.predict_files(config, workdir, files))
     assert [r["file"] for r in rows] == files
     for r in rows:
         assert len(r["top_k"]) == 2
@@ -245,10 +264,10 @@ def test_predict_mode_gives_top_k_labels(trained):
         assert r["top_k"][0]["score"] >= r["top_k"][1]["score"]
         assert -1 <= r["top_k"][1]["score"] <= 1  # cosine logits
     # the same answer as the evaluation path gives for these images
-    ctx = train.build_context(config, workdir)
-    params, phase = train.load_trained(ctx)
-    logits, _ = train.make_predict_fn(ctx.model, phase, ctx.mesh)(
-        params, jnp.asarray(np.concatenate([train.data.load_image_files(files, config.data)] * 8)[:8]))
+    ctx = context.build_context(config, workdir)
+    params, phase = inference.load_trained(ctx)
+    logits, _ = inference.make_predict_fn(ctx.model, phase, ctx.mesh)(
+        params, jnp.asarray(np.concatenate([data.load_image_files(files, config.data)] * 8)[:8]))
     assert [r["top_k"][0]["label"] for r in rows] == np.argmax(np.asarray(logits), -1)[:3].tolist()
 
 
@@ -266,9 +285,9 @@ def test_remat_and_bf16_steps(tmp_path, option):
             config.model.vit.remat = True
         if variant == "bfloat16":
             config.model.vit.dtype = "bfloat16"
-        train.train(config, str(tmp_path / variant))
+        trainer.train(config, str(tmp_path / variant))
         results[variant] = tree.flatten(
-            ckpt_lib.load_export(train.export_path(str(tmp_path / variant), 1))[0])
+            exports.read(rundir.export_path(str(tmp_path / variant), 1))[0])
     for k, v in results["base"].items():
         assert results[option][k].dtype == np.float32
         tol = 1e-5 if option == "remat" else 2e-2
@@ -282,9 +301,9 @@ def test_relative_workdir(tmp_path, monkeypatch):
     config.train.phases = "1"
     config.eval.plot = False
     monkeypatch.chdir(tmp_path)
-    train.train(config, "runs/rel")
+    trainer.train(config, "runs/rel")
     assert (tmp_path / "runs/rel/phase1/export.npz").exists()
     assert (tmp_path / "runs/rel/results/table.md").exists()
     config.train.max_steps = 3  # resuming from the relative path's checkpoint
     config.train.allow_config_change = True
-    train.train(config, "runs/rel")
+    trainer.train(config, "runs/rel")

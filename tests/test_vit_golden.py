@@ -10,7 +10,7 @@ from lpt_jax import backbone
 from lpt_jax.models.vit import ViT
 from lpt_jax.tree import flatten
 
-from conftest import DATA
+from helpers import DATA
 
 GOLDENS = sorted(p.stem for p in DATA.glob("vit_*.json"))
 

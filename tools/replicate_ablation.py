@@ -103,7 +103,7 @@ def read_results(rdir: Path) -> dict | None:
 
 
 def run_variant(name: str, seed: int, workdir: Path, base_overrides: dict) -> dict:
-    from lpt_jax import train
+    from lpt_jax import trainer
     rdir = run_dir(workdir, name, seed)
     done = read_results(rdir)
     if done is not None:
@@ -112,7 +112,7 @@ def run_variant(name: str, seed: int, workdir: Path, base_overrides: dict) -> di
     config = variant_config(name, seed, workdir, base_overrides)
     print(f"[run ] {name} seed {seed} -> {rdir}", flush=True)
     t0, cpu0 = time.time(), _cpu_seconds()
-    train.train(config, str(rdir))
+    trainer.train(config, str(rdir))
     timing = {"wall_s": round(time.time() - t0, 1), "cpu_s": round(_cpu_seconds() - cpu0, 1)}
     (rdir / "timing.json").write_text(json.dumps(timing) + "\n")
     print(f"[done] {name} seed {seed}: {timing}", flush=True)
@@ -236,7 +236,7 @@ def main(argv=None) -> None:
     if args.max_steps:
         base = {"train.max_steps": args.max_steps, "eval.max_examples": 64}
 
-    from lpt_jax import train  # noqa: F401  (imports TF and JAX once)
+    from lpt_jax import trainer  # noqa: F401  (imports TF and JAX once)
     results: dict[str, dict[int, dict]] = {n: {} for n in names}
     t0 = time.time()
     for seed in seeds:

@@ -4,35 +4,61 @@
     cfg = data.default_config()
     src = data.get_source(cfg)
     it = data.make_train_stream(src, cfg, global_batch_size=256, seed=0)
+
+The package is lazy (PEP 562): `import lpt_jax.data` and `data.default_config()` load
+neither TensorFlow nor the dataset modules; a public name imports its submodule on
+first use. TensorFlow is imported (with the accelerators hidden from it) by the
+submodules that need it, through `lpt_jax.data._tf`; the dataset modules register
+their sources when `get_source` / `registered_sources` is first called.
 """
 
-import os
+import importlib
+from typing import TYPE_CHECKING
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Public name -> the submodule that defines it.
+_EXPORTS = {
+    "default_config": "config",
+    "DataError": "errors",
+    "GROUP_NAMES": "groups",
+    "cifar_lt_counts": "groups",
+    "shot_groups": "groups",
+    "steps_per_epoch": "groups",
+    "DualSampler": "sampling",
+    "Source": "source",
+    "SplitData": "source",
+    "get_source": "source",
+    "registered_sources": "source",
+    "EvalStream": "streams",
+    "TrainStream": "streams",
+    "load_image_files": "streams",
+    "make_eval_stream": "streams",
+    "make_train_stream": "streams",
+    "num_eval_examples": "streams",
+}
 
-import tensorflow as tf  # noqa: E402
+__all__ = sorted(_EXPORTS)
 
-# TF only feeds the input pipeline: keep it off the accelerators JAX owns.
-for _kind in ("GPU", "TPU"):
-    try:
-        tf.config.set_visible_devices([], _kind)
-    except (RuntimeError, ValueError):  # already initialised, or no such device type
-        pass
 
-# Importing the dataset modules registers their sources.
-from lpt_jax.data import cifar_lt, image_folder, inaturalist, list_datasets  # noqa: E402,F401
-from lpt_jax.data.config import default_config  # noqa: E402
-from lpt_jax.data.errors import DataError  # noqa: E402
-from lpt_jax.data.groups import (GROUP_NAMES, cifar_lt_counts, shot_groups,  # noqa: E402
-                                 steps_per_epoch)
-from lpt_jax.data.sampling import DualSampler  # noqa: E402
-from lpt_jax.data.source import Source, SplitData, get_source, registered_sources  # noqa: E402
-from lpt_jax.data.streams import (EvalStream, TrainStream, load_image_files,  # noqa: E402
-                                  make_eval_stream, make_train_stream, num_eval_examples)
+def __getattr__(name):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # later look-ups skip __getattr__
+    return value
 
-__all__ = [
-    "DataError", "DualSampler", "EvalStream", "GROUP_NAMES", "Source", "SplitData",
-    "TrainStream", "cifar_lt_counts", "default_config", "get_source", "load_image_files",
-    "make_eval_stream", "make_train_stream", "num_eval_examples", "registered_sources",
-    "shot_groups", "steps_per_epoch",
-]
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs; never runs
+    from lpt_jax.data.config import default_config  # noqa: F401
+    from lpt_jax.data.errors import DataError  # noqa: F401
+    from lpt_jax.data.groups import (GROUP_NAMES, cifar_lt_counts, shot_groups,  # noqa: F401
+                                     steps_per_epoch)
+    from lpt_jax.data.sampling import DualSampler  # noqa: F401
+    from lpt_jax.data.source import (Source, SplitData, get_source,  # noqa: F401
+                                     registered_sources)
+    from lpt_jax.data.streams import (EvalStream, TrainStream, load_image_files,  # noqa: F401
+                                      make_eval_stream, make_train_stream, num_eval_examples)

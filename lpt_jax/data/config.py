@@ -4,8 +4,6 @@ import ml_collections
 
 from lpt_jax.data.errors import DataError
 
-SPLIT_NAMES = ("train", "val", "test")
-GROUP_RULES = ("release", "oltr")
 CORRUPT_POLICIES = ("fail", "skip")
 FORMATS = ("auto", "files", "prepared")
 
@@ -39,9 +37,6 @@ def default_config() -> ml_collections.ConfigDict:
     c.antialias = True  # PIL-style (antialiased) bilinear, as the PyTorch reference
     c.jpeg_fast_crop = True  # decode only the crop window of a JPEG (faster; same pixels
     #   except a few border pixels, by a few levels, from chroma upsampling)
-    # Evaluation and groups
-    c.group_rule = "release"  # 'release' (few <= 20) | 'oltr' (few < 20)
-    c.eval_split = "val"  # 'val' for model selection, 'test' for the final table
     # Streams
     c.cb_images_per_class = 4
     c.corrupt_images = "fail"  # 'fail' | 'skip' (substitute / mask, with a warning)
@@ -53,15 +48,11 @@ def default_config() -> ml_collections.ConfigDict:
 
 def check_config(cfg) -> None:
     """Raises DataError for a field value no source can use."""
-    if cfg.group_rule not in GROUP_RULES:
-        raise DataError(f"data.group_rule={cfg.group_rule!r}; expected one of {GROUP_RULES}")
     if cfg.corrupt_images not in CORRUPT_POLICIES:
         raise DataError(
             f"data.corrupt_images={cfg.corrupt_images!r}; expected one of {CORRUPT_POLICIES}")
     if cfg.format not in FORMATS:
         raise DataError(f"data.format={cfg.format!r}; expected one of {FORMATS}")
-    if cfg.eval_split not in ("val", "test"):
-        raise DataError(f"data.eval_split={cfg.eval_split!r}; expected 'val' or 'test'")
     if not 0 < cfg.image_size <= cfg.resize_size:
         raise DataError(
             f"data.image_size={cfg.image_size} must be in (0, data.resize_size={cfg.resize_size}]")

@@ -40,8 +40,7 @@ def steps_per_epoch(num_train: int, global_batch: int) -> int:
     return int(num_train) // int(global_batch) + 1
 
 
-def cifar_lt_counts(num_classes: int, imbalance_ratio: float,
-                    images_per_class: int = None) -> np.ndarray:
+def cifar_lt_counts(num_classes: int, imbalance_ratio: float) -> np.ndarray:
     """Per-class counts of CIFAR-LT: int(n_max * r^(c / (C - 1))), r = 1 / ratio.
 
     Written with the same float operations as the reference (LDAM-DRW's
@@ -49,7 +48,7 @@ def cifar_lt_counts(num_classes: int, imbalance_ratio: float,
     """
     if imbalance_ratio < 1:
         raise DataError(f"data.imbalance_ratio={imbalance_ratio} must be >= 1")
-    img_max = images_per_class if images_per_class else 50000 / num_classes
+    img_max = 50000 / num_classes  # CIFAR's training images per class
     factor = 1.0 / imbalance_ratio
     return np.array([int(img_max * (factor ** (c / (num_classes - 1.0))))
                      for c in range(num_classes)], dtype=np.int64)

@@ -9,8 +9,8 @@ with paths relative to `data.root`, or a prepared directory.
 import os
 
 import numpy as np
-import tensorflow as tf
 
+from lpt_jax import files
 from lpt_jax.data import split_lists
 from lpt_jax.data.errors import DataError
 from lpt_jax.data.list_datasets import (check_first_files, check_root, files_source,
@@ -23,17 +23,20 @@ _HINT = ("a folder with train/<class>/*.jpg and val/<class>/* or test/<class>/* 
 
 
 def _image_files(folder: str) -> list:
-    return sorted(f for f in tf.io.gfile.listdir(folder)
-                  if f.lower().endswith(IMAGE_EXTENSIONS))
+    return sorted(f for f in files.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+
+
+def _subfolders(folder: str) -> list:
+    """Sorted names of the folders in `folder`: the class order, so class ids, follow it."""
+    return sorted(d for d in files.listdir(folder) if files.isdir(os.path.join(folder, d)))
 
 
 def scan_tree(root: str) -> tuple[list, dict]:
     """Class names and {split: (relative paths, labels)} of a class-folder tree."""
     train_dir = os.path.join(root, "train")
-    if not tf.io.gfile.isdir(train_dir):
+    if not files.isdir(train_dir):
         raise DataError(f"image_folder: {train_dir} does not exist; data.root should be {_HINT}")
-    class_names = sorted(d.rstrip("/") for d in tf.io.gfile.listdir(train_dir)
-                         if tf.io.gfile.isdir(os.path.join(train_dir, d)))
+    class_names = _subfolders(train_dir)
     if not class_names:
         raise DataError(f"image_folder: {train_dir} has no class folders; data.root should be "
                         f"{_HINT}")
@@ -41,17 +44,16 @@ def scan_tree(root: str) -> tuple[list, dict]:
     lists = {}
     for split in ("train", "val", "test"):
         split_dir = os.path.join(root, split)
-        if not tf.io.gfile.isdir(split_dir):
+        if not files.isdir(split_dir):
             continue
         paths, labels = [], []
-        for c in sorted(d.rstrip("/") for d in tf.io.gfile.listdir(split_dir)
-                        if tf.io.gfile.isdir(os.path.join(split_dir, d))):
+        for c in _subfolders(split_dir):
             if c not in class_ids:
                 raise DataError(f"image_folder: class folder {os.path.join(split_dir, c)} has no "
                                 f"counterpart in {train_dir}")
-            files = _image_files(os.path.join(split_dir, c))
-            paths += [f"{split}/{c}/{f}" for f in files]
-            labels += [class_ids[c]] * len(files)
+            names = _image_files(os.path.join(split_dir, c))
+            paths += [f"{split}/{c}/{f}" for f in names]
+            labels += [class_ids[c]] * len(names)
         if not paths:
             raise DataError(
                 f"image_folder: {split_dir} holds no {'/'.join(IMAGE_EXTENSIONS)} images in its "
@@ -76,7 +78,7 @@ def read_lists(cfg) -> tuple[list, dict]:
     lists = {}
     for split, path in (("train", cfg.train_list), ("val", cfg.val_list), ("test", cfg.test_list)):
         if path:
-            if not tf.io.gfile.exists(path):
+            if not files.exists(path):
                 raise DataError(f"image_folder: data.{split}_list={path} does not exist")
             lists[split] = split_lists.parse_split_list(path, num_classes, fix)
     if class_names is None:

@@ -19,14 +19,14 @@ import logging
 import os
 
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
 
+from lpt_jax import files
+from lpt_jax.data._tf import tf
 from lpt_jax.data.errors import DataError
 from lpt_jax.data.list_datasets import INATURALIST_LISTS, build_list_source
 from lpt_jax.data.source import Source, SplitData, register
 from lpt_jax.data.stores import RandomAccessStore
-from lpt_jax.data.tfds_util import not_available
+from lpt_jax.data.tfds_util import not_available, tfds
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +63,8 @@ def _cache_path(cfg, name: str, split: str, n: int) -> str:
 
 def scan_labels(store: RandomAccessStore, cache_path: str) -> np.ndarray:
     """All labels of a random-access split, read once and cached."""
-    if tf.io.gfile.exists(cache_path):
-        with tf.io.gfile.GFile(cache_path, "rb") as f:
-            labels = np.load(io.BytesIO(f.read()))
+    if files.exists(cache_path):
+        labels = np.load(io.BytesIO(files.read_bytes(cache_path)))
         if len(labels) == len(store):
             return labels.astype(np.int64)
     log.info("scanning %d labels for %s (once; cached at %s)", len(store), cache_path, cache_path)
@@ -74,11 +73,9 @@ def scan_labels(store: RandomAccessStore, cache_path: str) -> np.ndarray:
         chunk = range(start, min(start + _SCAN_CHUNK, len(store)))
         labels[start:chunk.stop] = [int(np.asarray(r["label"])) for r in store.read_records(chunk)]
     try:
-        tf.io.gfile.makedirs(os.path.dirname(cache_path))
         buf = io.BytesIO()
         np.save(buf, labels)
-        with tf.io.gfile.GFile(cache_path, "wb") as f:
-            f.write(buf.getvalue())
+        files.write_bytes(cache_path, buf.getvalue())  # atomic: never half a cache
     except (tf.errors.OpError, OSError) as e:
         log.warning("could not cache labels at %s: %s", cache_path, e)
     return labels
@@ -94,7 +91,7 @@ def tfds_source(cfg) -> Source:
             try:
                 labels = scan_labels(store, _cache_path(cfg, name, tfds_split, len(store)))
             except RuntimeError as e:  # array_record's reader fails on open
-                hint = _GCS_HINT if "://" in (cfg.tfds_data_dir or "") else "see the cause"
+                hint = _GCS_HINT if files.is_remote(cfg.tfds_data_dir or "") else "see the cause"
                 raise DataError(f"cannot read {name}[{tfds_split}] records: {e}; {hint}") from e
             opened[tfds_split] = SplitData(labels=labels, store=store)
         splits[split] = opened[tfds_split]

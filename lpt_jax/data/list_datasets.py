@@ -3,8 +3,7 @@
 import dataclasses
 import os
 
-import tensorflow as tf
-
+from lpt_jax import files
 from lpt_jax.data import prepared, split_lists
 from lpt_jax.data.errors import DataError
 from lpt_jax.data.source import Source, SplitData, register
@@ -22,26 +21,23 @@ class ListLayout:
     root_hint: str
 
 
+def _lists(prefix: str, test: str = "test") -> dict:
+    """The OLTR list file names: <prefix>_{train,val,test}.txt."""
+    return {"train": f"{prefix}_train.txt", "val": f"{prefix}_val.txt",
+            "test": f"{prefix}_{test}.txt"}
+
+
 PLACES_LT = ListLayout(
-    name="places_lt", shipped_subdir="places_lt",
-    list_files={"train": "Places_LT_train.txt", "val": "Places_LT_val.txt",
-                "test": "Places_LT_test.txt"},
-    class_names_file="classnames.txt", num_classes=365,
-    root_hint="the places365_standard folder that holds train/<class>/*.jpg and "
-              "val/<class>/Places365_val_*.jpg, or a prepared directory")
+    "places_lt", "places_lt", _lists("Places_LT"), "classnames.txt", 365,
+    "the places365_standard folder that holds train/<class>/*.jpg and "
+    "val/<class>/Places365_val_*.jpg, or a prepared directory")
 IMAGENET_LT = ListLayout(
-    name="imagenet_lt", shipped_subdir="imagenet_lt",
-    list_files={"train": "ImageNet_LT_train.txt", "val": "ImageNet_LT_val.txt",
-                "test": "ImageNet_LT_test.txt"},
-    class_names_file="classnames.txt", num_classes=1000,
-    root_hint="the ImageNet folder that holds train/<wnid>/*.JPEG and the validation images "
-              "arranged as val/<wnid>/ILSVRC2012_val_*.JPEG, or a prepared directory")
-INATURALIST_LISTS = ListLayout(
-    name="inaturalist2018", shipped_subdir="inaturalist18",
-    list_files={"train": "iNaturalist18_train.txt", "val": "iNaturalist18_val.txt",
-                "test": "iNaturalist18_val.txt"},  # the official val split is the test set
-    class_names_file="", num_classes=8142,
-    root_hint="the iNaturalist 2018 folder that holds train_val2018/..., or a prepared directory")
+    "imagenet_lt", "imagenet_lt", _lists("ImageNet_LT"), "classnames.txt", 1000,
+    "the ImageNet folder that holds train/<wnid>/*.JPEG and the validation images arranged "
+    "as val/<wnid>/ILSVRC2012_val_*.JPEG, or a prepared directory")
+INATURALIST_LISTS = ListLayout(  # the official val split is the test set
+    "inaturalist2018", "inaturalist18", _lists("iNaturalist18", test="val"), "", 8142,
+    "the iNaturalist 2018 folder that holds train_val2018/..., or a prepared directory")
 
 
 def _list_override(cfg, split: str) -> str:
@@ -52,7 +48,7 @@ def resolve_list(layout: ListLayout, cfg, split: str) -> str:
     """Path of a split list: explicit override, else data.split_dir, else the shipped copy."""
     override = _list_override(cfg, split)
     if override:
-        if not tf.io.gfile.exists(override):
+        if not files.exists(override):
             raise DataError(f"{layout.name}: data.{split}_list={override} does not exist")
         return override
     shipped = os.path.join(split_lists.SHIPPED_SPLIT_DIR, layout.shipped_subdir)
@@ -91,7 +87,7 @@ def load_lists(layout: ListLayout, cfg) -> tuple[list, dict]:
 def check_root(name: str, root: str, hint: str) -> None:
     if not root:
         raise DataError(f"{name}: data.root is empty; set it to {hint}")
-    if not tf.io.gfile.exists(root):
+    if not files.exists(root):
         raise DataError(f"{name}: data.root={root} does not exist; expected {hint}")
 
 
@@ -99,7 +95,7 @@ def check_first_files(name: str, root: str, lists: dict, hint: str) -> None:
     """One stat per split catches a wrong root before training starts."""
     for split, (paths, _) in lists.items():
         first = os.path.join(root, paths[0])
-        if not tf.io.gfile.exists(first):
+        if not files.exists(first):
             raise DataError(f"{name}: {first} (first entry of the {split} list) does not exist; "
                             f"data.root should be {hint}")
 

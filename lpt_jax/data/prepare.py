@@ -14,9 +14,10 @@ import os
 import sys
 
 import numpy as np
-import tensorflow as tf
 
+from lpt_jax import files
 from lpt_jax.data import preprocess
+from lpt_jax.data._tf import tf
 from lpt_jax.data.config import default_config
 from lpt_jax.data.errors import DataError
 from lpt_jax.data.prepared import FORMAT_VERSION, MANIFEST
@@ -90,7 +91,7 @@ def prepare(cfg, out_dir: str, splits=None, **write_kwargs) -> dict:
     cfg = cfg.copy_and_resolve_references()
     cfg.format = "files"
     src = get_source(cfg)
-    tf.io.gfile.makedirs(out_dir)
+    files.makedirs(out_dir)
     manifest = {"format": FORMAT_VERSION, "name": src.name, "class_names": list(src.class_names),
                 "origin": src.origin, "splits": {}}
     for split, data in src.splits.items():
@@ -103,10 +104,7 @@ def prepare(cfg, out_dir: str, splits=None, **write_kwargs) -> dict:
         skipped = manifest["splits"][split]["skipped"]
         print(f"{split}: {len(data) - len(skipped)} images in "
               f"{len(manifest['splits'][split]['files'])} shards, {len(skipped)} skipped")
-    tmp = os.path.join(out_dir, MANIFEST + ".tmp")
-    with tf.io.gfile.GFile(tmp, "w") as f:
-        json.dump(manifest, f)
-    tf.io.gfile.rename(tmp, os.path.join(out_dir, MANIFEST), overwrite=True)
+    files.write_text(os.path.join(out_dir, MANIFEST), json.dumps(manifest))  # atomic, last
     return manifest
 
 

@@ -17,8 +17,9 @@ import json
 import os
 
 import numpy as np
-import tensorflow as tf
 
+from lpt_jax import files
+from lpt_jax.data._tf import tf
 from lpt_jax.data.errors import DataError
 from lpt_jax.data.source import SplitData
 from lpt_jax.data.stores import BytesStore
@@ -34,16 +35,15 @@ FEATURES = {
 
 
 def is_prepared(root: str) -> bool:
-    return bool(root) and tf.io.gfile.exists(os.path.join(root, MANIFEST))
+    return bool(root) and files.exists(os.path.join(root, MANIFEST))
 
 
 def read_manifest(root: str) -> dict:
     path = os.path.join(root, MANIFEST)
-    if not tf.io.gfile.exists(path):
+    if not files.exists(path):
         raise DataError(f"no prepared data at {root}: expected {path} "
                         "(write it with `python -m lpt_jax.data.prepare`)")
-    with tf.io.gfile.GFile(path, "r") as f:
-        manifest = json.load(f)
+    manifest = json.loads(files.read_text(path))
     if manifest.get("format") != FORMAT_VERSION:
         raise DataError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT_VERSION!r}")
     return manifest
@@ -56,11 +56,11 @@ def _load_split(root: str, name: str, entry: dict) -> SplitData:
     buffer = np.empty(int(offsets[-1]), dtype=np.uint8)
     names = np.empty(len(labels), dtype=object)
     seen = np.zeros(len(labels), dtype=bool)
-    files = [os.path.join(root, f) for f in entry["files"]]
-    for f in files:
-        if not tf.io.gfile.exists(f):
+    shards = [os.path.join(root, f) for f in entry["files"]]
+    for f in shards:
+        if not files.exists(f):
             raise DataError(f"prepared split {name!r}: shard {f} listed in {MANIFEST} is missing")
-    ds = tf.data.TFRecordDataset(files, num_parallel_reads=min(16, len(files)))
+    ds = tf.data.TFRecordDataset(shards, num_parallel_reads=min(16, len(shards)))
     ds = ds.batch(1024).map(lambda x: tf.io.parse_example(x, FEATURES))
     for batch in ds.prefetch(2).as_numpy_iterator():
         for image, label, i, path in zip(batch["image"], batch["label"], batch["index"],

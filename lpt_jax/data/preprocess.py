@@ -10,7 +10,7 @@ bilinear downscaling, which the PyTorch reference uses.
 
 import math
 
-import tensorflow as tf
+from lpt_jax.data._tf import tf
 
 RRC_SCALE = (0.08, 1.0)
 RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)

@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+import importlib
 from typing import Callable
 
 import numpy as np
@@ -52,7 +53,8 @@ class Source:
         if name not in self.splits:
             raise DataError(
                 f"{self.name} has no {name!r} split; it has {sorted(self.splits)}"
-                + ("; set data.eval_split='test'"
+                + ("; set --config.eval.final_split=test (training skips validation where "
+                   "there is no 'val' split)"
                    if name == "val" and "test" in self.splits else ""))
         return self.splits[name]
 
@@ -87,6 +89,14 @@ def validate_source(src: Source) -> Source:
 
 
 _REGISTRY: dict[str, Callable] = {}
+# The modules whose `@register` calls define the built-in sources; imported on first use of
+# the registry (they import TensorFlow, which `import lpt_jax.data` must not).
+_BUILTIN_MODULES = ("cifar_lt", "image_folder", "inaturalist", "list_datasets")
+
+
+def _register_builtins() -> None:
+    for module in _BUILTIN_MODULES:
+        importlib.import_module(f"lpt_jax.data.{module}")
 
 
 def register(name: str):
@@ -98,12 +108,14 @@ def register(name: str):
 
 
 def registered_sources() -> tuple:
+    _register_builtins()
     return tuple(sorted(_REGISTRY))
 
 
 def get_source(cfg) -> Source:
     """Builds and validates the source named by `cfg.name`; raises DataError."""
     check_config(cfg)
+    _register_builtins()
     if cfg.name not in _REGISTRY:
         raise DataError(f"data.name={cfg.name!r}; expected one of {registered_sources()}")
     return validate_source(_REGISTRY[cfg.name](cfg))

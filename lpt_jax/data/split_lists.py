@@ -4,19 +4,19 @@ import gzip
 import os
 
 import numpy as np
-import tensorflow as tf
 
+from lpt_jax import files
+from lpt_jax.data._tf import tf
 from lpt_jax.data.errors import DataError
 
 SHIPPED_SPLIT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "splits")
 
 
 def read_text(path: str) -> str:
-    """Whole file as text; gunzips `*.gz`; works for any tf.io.gfile path."""
+    """Whole file as text; gunzips `*.gz`; local or remote (see lpt_jax.files)."""
     try:
-        with tf.io.gfile.GFile(path, "rb") as f:
-            raw = f.read()
-    except tf.errors.NotFoundError:
+        raw = files.read_bytes(path)
+    except (FileNotFoundError, tf.errors.NotFoundError):  # local, remote
         raise DataError(f"file not found: {path}") from None
     if path.endswith(".gz"):
         raw = gzip.decompress(raw)
@@ -27,7 +27,7 @@ def find_list(split_dir: str, filename: str):
     """Path of `filename` or `filename.gz` inside `split_dir`, or None."""
     for name in (filename, filename + ".gz"):
         path = os.path.join(split_dir, name)
-        if tf.io.gfile.exists(path):
+        if files.exists(path):
             return path
     return None
 

@@ -12,7 +12,7 @@ import numpy as np
 
 
 class FileStore:
-    """Images as files under a root (local or any tf.io.gfile scheme, e.g. gs://)."""
+    """Images as files under a root: local, or any scheme `tf.io.read_file` reads (gs://)."""
 
     kind = "path"
 

@@ -12,9 +12,9 @@ import logging
 import math
 
 import numpy as np
-import tensorflow as tf
 
 from lpt_jax.data import preprocess
+from lpt_jax.data._tf import tf
 from lpt_jax.data.errors import DataError, first_line
 from lpt_jax.data.sampling import DualSampler, process_slice
 
@@ -43,6 +43,28 @@ def _options(cfg) -> tf.data.Options:
 def _parallel(cfg):
     n = int(cfg.num_parallel_calls)
     return tf.data.AUTOTUNE if n < 0 else n
+
+
+def _numpy_plan(plan, store, rows: int, extra_dtype, extra_shape):
+    """A tf.data map of a plan index to the NumPy `plan`'s (labels, extra, payload) for
+    `rows` examples, returned as (payload, labels, extra) with static shapes."""
+    dtype, shape = _payload_signature(store, rows)
+
+    def plan_tf(k):
+        labels, extra, payload = tf.numpy_function(
+            lambda k: plan(int(k)), [k], [tf.int32, extra_dtype, dtype], stateful=False)
+        labels.set_shape([rows])
+        extra.set_shape(extra_shape)
+        payload.set_shape(shape)
+        return payload, labels, extra
+    return plan_tf
+
+
+def _decoded_batches(plans: tf.data.Dataset, one, rows: int, finish, cfg) -> tf.data.Dataset:
+    """Planned rows decoded in parallel (deterministic order), re-batched and finished."""
+    ds = plans.unbatch().map(one, num_parallel_calls=_parallel(cfg), deterministic=True)
+    ds = ds.batch(rows, drop_remainder=True).map(finish)
+    return ds.prefetch(int(cfg.prefetch)).with_options(_options(cfg))
 
 
 def _find_unreadable(indices, run_one) -> tuple[list, int]:
@@ -125,29 +147,15 @@ class TrainStream:
         """The stream from `start_step` as a tf.data.Dataset (infinite)."""
         n = 2 * self.local_batch_size
         b = self.local_batch_size
-        dtype, shape = _payload_signature(self._store, n)
-
-        def plan(step):
-            _, labels, seeds, payload = self._plan(int(step))
-            return labels, seeds, payload
-
-        def plan_tf(step):
-            labels, seeds, payload = tf.numpy_function(
-                plan, [step], [tf.int32, tf.int64, dtype], stateful=False)
-            labels.set_shape([n])
-            seeds.set_shape([n, 2])
-            payload.set_shape(shape)
-            return payload, labels, seeds
+        plan_tf = _numpy_plan(lambda step: self._plan(step)[1:], self._store, n,
+                              tf.int64, [n, 2])  # labels, per-image augmentation seeds
 
         def split(images, labels):
             return {"cb": {"image": images[:b], "label": labels[:b]},
                     "ib": {"image": images[b:], "label": labels[b:]}}
 
-        ds = tf.data.Dataset.range(start_step, _MAX_STEPS).map(plan_tf)
-        ds = ds.unbatch().map(self._one, num_parallel_calls=_parallel(self._cfg),
-                              deterministic=True)
-        ds = ds.batch(n, drop_remainder=True).map(split)
-        return ds.prefetch(int(self._cfg.prefetch)).with_options(_options(self._cfg))
+        return _decoded_batches(tf.data.Dataset.range(start_step, _MAX_STEPS).map(plan_tf),
+                                self._one, n, split, self._cfg)
 
     # Iteration -------------------------------------------------------------
     def __iter__(self):
@@ -247,29 +255,15 @@ class EvalStream:
 
     def dataset(self, start_batch: int = 0) -> tf.data.Dataset:
         b = self.local_batch_size
-        dtype, shape = _payload_signature(self._store, b)
-
-        def plan(k):
-            _, labels, mask, payload = self._plan(int(k))
-            return labels, mask, payload
-
-        def plan_tf(k):
-            labels, mask, payload = tf.numpy_function(
-                plan, [k], [tf.int32, tf.bool, dtype], stateful=False)
-            labels.set_shape([b])
-            mask.set_shape([b])
-            payload.set_shape(shape)
-            return payload, labels, mask
+        plan_tf = _numpy_plan(lambda k: self._plan(k)[1:], self._store, b,
+                              tf.bool, [b])  # labels, mask of real (not padding) rows
 
         def pack(images, labels, mask):
             images = tf.where(mask[:, None, None, None], images, tf.zeros_like(images))
             return {"image": images, "label": labels, "mask": mask}
 
-        ds = tf.data.Dataset.range(start_batch, self.num_batches).map(plan_tf)
-        ds = ds.unbatch().map(self._one, num_parallel_calls=_parallel(self._cfg),
-                              deterministic=True)
-        ds = ds.batch(b, drop_remainder=True).map(pack)
-        return ds.prefetch(int(self._cfg.prefetch)).with_options(_options(self._cfg))
+        return _decoded_batches(tf.data.Dataset.range(start_batch, self.num_batches).map(plan_tf),
+                                self._one, b, pack, self._cfg)
 
     def __iter__(self):
         k, iterator = 0, None

@@ -91,12 +91,12 @@ def write_prepared_stub(out_dir: str, name: str, class_names, lists: dict, image
     prepared-format reader without writing 100k files. Returns the manifest.
     """
     # pylint: disable=import-outside-toplevel
-    import tensorflow as tf
-
+    from lpt_jax import files
+    from lpt_jax.data._tf import tf
     from lpt_jax.data.prepare import _example
     from lpt_jax.data.prepared import FORMAT_VERSION, MANIFEST
 
-    tf.io.gfile.makedirs(out_dir)
+    files.makedirs(out_dir)
     manifest = {"format": FORMAT_VERSION, "name": name, "class_names": list(class_names),
                 "origin": "stub images (lpt_jax.data.testing.write_prepared_stub)", "splits": {}}
     for split, (paths, labels) in lists.items():
@@ -109,8 +109,7 @@ def write_prepared_stub(out_dir: str, name: str, class_names, lists: dict, image
                 sizes.append(len(image))
         manifest["splits"][split] = {"files": [shard], "labels": [int(x) for x in labels],
                                      "num_bytes": sizes, "skipped": []}
-    with tf.io.gfile.GFile(os.path.join(out_dir, MANIFEST), "w") as f:
-        json.dump(manifest, f)
+    files.write_text(os.path.join(out_dir, MANIFEST), json.dumps(manifest))
     return manifest
 
 

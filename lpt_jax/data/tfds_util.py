@@ -1,9 +1,11 @@
 """Opening TFDS datasets without surprises: no download unless asked, clear errors."""
 
 import numpy as np
-import tensorflow_datasets as tfds
 
+from lpt_jax.data._tf import tf  # noqa: F401  (hides the accelerators before TFDS loads TF)
 from lpt_jax.data.errors import DataError
+
+import tensorflow_datasets as tfds  # noqa: E402  pylint: disable=wrong-import-order
 
 
 def _where(cfg) -> str:

@@ -1,7 +1,10 @@
-"""LPT around a frozen ViT: shared prompt, group-prompt pool with keys, cosine head.
+"""LPT around a frozen backbone: shared prompt, group-prompt pool with keys, cosine head.
+
+The backbone is any module with the interface documented in `lpt_jax.models` (the ViT of
+`lpt_jax.models.vit` by default); `lpt_from_config` picks it by `model.backbone`.
 
 Parameters (`LPT.init(...)['params']`):
-    backbone/...                  the ViT (big_vision names), frozen in both phases
+    backbone/...                  the backbone (ViT: big_vision names), frozen in both phases
     shared_prompt (L, P, D)       VPT-deep prompt, trained in phase 1
     pool_prompts (M, L-K, P, D)   group prompts for blocks K..L-1, trained in phase 2
     pool_keys (M, D)              keys matched against the phase-1 query, trained in phase 2
@@ -22,8 +25,6 @@ from typing import Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-
-from lpt_jax.models.vit import ViT
 
 # Regexes over parameter paths: what each phase trains (everything else is frozen).
 TRAINABLE = {
@@ -55,7 +56,7 @@ class CosineHead(nn.Module):
 
 
 class LPT(nn.Module):
-    backbone: ViT
+    backbone: nn.Module            # depth, width, embed, encode, features (lpt_jax.models)
     num_classes: int
     prompt_length: int = 10
     pool_size: int = 20
@@ -170,10 +171,21 @@ class LPT(nn.Module):
         return self.phase2(images, train)
 
 
-def lpt_from_config(model_cfg, num_classes: int, backbone: Optional[ViT] = None) -> LPT:
-    """Builds the LPT model from the `model` section of a config (see configs/common.py)."""
-    from lpt_jax.models.vit import vit_from_config
-    backbone = backbone or vit_from_config(model_cfg.vit)
+def lpt_from_config(model_cfg, num_classes: int, backbone: Optional[nn.Module] = None) -> LPT:
+    """Builds the LPT model from the `model` section of a config (see configs/common.py).
+
+    The backbone is `lpt_jax.models.get_backbone(model_cfg.backbone).from_config(model_cfg.<that
+    name>)` (default 'vit': `model_cfg.vit`) unless one is passed.
+    """
+    if backbone is None:
+        from lpt_jax import models
+        from lpt_jax.errors import ConfigError
+        name = getattr(model_cfg, "backbone", None) or "vit"
+        family = models.get_backbone(name)
+        section = getattr(model_cfg, name, None)
+        if section is None:
+            raise ConfigError(f"model.backbone={name!r} but the config has no model.{name}")
+        backbone = family.from_config(section)
     lpt = model_cfg.lpt
     return LPT(backbone=backbone, num_classes=num_classes,
                prompt_length=lpt.prompt_length, pool_size=lpt.pool_size,

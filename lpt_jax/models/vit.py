@@ -11,6 +11,9 @@ Parameter tree (what `ViT.init` creates and what `lpt_jax.backbone` loads):
     pre_logits/{kernel,bias}                    only with representation_size
     head/{kernel,bias}                          only with num_classes
 
+As a backbone module (see `lpt_jax.models`): `from_config(model.vit)` builds the ViT,
+`load_params(...)` reads a big_vision or vit_jax/AugReg checkpoint (`lpt_jax.backbone`).
+
 Extra tokens (the mechanism that prompts use): `encode(..., extras={i: tokens})` appends
 `tokens` (T, D) or (B, T, D) to the sequence for block i only and drops the T outputs after
 it, so the next block sees the original sequence length again.
@@ -19,11 +22,13 @@ it, so the next block sees the original sequence length again.
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping, Optional, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from lpt_jax import backbone as checkpoints
 
 # width, depth, mlp_dim, num_heads, as in big_vision's `decode_variant`.
 VARIANTS: Mapping[str, tuple[int, int, int, int]] = {
@@ -277,3 +282,16 @@ def vit_from_config(cfg, **overrides) -> ViT:
         if key in kwargs:
             kwargs[key] = _pair(kwargs[key])
     return ViT(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------
+# The backbone-module interface (lpt_jax.models.get_backbone("vit")).
+
+from_config = vit_from_config
+
+
+def load_params(path: str, abstract_params: Mapping, *, dont_load: Iterable[str] = (),
+                ignore: Iterable[str] = (), model: ViT) -> dict:
+    """The ViT params from a big_vision / vit_jax .npz, the posemb resampled to `model.grid`."""
+    return checkpoints.load_params(path, abstract_params, dont_load=dont_load, ignore=ignore,
+                                   grid=model.grid)

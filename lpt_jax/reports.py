@@ -11,7 +11,8 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-from lpt_jax.data import shot_groups
+from lpt_jax import files
+from lpt_jax.data.groups import shot_groups
 
 GROUPS = ("many", "medium", "few")
 RULES = ("release", "oltr")
@@ -110,7 +111,7 @@ def plot_per_class(report: Mapping, path: str, title: str = "") -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
-    _write_bytes(path, buf.getvalue())
+    files.write_bytes(path, buf.getvalue())
 
 
 def write_reports(directory: str, report: Mapping, *, title: str = "", plot: bool = True) -> dict:
@@ -118,23 +119,12 @@ def write_reports(directory: str, report: Mapping, *, title: str = "", plot: boo
     paths = {k: os.path.join(directory, name) for k, name in (
         ("table", "table.md"), ("json", "results.json"), ("csv", "per_class.csv"),
         ("plot", "per_class.png"))}
-    _write_bytes(paths["table"], markdown_table(report, title).encode())
-    _write_bytes(paths["json"], json.dumps(report, indent=1).encode())
-    _write_bytes(paths["csv"], per_class_csv(report).encode())
+    files.write_bytes(paths["table"], markdown_table(report, title).encode())
+    files.write_bytes(paths["json"], json.dumps(report, indent=1).encode())
+    files.write_bytes(paths["csv"], per_class_csv(report).encode())
     if plot:
         plot_per_class(report, paths["plot"], title)
     else:
         del paths["plot"]
     return paths
 
-
-def _write_bytes(path: str, data: bytes) -> None:
-    if "://" in path:
-        import tensorflow as tf
-        tf.io.gfile.makedirs(os.path.dirname(path))
-        with tf.io.gfile.GFile(path, "wb") as f:
-            f.write(data)
-        return
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(data)

@@ -1,0 +1,163 @@
+"""The command line's words: input files of --mode=predict, quiet library logs, and every
+error the user can fix worded as one line (`error: <what, where, what to do>`)."""
+
+from __future__ import annotations
+
+import difflib
+import logging as logging_std
+import os
+import re
+import sys
+
+from absl import flags
+from ml_collections import ConfigDict, config_flags
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+
+
+def expand_files(paths):
+    """Files as given, folders walked for images (sorted)."""
+    out = []
+    for p in paths:
+        if os.path.isdir(p):
+            for root, _, names in sorted(os.walk(p)):
+                out += [os.path.join(root, n) for n in sorted(names)
+                        if n.lower().endswith(IMAGE_SUFFIXES)]
+        else:
+            out.append(p)
+    return out
+
+
+class QuietLibraries(logging_std.Filter):
+    """Orbax and TF log every checkpoint step at INFO: keep their warnings only."""
+
+    def filter(self, record):
+        noisy = ("orbax", "tensorflow", "jax._src", "clu/platform")
+        return record.levelno >= logging_std.WARNING or not any(
+            n in record.pathname for n in noisy)
+
+
+# ------------------------------------------------------------------------------------------
+# Command-line errors: one line naming the flag, the field and what it accepts.
+
+def _config_arg(argv):
+    for i, a in enumerate(argv):
+        if a.startswith(("--config=", "-config=")):
+            return a.split("=", 1)[1]
+        if a in ("--config", "-config") and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def _overrides(argv):
+    """[(field path, argument as typed)] of the --config.a.b=value arguments."""
+    out = []
+    for a in argv:
+        m = re.match(r"^--?(?:no)?config\.([^=\s]+)", a)
+        if m:
+            out.append((m.group(1), a))
+    return out
+
+
+def _load_config(spec):
+    """The config that --config=file[:arg] names, without the overrides, loaded by
+    config_flags itself on a private flag set; None if that fails too."""
+    private = flags.FlagValues()
+    holder = config_flags.DEFINE_config_file("config", None, "", flag_values=private)
+    argv = ["run.py", f"--config={spec}"]
+    saved, sys.argv = sys.argv, argv  # config_flags also reads overrides from sys.argv
+    try:
+        private(argv)
+        return holder.value
+    except Exception:  # noqa: BLE001 - only used to word an error better
+        return None
+    finally:
+        sys.argv = saved
+
+
+def _unknown_field(config, path):
+    """'config.a has no field b; did you mean ...' for the first missing part of `path`."""
+    node, walked = config, "config"
+    for part in path.split("."):
+        if not isinstance(node, (ConfigDict, dict)):
+            return f"{walked} is a value ({node!r}), not a section: it has no field {part!r}"
+        if part not in node:
+            keys = sorted(node.keys())
+            close = difflib.get_close_matches(part, keys, n=1)
+            hint = (f"did you mean {walked}.{close[0]}?" if close
+                    else f"{walked} has: {', '.join(keys)}")
+            return f"{walked} has no field {part!r}; {hint}"
+        node, walked = node[part], f"{walked}.{part}"
+    return None
+
+
+def _field(config, path):
+    node = config
+    for part in path.split("."):
+        node = node[part]
+    return node
+
+
+def _expected(value):
+    if isinstance(value, bool):
+        return "True or False"
+    if isinstance(value, (tuple, list)):
+        return "a tuple, e.g. '(\"a\", \"b\")' or the flag repeated once per item"
+    return {int: "an integer", float: "a number", str: "a string"}.get(
+        type(value), f"a {type(value).__name__}")
+
+
+def flag_error(err, argv) -> str:
+    """One line for a command line that absl / config_flags rejected."""
+    spec = _config_arg(argv)
+    text = str(err).strip()
+    config = _load_config(spec) if spec else None
+    if config is not None:
+        for path, arg in _overrides(argv):
+            unknown = _unknown_field(config, path)
+            if unknown:
+                return f"{arg}: {unknown}"
+        m = re.match(r"flag --config\.([^=\s]+)=(.*?): (.*)", text.splitlines()[0] if text else "")
+        if m:
+            path, value, why = m.groups()
+            try:
+                default = _field(config, path)
+                return (f"--config.{path}={value}: expected {_expected(default)}, like the "
+                        f"config's {default!r} ({why.strip('()')})")
+            except (KeyError, AttributeError):
+                pass
+    missing = re.search(r"Flag --(\w+) must have a value other than None", text)
+    if missing:
+        example = {"config": "configs/places_lt.py", "workdir": "/tmp/run1"}.get(missing.group(1))
+        return f"--{missing.group(1)} is required" + (
+            f", e.g. --{missing.group(1)}={example}" if example else "")
+    if isinstance(err, OSError):
+        return f"--config={spec}: cannot load the config file ({text.splitlines()[-1].strip()})"
+    first = text.splitlines()[0] if text else type(err).__name__
+    return f"{first} (see --helpshort)"
+
+
+# ------------------------------------------------------------------------------------------
+# Errors during the run.
+
+# What to check, for error types whose messages cannot know the config fields behind them.
+_HINTS = {"CheckpointError": "check --config.backbone.checkpoint and --config.model.vit "
+                             "(variant, or width/depth/patch_size/image_size)",
+          "ExportError": "check --export (default: the workdir's newest phase<n>/export.npz)"}
+_MAX_LINE = 600
+
+
+def one_line(err) -> str:
+    """The error as one line: detail lines of the form 'what (n): a; b; ...' shrink to
+    'what (n), e.g. a'; an overlong middle is cut, never the end (which says what to do)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    parts = lines[:1]
+    for line in lines[1:]:
+        m = re.match(r"(.+?\(\d+\)): (.*)", line)
+        parts.append(f"{m.group(1)}, e.g. {m.group(2).split('; ')[0]};" if m else line)
+    text = " ".join(parts).rstrip(";") or type(err).__name__
+    if len(text) > _MAX_LINE:
+        half = _MAX_LINE // 2
+        text = f"{text[:half].rstrip()} ... {text[-half:].lstrip()}"
+    hint = _HINTS.get(type(err).__name__)
+    return f"{text}; {hint}" if hint else text

@@ -1,0 +1,87 @@
+"""A phase's result as one small .npz: the trained prompts/pool/keys/head (never the backbone)
+plus JSON meta (phase, step, config, class names, the backbone file's identity). Eval, predict
+and phase 2 load it next to the backbone; nothing in it is trusted without a check."""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Mapping
+
+import jax
+import numpy as np
+
+from lpt_jax import files, tree
+from lpt_jax.backbone import CheckpointError, read_arrays
+from lpt_jax.phases import PHASES
+
+META_KEY = "__lpt_meta__"
+VERSION = 1
+
+
+class ExportError(CheckpointError):
+    """An export file that cannot be read or does not fit the model and data."""
+
+
+def write(path: str, trained: Mapping, meta: Mapping) -> None:
+    """Writes {path-named arrays} + JSON meta into one .npz, atomically."""
+    flat = {k: np.asarray(jax.device_get(v)) for k, v in tree.flatten(trained).items()}
+    meta = {**meta, "lpt_jax_export_version": VERSION}
+    flat[META_KEY] = np.frombuffer(json.dumps(meta, sort_keys=True).encode(), np.uint8)
+    buf = io.BytesIO()
+    np.savez(buf, **flat)
+    files.write_bytes(path, buf.getvalue())
+
+
+def read(path: str) -> tuple[dict, dict]:
+    """(nested trained params, meta) of an export; its meta must be readable and of a known
+    version and phase."""
+    try:
+        arrays = read_arrays(path)
+    except CheckpointError as e:
+        raise ExportError(str(e).replace("checkpoint", "export")) from None
+    meta_bytes = arrays.pop(META_KEY, None)
+    if meta_bytes is None:
+        raise ExportError(f"{path} is not an lpt_jax export (no {META_KEY})")
+    try:
+        meta = json.loads(meta_bytes.tobytes().decode())
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ExportError(f"{path}: the export's meta is not readable JSON ({e})") from None
+    version = meta.get("lpt_jax_export_version")
+    if version != VERSION:
+        raise ExportError(f"{path}: export version {version!r}, this lpt_jax reads "
+                              f"version {VERSION}")
+    if meta.get("phase") not in PHASES:
+        raise ExportError(f"{path}: the export's meta names phase {meta.get('phase')!r}; "
+                              f"known phases: {sorted(PHASES)}")
+    return tree.unflatten(arrays), meta
+
+
+def exported_subtree(params: Mapping, phase) -> dict:
+    return tree.split(params, phase.exported_patterns())[0]
+
+
+def apply(params: Mapping, path: str, phase=None) -> tuple[dict, dict]:
+    """`params` with the leaves of an export put in, and its meta. The export must hold
+    exactly what its phase (or `phase`, when given) exports, in this model's shapes, with
+    finite values."""
+    trained, meta = read(path)
+    phase = phase or PHASES[meta["phase"]]
+    expected = tree.flatten(exported_subtree(params, phase))
+    got = tree.flatten(trained)
+    missing = sorted(set(expected) - set(got))
+    extra = sorted(set(got) - set(expected))
+    if missing or extra:
+        raise ExportError(
+            f"{path} is not a complete phase-{phase.number} export for this model: "
+            + "; ".join(f"{what}: {', '.join(keys)}" for what, keys in (
+                ("missing", missing), ("unexpected", extra)) if keys))
+    flat = tree.flatten(params)
+    for key, value in got.items():
+        if tuple(flat[key].shape) != tuple(value.shape):
+            raise ExportError(f"{path}: {key} {tuple(value.shape)} does not fit this "
+                                  f"model's {tuple(flat[key].shape)}")
+        if not np.all(np.isfinite(value)):
+            raise ExportError(f"{path}: {key} holds non-finite values")
+        flat[key] = value
+    return tree.unflatten(flat), meta
