@@ -15,6 +15,7 @@ found it.
 
 import json
 import os
+import signal
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -65,17 +66,31 @@ def main(argv):
     logging.get_absl_handler().addFilter(cli.QuietLibraries())
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from lpt_jax import parallel
+    from lpt_jax import parallel, preemption
     parallel.maybe_initialize_distributed()
+    preemption.raise_on_signals()
     import jax
 
     from lpt_jax import inference, rundir, trainer  # imports TF (hidden from accelerators)
     from lpt_jax.backbone import CheckpointError
     from lpt_jax.data import DataError
-    from lpt_jax.errors import ConfigError, NonFiniteError, Preempted
+    from lpt_jax.errors import ConfigError, Interrupted, NonFiniteError, Preempted
 
     config, workdir = _CONFIG.value, _WORKDIR.value
+    problem = cli.output_problem(workdir, _OUTPUT.value if _MODE.value == "predict" else None)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(1)
     snapshot = rundir.Snapshot(workdir)
+
+    def fail(message: str, code: int):
+        if jax.process_index() == 0:
+            undone = snapshot.undo()  # keeps whatever a rerun can resume from
+            if undone:
+                logging.info("undid this run's partial output: %s", ", ".join(undone))
+        print(message, file=sys.stderr)
+        sys.exit(code)
+
     try:
         if _MODE.value == "train":
             trainer.train(config, workdir)
@@ -92,16 +107,20 @@ def main(argv):
                 out.close()
     except (ConfigError, DataError, CheckpointError, NonFiniteError) as e:
         logging.error("%s: %s", type(e).__name__, e)
-        if jax.process_index() == 0:
-            undone = snapshot.undo()
-            if undone:
-                logging.info("undid this run's partial output: %s", ", ".join(undone))
-        print(f"error: {cli.one_line(e)}", file=sys.stderr)
-        sys.exit(1)
+        fail(f"error: {cli.one_line(e)}", 1)
+    except OSError as e:  # the environment: disk full, read-only or missing folders
+        logging.error("%s: %s", type(e).__name__, e)
+        fail(f"error: {cli.os_error_line(e)}", 1)
     except Preempted as e:
         logging.warning("%s", e)
         print(f"preempted: {e}", file=sys.stderr)
-        sys.exit(143)
+        sys.exit(128 + e.signum if e.signum else 143)
+    except (KeyboardInterrupt, Interrupted) as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        fail(f"interrupted by {signal.Signals(signum).name} outside the train loop: saved "
+             "checkpoints and exports are kept; rerun the same command to continue",
+             128 + signum)
+
 
 if __name__ == "__main__":
     app.run(main, flags_parser=_parse_flags)

@@ -165,8 +165,8 @@ def write_random_checkpoint(path: Path, layout: str, seed: int = 0) -> int:
 
 def streamed_read_arrays(path: str):
     import numpy as np
-    from lpt_jax import backbone
-    with backbone._open(path) as f, np.load(f, allow_pickle=False) as loaded:
+    from lpt_jax import backbone, files
+    with files.open_read(path) as f, np.load(f, allow_pickle=False) as loaded:
         return {k: backbone._fix_dtype(loaded[k]) for k in loaded.files}
 
 

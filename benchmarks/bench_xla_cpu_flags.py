@@ -3,14 +3,20 @@
     .venv/bin/python benchmarks/bench_xla_cpu_flags.py [--variants default,ynn_off,...]
 
 Each variant runs in its own subprocess (XLA_FLAGS is read once, when the CPU backend starts)
-on the same phase-1 and phase-2 train steps (trainable-only gradients, dual pair, A-GCL, SGD;
-the step functions of benchmarks/gpu_h100.py) of a small ViT at 224 px (width 192, 6 blocks,
-patch 16, K=3, batch 4 per stream: a Ti/16 cut to half depth to fit the time budget), with
-the same random parameters and batch. It records the median step time, the custom fusion
-kinds in the compiled HLO (whether the option changed anything), and the step's outputs (loss,
-grad norm, updated parameters), which are compared with the default's: a variant is *safe*
-when every output stays within --rtol of the default's (matmul libraries sum in other
-orders, so bit equality is not expected). Writes results/xla_cpu_flags.md and .json.
+on the shipped phase-1 and phase-2 train steps (`lpt_jax.steps.make_train_step(...)` compiled
+by `TrainStep.jit(mesh)`, as the trainer runs them; set up by benchmarks/shipped.py) of a small
+ViT at 224 px (width 192, 6 blocks, patch 16, K=3, batch 4 per stream: a Ti/16 cut to half
+depth to fit the time budget), with the same random parameters and batch. It records the
+median step time, the custom fusion kinds in the compiled HLO (whether the option changed
+anything), and the step's outputs (loss, grad norm, updated parameters; the lr is the
+post-warm-up one so that the update is not negligible), which are compared with the
+default's: a variant is *safe* when every output stays within --rtol of the default's (matmul
+libraries sum in other orders, so bit equality is not expected). Writes
+results/xla_cpu_flags.md and .json.
+
+Outcome so far (results/xla_cpu_flags.md): no option won, so the library keeps XLA's default
+CPU flags and sets none itself (the former `lpt_jax.platform` hook was deleted); this script
+stays as the evidence and as the way to re-check on a new jaxlib.
 
 Flags were found with `strings` on jaxlib's libjax_common.so (jaxlib 0.10.2): its XLA CPU
 backend compiles dots to YNNPACK fusions by default (`xla_cpu_experimental_ynn_fusion_type`),
@@ -64,41 +70,34 @@ def worker(out_prefix: str, repeats: int, batch: int) -> None:
     sys.path.insert(0, str(HERE))
     sys.path.insert(0, str(HERE.parent))
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
-    import gpu_h100 as g
-    from lpt_jax import tree
-    from lpt_jax.models.lpt import LPT, TRAINABLE
+    import shipped
+    from lpt_jax import parallel, tree
 
-    vit_kwargs = dict(image_size=(224, 224), patch_size=(16, 16), width=192, depth=6,
-                      mlp_dim=768, num_heads=3)
-    model = g.build_model(vit_kwargs, jnp.float32, False)
-    params = g.random_params(model, 224)
-    data = g.synthetic_batch(batch, 224)
-    rng = jax.random.key(2)
+    config = shipped.bench_config(
+        image_size=224, batch=batch, shared_depth=3,
+        vit=dict(patch_size=16, width=192, depth=6, mlp_dim=768, num_heads=3))
+    config.optim.warmup_epochs = 0  # the cosine peak lr: updates large enough to compare
+    model, params = shipped.build(config)
+    mesh = shipped.make_mesh()
+    params = jax.device_put(params, parallel.replicated(mesh))
     result, outputs, compiled = {}, {}, {}
-    for phase, method in ((1, LPT.phase1), (2, LPT.phase2)):
-        trainable, frozen = tree.split(params, TRAINABLE[phase])
-        tx = g.optimizer(batch)
-        args = (trainable, tx.init(trainable), frozen, data, rng)
-        t0 = time.perf_counter()
-        fn = jax.jit(g.make_train_step(model, method, tx)).lower(*args).compile()
-        result[f"p{phase}_compile_s"] = time.perf_counter() - t0
-        text = fn.as_text()
-        result[f"p{phase}_kinds"] = sorted(set(re.findall(r'"(__[a-z_]+)"', text)))
-        out = jax.block_until_ready(fn(*args))  # warm-up; its outputs are compared
-        new_trainable, _, loss, gnorm = out
-        outputs.update({f"p{phase}/loss": np.asarray(loss), f"p{phase}/gnorm": np.asarray(gnorm),
-                        **{f"p{phase}/{k}": np.asarray(v)
-                           for k, v in tree.flatten(new_trainable).items()}})
-        compiled[phase] = (fn, args)
+    for phase in (shipped.PHASE1, shipped.SHARED_TRUNK):
+        p = shipped.prepare_step(model, phase, config, params, batch=batch, mesh=mesh)
+        n = phase.number
+        result[f"p{n}_compile_s"] = p.compile_s
+        result[f"p{n}_kinds"] = sorted(set(re.findall(r'"(__[a-z_]+)"', p.compiled.as_text())))
+        p.call()  # warm-up (the first step from the shared start); its outputs are compared
+        outputs.update({f"p{n}/loss": np.asarray(p.last["loss"]),
+                        f"p{n}/gnorm": np.asarray(p.last["grad_norm"]),
+                        **{f"p{n}/{k}": np.asarray(v)
+                           for k, v in tree.flatten(p.args[0]["trainable"]).items()}})
+        compiled[n] = p
     times = {1: [], 2: []}
     for _ in range(repeats):  # round-robin: load changes hit both steps alike
-        for phase, (fn, args) in compiled.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            times[phase].append(time.perf_counter() - t0)
+        for n, p in compiled.items():
+            times[n].append(p.call()[0])
     for phase, ts in times.items():
         result[f"p{phase}_s"] = statistics.median(ts)
         result[f"p{phase}_times"] = ts
@@ -139,8 +138,7 @@ def main(argv=None):
     for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
         flags = VARIANTS[name]
         prefix = str(tmp / re.sub(r"\W+", "_", name))
-        env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu",
-                   LPT_NO_CPU_DEFAULTS="1")  # measure the variant, not lpt_jax.platform's pick
+        env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")  # the library sets none
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, __file__, "--worker", prefix, "--repeats",
                                str(args.repeats), "--batch", str(args.batch)],

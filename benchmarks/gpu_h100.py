@@ -1,11 +1,17 @@
-"""LPT on one GPU: images/s and bf16 MFU of the phase-1 / phase-2 steps at ViT-B/16, 224 px.
+"""LPT on one GPU: images/s and bf16 MFU of the shipped phase-1 / phase-2 steps, ViT-B/16.
 
     python benchmarks/gpu_h100.py [--out results.json]      # <= 10 min on one H100
     python benchmarks/gpu_h100.py --quick                    # tiny model, any device (smoke)
 
-Needs only jax (with CUDA), flax, optax and numpy: synthetic in-memory batches, no TF, no data
-pipeline, no checkpoint (random weights: speed does not depend on them). The repository root
-is put on sys.path, so run it from a checkout.
+Times the library's code, not a copy: every train step is `lpt_jax.steps.make_train_step(...)`
+compiled by `TrainStep.jit(mesh)` (what `lpt_jax.trainer.run_phase` runs), every inference
+`lpt_jax.inference.make_predict_fn`; both are set up by benchmarks/shipped.py from
+configs/common.py's base config with `model.vit.dtype='bfloat16'` (bf16 activations, float32
+parameters) and, for the remat cases, `model.vit.remat=True`. The release's way of phase 2 is
+the same factory given `dataclasses.replace(PHASES[2], forward_method=LPT.phase2_reference)`.
+Needs jax (with CUDA), flax, optax, numpy and ml-collections (lpt_jax imports no TF on this
+path): synthetic on-device batches, no data pipeline, no checkpoint (random weights: speed
+does not depend on them). Run it from a checkout (the repository root is put on sys.path).
 
 What it does, in this order, stopping cleanly when --budget-s is spent:
  1. The card's bf16 matmul rate: the best TFLOP/s of a jitted bf16 `jnp.dot` of square
@@ -14,17 +20,17 @@ What it does, in this order, stopping cleanly when --budget-s is spent:
     per image (`memory_analysis()`), then the descending list of batches is tried from the
     largest predicted to fit; a candidate whose compiled footprint exceeds the device limit,
     or that fails with out-of-memory, moves to the next one.
- 3. Times the compiled step (warm-up, then enough calls for ~--seconds-per-case, state threaded
-    through, donated) and reports images/s, analytic model FLOP/s, MFU against step 1, the
-    XLA `cost_analysis()` FLOPs and the compiled peak bytes (`memory_analysis()`).
+ 3. Times the compiled step (warm-up, then enough calls for ~--seconds-per-case dispatched back
+    to back, state threaded through and donated as in the trainer) and reports images/s,
+    analytic model FLOP/s, MFU against step 1, the XLA `cost_analysis()` FLOPs and the
+    compiled peak bytes (`memory_analysis()`).
 
-Cases: phase-1 train step (grads of shared prompt + head), phase-2 train step on the shared
-trunk (`LPT.phase2`) and the release's way (`LPT.phase2_reference`, two full passes) at the
-same batch, phase-2 inference both ways, and the train steps again with remat. Train steps
-see the dual pair (class-balanced + instance-balanced batch of B images each): images/s
-count both (2B per step). bf16 activations (`ViT(dtype=bfloat16)`), float32 parameters,
-A-GCL losses from lpt_jax.losses, SGD momentum 0.9 + coupled decay 0.01 on the trainable
-subtree only, as lpt_jax.train does.
+Cases: phase-1 train step (trains shared prompt + head), phase-2 train step on the shared
+trunk (`PHASES[2]`, `LPT.phase2`) and the release's way (two full passes) at the same batch,
+phase-2 inference both ways, and the train steps again with remat. Train steps see the dual
+pair (class-balanced + instance-balanced batch of B images each): images/s count both (2B
+per step); the shipped step's loss (A-GCL both branches), SGD momentum + coupled decay on the
+trainable subtree, non-finite guard and metrics are all in the timed program.
 """
 
 from __future__ import annotations
@@ -49,13 +55,15 @@ sys.path.insert(0, str(REPO))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 
-from lpt_jax import losses, tree  # noqa: E402
-from lpt_jax.models.lpt import LPT, TRAINABLE  # noqa: E402
-from lpt_jax.models.vit import ViT, decode_variant  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import shipped  # noqa: E402
+from lpt_jax import parallel  # noqa: E402
+from lpt_jax.models.lpt import LPT, lpt_from_config  # noqa: E402
+from lpt_jax.models.vit import ViT  # noqa: E402
+from lpt_jax.phases import Phase  # noqa: E402
 
-NUM_CLASSES = 365  # Places-LT
+NUM_CLASSES = shipped.NUM_CLASSES  # Places-LT
 # Dense bf16 data-sheet peaks (TFLOP/s), printed for context only; MFU uses the measured rate.
 DATASHEET_BF16_TFLOPS = {"H100 80GB HBM3": 989.0, "H100 SXM": 989.0, "H100 PCIe": 756.0,
                          "H100 NVL": 835.0, "H200": 989.0, "A100": 312.0}
@@ -118,95 +126,6 @@ def lpt_step_flops(model: LPT, kind: str, batch: int) -> float:
     raise ValueError(f"unknown step kind {kind!r}")
 
 
-# ----------------------------------------------------------------------------- model + steps
-
-
-def build_model(vit_kwargs: dict, dtype, remat: bool, shared_depth: Optional[int] = None) -> LPT:
-    vit = ViT(layernorm_epsilon=1e-5, dtype=dtype, remat=remat, **vit_kwargs)
-    return LPT(backbone=vit, num_classes=NUM_CLASSES,
-               shared_depth=vit.depth // 2 if shared_depth is None else shared_depth)
-
-
-def random_params(model: LPT, image_size: int, seed: int = 0) -> dict:
-    """float32 parameters drawn in NumPy from the abstract tree (no init compile)."""
-    shapes = jax.eval_shape(model.init, jax.random.key(0),
-                            jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32))
-    rng = np.random.default_rng(seed)
-
-    def draw(path, leaf):
-        if "scale" in jax.tree_util.keystr(path):
-            return np.ones(leaf.shape, np.float32)
-        return 0.02 * rng.standard_normal(leaf.shape, dtype=np.float32)
-
-    return jax.tree.map(jnp.asarray, jax.tree_util.tree_map_with_path(draw, shapes)["params"])
-
-
-def places_like_counts(num_classes: int, n_max: int = 4980, n_min: int = 5) -> np.ndarray:
-    c = np.arange(num_classes) / (num_classes - 1)
-    return np.round(n_max * (n_min / n_max) ** c).astype(np.int64)
-
-
-def optimizer(batch: int) -> optax.GradientTransformation:
-    """SGD of LPT_SPEC §5 on the trainable subtree: coupled decay, then momentum."""
-    return optax.chain(optax.add_decayed_weights(0.01),
-                       optax.sgd(0.02 * batch / 256, momentum=0.9))
-
-
-def _forward(model: LPT, method) -> Callable:
-    def forward(params, images, rng):
-        out = model.apply({"params": params}, images, True, method=method,
-                          rngs={"dropout": rng})
-        if isinstance(out, dict):
-            return out["logits"], out["match"]
-        return out, jnp.zeros((), jnp.float32)
-    return forward
-
-
-def make_train_step(model: LPT, method, tx: optax.GradientTransformation) -> Callable:
-    """step(trainable, opt_state, frozen, batch, rng) -> (trainable, opt_state, loss, |g|)."""
-    counts = places_like_counts(model.num_classes)
-    gammas = losses.agcl_branch_defaults()
-    loss_cb = losses.make_branch_loss("agcl", counts, **gammas["cb"])
-    loss_ib = losses.make_branch_loss("agcl", counts, **gammas["ib"])
-    forward = _forward(model, method)
-
-    def objective(trainable, frozen, batch, rng):
-        params = tree.merge(trainable, frozen)
-        r = jax.random.split(rng, 4)
-        z_cb, s_cb = forward(params, batch["cb_images"], r[0])
-        z_ib, s_ib = forward(params, batch["ib_images"], r[1])
-        total, _ = losses.phase_objective(loss_cb(z_cb, batch["cb_labels"], r[2]),
-                                          loss_ib(z_ib, batch["ib_labels"], r[3]),
-                                          s_cb, s_ib, 0.5)
-        return total
-
-    def step(trainable, opt_state, frozen, batch, rng):
-        loss, grads = jax.value_and_grad(objective)(trainable, frozen, batch, rng)
-        updates, opt_state = tx.update(grads, opt_state, trainable)
-        return optax.apply_updates(trainable, updates), opt_state, loss, optax.global_norm(grads)
-    return step
-
-
-def make_infer(model: LPT, method) -> Callable:
-    def infer(trainable, frozen, images):
-        out = model.apply({"params": tree.merge(trainable, frozen)}, images, method=method)
-        return out["logits"], out["indices"]
-    return infer
-
-
-def synthetic_batch(batch: int, image_size: int, seed: int = 1) -> dict:
-    """Device-resident images in [-1, 1] and labels (made on device: no host transfer)."""
-    @jax.jit
-    def make(key):
-        k = jax.random.split(key, 4)
-        shape = (batch, image_size, image_size, 3)
-        return dict(cb_images=jax.random.uniform(k[0], shape, jnp.float32, -1, 1),
-                    ib_images=jax.random.uniform(k[1], shape, jnp.float32, -1, 1),
-                    cb_labels=jax.random.randint(k[2], (batch,), 0, NUM_CLASSES),
-                    ib_labels=jax.random.randint(k[3], (batch,), 0, NUM_CLASSES))
-    return make(jax.random.key(seed))
-
-
 # ----------------------------------------------------------------------------- measuring
 
 
@@ -228,20 +147,7 @@ def device_peak_bytes() -> Optional[float]:
     return float(stats["peak_bytes_in_use"]) if "peak_bytes_in_use" in stats else None
 
 
-def footprint(compiled) -> dict:
-    """Bytes the compiled program needs at once: arguments + outputs + temporaries, minus
-    donated (aliased) buffers; and XLA's FLOP count."""
-    mem = compiled.memory_analysis()
-    out = {}
-    if mem is not None:
-        get = lambda n: float(getattr(mem, n, 0) or 0)  # noqa: E731
-        out = dict(temp=get("temp_size_in_bytes"), args=get("argument_size_in_bytes"),
-                   outputs=get("output_size_in_bytes"), alias=get("alias_size_in_bytes"))
-        out["peak"] = out["temp"] + out["args"] + out["outputs"] - out["alias"]
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    out["xla_flops"] = float(cost.get("flops", float("nan"))) if cost else float("nan")
-    return out
+footprint = shipped.footprint  # (bytes and XLA FLOPs of a compiled program)
 
 
 def matmul_tflops(sizes, repeats: int = 20) -> dict:
@@ -273,109 +179,86 @@ def matmul_tflops(sizes, repeats: int = 20) -> dict:
 
 
 class Case:
-    """One step kind: builds its function and arguments for a given batch size."""
+    """One step kind of the shipped code: builds its compiled function and arguments for a
+    given batch size (`shipped.prepare_step` / `shipped.prepare_predict`)."""
 
-    def __init__(self, name: str, kind: str, model: LPT, method, train: bool,
-                 params: dict, image_size: int, remat: bool):
-        self.name, self.kind, self.model, self.method = name, kind, model, method
-        self.train, self.params, self.image_size, self.remat = train, params, image_size, remat
-        self.phase = 1 if kind.startswith("phase1") else 2
+    def __init__(self, name: str, kind: str, phase: Phase, train: bool, config_for_batch,
+                 model: LPT, params: dict, mesh, remat: bool):
+        self.name, self.kind, self.phase, self.train = name, kind, phase, train
+        self.config_for_batch, self.model, self.params = config_for_batch, model, params
+        self.mesh, self.remat = mesh, remat
+        self.image_size = config_for_batch(1).model.vit.image_size
 
     def images_per_step(self, batch: int) -> int:
         return 2 * batch if self.train else batch
 
-    def compile(self, batch: int):
-        trainable, frozen = tree.split(self.params, TRAINABLE[self.phase])
-        trainable = jax.tree.map(jnp.copy, trainable)  # donated below: keep self.params intact
+    def compile(self, batch: int) -> shipped.Prepared:
         if self.train:
-            tx = optimizer(batch)
-            fn = jax.jit(make_train_step(self.model, self.method, tx), donate_argnums=(0, 1))
-            args = (trainable, tx.init(trainable), frozen,
-                    synthetic_batch(batch, self.image_size), jax.random.key(2))
-        else:
-            fn = jax.jit(make_infer(self.model, self.method))
-            args = (trainable, frozen,
-                    synthetic_batch(batch, self.image_size)["ib_images"])
-        return fn.lower(*args).compile(), args
-
-    def run(self, compiled, args, calls: int):
-        """Calls `compiled` `calls` times (train: state threaded through); returns seconds."""
-        t0 = time.perf_counter()
-        if self.train:
-            trainable, opt_state, frozen, batch, rng = args
-            for _ in range(calls):
-                trainable, opt_state, loss, gnorm = compiled(trainable, opt_state, frozen,
-                                                             batch, rng)
-            jax.block_until_ready((trainable, loss))
-            args = (trainable, opt_state, frozen, batch, rng)
-            finite = bool(np.isfinite(float(loss)))
-        else:
-            out = None
-            for _ in range(calls):
-                out = compiled(*args)
-            jax.block_until_ready(out)
-            finite = bool(np.all(np.isfinite(np.asarray(out[0], np.float32))))
-        return time.perf_counter() - t0, args, finite
+            return shipped.prepare_step(self.model, self.phase, self.config_for_batch(batch),
+                                        self.params, batch=batch, mesh=self.mesh,
+                                        name=self.name)
+        return shipped.prepare_predict(self.model, self.phase, self.params, batch=batch,
+                                       image_size=self.image_size, mesh=self.mesh,
+                                       name=self.name)
 
 
 def largest_fitting(case: Case, candidates, limit: Optional[float], probe: int,
                     margin: float, log: Callable, start_at: Optional[int] = None):
-    """(batch, compiled, args, footprint) of the largest candidate that compiles within the
-    memory limit; the probe's bytes per image skip candidates that cannot fit."""
+    """(batch, prepared) of the largest candidate that compiles within the memory limit and
+    runs once; the probe's bytes per image skip candidates that cannot fit."""
     candidates = [b for b in candidates if start_at is None or b <= start_at]
     if limit is not None and len(candidates) > 1 and start_at is None:  # else: start_at first
-        compiled, args = case.compile(probe)
-        fp = footprint(compiled)
+        prepared = case.compile(probe)
+        fp = prepared.footprint
         fixed = sum(x.nbytes for x in jax.tree.leaves(case.params))
         per_image = max(fp["peak"] - fixed, 0.0) / probe
-        del compiled, args
+        del prepared
         fitting = [b for b in candidates if fixed + per_image * b <= margin * limit]
         log(f"    probe B={probe}: {fp['peak'] / 2**30:.2f} GiB -> "
             f"{per_image / 2**20:.1f} MiB/image; trying from B={fitting[0] if fitting else '-'}")
         candidates = fitting or candidates[-1:]
     for batch in candidates:
         try:
-            t0 = time.perf_counter()
-            compiled, args = case.compile(batch)
-            fp_compile_s = time.perf_counter() - t0
-            fp = footprint(compiled)
-            if limit is not None and fp.get("peak", 0) > limit:
-                log(f"    B={batch}: compiled footprint {fp['peak'] / 2**30:.2f} GiB > limit")
-                del compiled, args
-                continue
-            secs, args, _ = case.run(compiled, args, 1)  # runs once: OOM shows here
-            fp["compile_s"] = fp_compile_s
-            return batch, compiled, args, fp
+            prepared = case.compile(batch)
+            peak = prepared.footprint.get("peak", 0)
+            if limit is None or peak <= limit:
+                prepared.run(1)  # runs once: OOM shows here
+                return batch, prepared
+            log(f"    B={batch}: compiled footprint {peak / 2**30:.2f} GiB > limit")
         except Exception as err:  # noqa: BLE001
             if not is_oom(err):
                 raise
             log(f"    B={batch}: out of memory")
-            gc.collect()
-    return None, None, None, None
+        prepared = None
+        gc.collect()
+    return None, None
 
 
-def measure(case: Case, batch: int, compiled, args, fp: dict, peak_tflops: float,
+def measure(case: Case, batch: int, prepared: shipped.Prepared, peak_tflops: float,
             seconds: float, log: Callable) -> dict:
-    secs, args, _ = case.run(compiled, args, 1)  # second warm-up call
+    secs, _ = prepared.run(1)  # second warm-up call
     calls = int(np.clip(seconds / max(secs, 1e-4), 3, 200))
-    secs, args, finite = case.run(compiled, args, calls)
+    secs, cpu = prepared.run(calls)
     step_s = secs / calls
+    fp = prepared.footprint
     flops = lpt_step_flops(case.model, case.kind, batch)
     row = dict(case=case.name, kind=case.kind, remat=case.remat, batch=batch,
                images_per_step=case.images_per_step(batch), step_s=step_s,
+               cpu_s_per_step=cpu / calls,
                images_per_s=case.images_per_step(batch) / step_s, calls=calls,
                analytic_tflop=flops / 1e12, xla_tflop=fp["xla_flops"] / 1e12,
                model_tflops=flops / step_s / 1e12,
                xla_tflops=fp["xla_flops"] / step_s / 1e12,
                mfu=flops / step_s / 1e12 / peak_tflops if peak_tflops else float("nan"),
                peak_gib=fp.get("peak", float("nan")) / 2**30,
-               temp_gib=fp.get("temp", float("nan")) / 2**30, finite=finite,
-               compile_s=fp.get("compile_s", float("nan")))
+               temp_gib=fp.get("temp", float("nan")) / 2**30, finite=prepared.finite(),
+               compile_s=prepared.compile_s)
     dev_peak = device_peak_bytes()
     row["device_peak_so_far_gib"] = dev_peak / 2**30 if dev_peak else float("nan")
     log(f"  {case.name} B={batch}: {step_s * 1e3:.1f} ms/step, {row['images_per_s']:.1f} img/s, "
         f"{row['model_tflops']:.1f} model TFLOP/s (MFU {100 * row['mfu']:.1f} %), "
-        f"XLA {row['xla_tflops']:.1f} TFLOP/s, peak {row['peak_gib']:.2f} GiB")
+        f"XLA {row['xla_tflops']:.1f} TFLOP/s, peak {row['peak_gib']:.2f} GiB, "
+        f"finite={row['finite']}")
     return row
 
 
@@ -430,21 +313,22 @@ def main(argv=None):
 
     dev = jax.devices()[0]
     if args.quick:
-        vit_kwargs = dict(image_size=(32, 32), patch_size=(8, 8), width=64, depth=4,
-                          mlp_dim=256, num_heads=2)
+        variant, image_size = "tiny", 32
+        vit = dict(patch_size=8, width=64, depth=4, mlp_dim=256, num_heads=2)
         matmul_sizes, train_batches, infer_batches, probe = (256, 512), (64, 32, 16, 8), \
             (128, 64, 32), 4
         limit_gib = args.mem_limit_gib or 0.03  # small, so that the search has to step down
     else:
-        vit_kwargs = dict(image_size=(224, 224), **decode_variant("B/16"))
+        variant, image_size, vit = "B/16", 224, None
         matmul_sizes, train_batches, infer_batches, probe = (4096, 8192, 16384), \
             TRAIN_BATCHES, INFER_BATCHES, 16
         limit_gib = args.mem_limit_gib
-    image_size = vit_kwargs["image_size"][0]
     info = dict(device=f"{dev.platform}: {dev.device_kind}", devices=jax.device_count(),
                 jax=jax.__version__, jaxlib=_jaxlib_version(),
                 python=platform.python_version(), date=time.strftime("%Y-%m-%d %H:%M"),
-                model=("tiny " if args.quick else "ViT-B/16 ") + str(vit_kwargs),
+                model=f"ViT-{variant} {vit or ''} at {image_size} px",
+                step="lpt_jax.steps.make_train_step (shipped), TrainStep.jit(mesh); "
+                     "inference lpt_jax.inference.make_predict_fn",
                 mem_fraction=os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"))
     try:
         import flax
@@ -461,28 +345,36 @@ def main(argv=None):
     info.update(matmul_bf16_tflops=mm["tflops"], matmul_n=mm["n"], datasheet_bf16_tflops=sheet)
     log(f"  measured {mm['tflops']:.1f} TFLOP/s (n={mm['n']}); data sheet: {sheet}")
 
-    params = random_params(build_model(vit_kwargs, jnp.bfloat16, False), image_size)
-    models = {r: build_model(vit_kwargs, jnp.bfloat16, r) for r in (False, True)}
-    ref = functools.partial(LPT.phase2_reference, distinct_passes=True)
+    def config_for_batch(remat):
+        return lambda batch: shipped.bench_config(
+            variant, image_size=image_size, batch=batch, dtype="bfloat16", remat=remat, vit=vit)
 
-    def case(name, kind, method, train, remat):
-        return Case(name, kind, models[remat], method, train, params, image_size, remat)
+    mesh = shipped.make_mesh()
+    models = {r: lpt_from_config(config_for_batch(r)(1).model, NUM_CLASSES)
+              for r in (False, True)}
+    _, params = shipped.build(config_for_batch(False)(1))  # fp32; the same for every case
+    params = jax.device_put(params, parallel.replicated(mesh))
+    p1, trunk, ref = shipped.PHASE1, shipped.SHARED_TRUNK, shipped.RELEASE_WAY
+
+    def case(name, kind, phase, train, remat):
+        return Case(name, kind, phase, train, config_for_batch(remat), models[remat], params,
+                    mesh, remat)
 
     # Order = priority: what the targets name first; each later case may be cut by the budget.
     # The release-way cases run at their shared-trunk partner's batch (no probe compile).
     cases = {
-        "p1": (case("phase-1 train step", "phase1_train", LPT.phase1, True, False), None),
-        "p2": (case("phase-2 train step, shared trunk", "phase2_train", LPT.phase2, True, False),
+        "p1": (case("phase-1 train step", "phase1_train", p1, True, False), None),
+        "p2": (case("phase-2 train step, shared trunk", "phase2_train", trunk, True, False),
                None),
         "p2ref": (case("phase-2 train step, release way", "phase2_ref_train", ref, True, False),
                   "phase-2 train step, shared trunk"),
-        "inf": (case("phase-2 inference, shared trunk", "phase2_infer", LPT.phase2, False,
-                     False), None),
+        "inf": (case("phase-2 inference, shared trunk", "phase2_infer", trunk, False, False),
+                None),
         "infref": (case("phase-2 inference, release way", "phase2_ref_infer", ref, False, False),
                    "phase-2 inference, shared trunk"),
-        "p1remat": (case("phase-1 train step", "phase1_train", LPT.phase1, True, True), None),
-        "p2remat": (case("phase-2 train step, shared trunk", "phase2_train", LPT.phase2, True,
-                         True), None),
+        "p1remat": (case("phase-1 train step", "phase1_train", p1, True, True), None),
+        "p2remat": (case("phase-2 train step, shared trunk", "phase2_train", trunk, True, True),
+                    None),
     }
     plan = [cases[k.strip()] for k in args.cases.split(",") if k.strip()]
     rows, done = [], {}
@@ -496,20 +388,20 @@ def main(argv=None):
         log(f"  {c.name} (remat={c.remat}), {elapsed:.0f} s spent")
         start_at = done[same_batch_as]["batch"] if same_batch_as in done else None
         batches = train_batches if c.train else infer_batches
+        prepared = None
         try:
-            batch, compiled, cargs, fp = largest_fitting(
-                c, batches, limit, probe, args.margin, log, start_at)
+            batch, prepared = largest_fitting(c, batches, limit, probe, args.margin, log,
+                                              start_at)
             if batch is None:
                 rows.append(dict(case=c.name, remat=c.remat, skipped="no batch fits"))
                 continue
-            row = measure(c, batch, compiled, cargs, fp, mm["tflops"], args.seconds_per_case,
-                          log)
+            row = measure(c, batch, prepared, mm["tflops"], args.seconds_per_case, log)
         except Exception as err:  # noqa: BLE001 - report and go on to the next case
             log(f"  {c.name}: FAILED {type(err).__name__}: {str(err)[:500]}")
             rows.append(dict(case=c.name, remat=c.remat, skipped=f"error {type(err).__name__}"))
             continue
         finally:
-            compiled = cargs = None
+            prepared = None
             gc.collect()
         if same_batch_as in done and done[same_batch_as]["batch"] == batch:
             base = done[same_batch_as]
@@ -522,7 +414,8 @@ def main(argv=None):
     info["total_s"] = time.perf_counter() - t_start
     text = "\n".join([
         f"LPT on {info['device']}, {info['model']}, bf16 activations / fp32 params, "
-        f"{info['date']}; jax {info['jax']}",
+        f"{info['date']}; jax {info['jax']}. Timed: the shipped train step "
+        "(`lpt_jax.steps.make_train_step`, `TrainStep.jit`) and `inference.make_predict_fn`.",
         f"MFU = analytic model FLOP/s / measured bf16 matmul rate {mm['tflops']:.1f} TFLOP/s "
         f"(data sheet {sheet}). Train steps: dual pair, images/step = 2B. 'vs release way': "
         "shared-trunk images/s / release-way images/s at the same B.",

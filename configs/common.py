@@ -85,6 +85,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.final_split = "test"         # the table's split; model selection never uses it
     c.eval.max_examples = 0             # >0: evaluate on a prefix (smoke tests)
     c.eval.plot = True
+    c.eval.allow_other_class_names = False  # eval/predict an export on other classes
 
     c.predict = ConfigDict(dict(top_k=5, batch_size=64))
     return c

@@ -37,12 +37,17 @@ class CheckpointError(ValueError):
 
 def _open_checkpoint(path: str):
     """`files.open_read(path)`; a missing or unopenable file is a one-line `CheckpointError`."""
-    if not files.exists(path):  # remote files open lazily: ask first
-        raise CheckpointError(f"checkpoint not found: {path}")
     try:
+        if not files.exists(path):  # remote files open lazily: ask first
+            raise CheckpointError(f"checkpoint not found: {path}")
         return files.open_read(path)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint not found: {path}") from None
+    except files.RemoteError as e:
+        raise CheckpointError(
+            f"cannot reach {path} ({e}); without network, download it once where there is "
+            "one (e.g. gsutil cp) and point --config.backbone.checkpoint at the local copy"
+        ) from None
     except OSError as e:
         raise CheckpointError(f"cannot open checkpoint {path}: {e.strerror or e}") from None
 

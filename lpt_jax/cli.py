@@ -161,3 +161,25 @@ def one_line(err) -> str:
         text = f"{text[:half].rstrip()} ... {text[-half:].lstrip()}"
     hint = _HINTS.get(type(err).__name__)
     return f"{text}; {hint}" if hint else text
+
+
+def output_problem(workdir: str, output) -> "str | None":
+    """What makes --workdir or --output unusable, found before anything runs."""
+    from lpt_jax import files
+    if not files.is_remote(workdir) and os.path.exists(workdir) and not os.path.isdir(workdir):
+        return f"--workdir={workdir} is a file, not a folder: choose another --workdir"
+    if output:
+        parent = os.path.dirname(os.path.abspath(output))
+        if not os.path.isdir(parent):
+            return f"--output={output}: the folder {parent} does not exist; create it first"
+    return None
+
+
+def os_error_line(err: OSError) -> str:
+    """An environment failure (disk full, read-only folder, ...) as one line."""
+    where = f" {err.filename}" if getattr(err, "filename", None) else ""
+    what = err.strerror or str(err) or type(err).__name__
+    hint = {28: "free some space (the run resumes from its last checkpoint)",
+            13: "make the folder writable or choose another --workdir",
+            30: "the file system is read-only: choose another --workdir"}.get(err.errno, "")
+    return f"cannot write or read{where}: {what}" + (f"; {hint}" if hint else "")

@@ -4,17 +4,19 @@ anything is written: the mesh, the data source, the model and its parameters."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from lpt_jax import data, losses, models, parallel
+from lpt_jax import config_checks, data, models, parallel
 from lpt_jax.backbone import file_fingerprint
 from lpt_jax.errors import ConfigError
 from lpt_jax.models.lpt import LPT, lpt_from_config
-from lpt_jax.phases import PHASES, parse_phases
+from lpt_jax.phases import PHASES
 
 
 @dataclasses.dataclass
@@ -30,7 +32,7 @@ class Context:
 
 def build_context(config, workdir: str, *, load_backbone: bool = True) -> Context:
     """Validates config, data and checkpoint, and builds the model and its parameters."""
-    check_config(config)
+    config_checks.check(config)
     n = config.train.num_devices
     if n and n > jax.device_count():
         raise ConfigError(f"train.num_devices={n} but only {jax.device_count()} devices exist")
@@ -46,6 +48,7 @@ def build_context(config, workdir: str, *, load_backbone: bool = True) -> Contex
                 "comes in same-class groups")
     parallel.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
     source = data.get_source(config.data)
+    _check_against_data_and_model(config, source)
     model = lpt_from_config(config.model, source.num_classes)
     params = init_params(model, config)
     identity = {}
@@ -58,20 +61,27 @@ def build_context(config, workdir: str, *, load_backbone: bool = True) -> Contex
     return Context(config, workdir, mesh, source, model, params, identity)
 
 
-def check_config(config) -> None:
+def data_identity(source) -> dict:
+    """What identifies the training data, whatever its path: a resumed run must see the same
+    classes, names and per-class counts (a grown folder would change the epoch plan)."""
+    def sha(values) -> str:
+        return hashlib.sha256(json.dumps(values).encode()).hexdigest()[:16]
+    return {"num_classes": int(source.num_classes), "num_train": int(source.num_train),
+            "train_counts_sha256": sha([int(c) for c in source.train_counts]),
+            "class_names_sha256": sha([str(n) for n in source.class_names])}
+
+
+def _check_against_data_and_model(config, source) -> None:
+    """The config values that need the data (and the backbone's depth) to be judged."""
+    split = config.eval.final_split
+    if split not in source.splits:
+        raise ConfigError(f"eval.final_split={split!r}, but {config.data.name} has the splits "
+                          f"{sorted(source.splits)}")
     name = config.model.get("backbone", "vit")
-    size = config.model[name].image_size
-    if size != config.data.image_size:
-        raise ConfigError(f"model.{name}.image_size={size} but data.image_size="
-                          f"{config.data.image_size}: the backbone is built for the training "
-                          "crop size")
-    parse_phases(config.train.phases)
-    if config.train.on_nonfinite not in ("stop", "skip"):
-        raise ConfigError(f"train.on_nonfinite={config.train.on_nonfinite!r}: 'stop' or 'skip'")
-    for branch in ("cb", "ib"):
-        name = config.loss[branch].name
-        if name not in losses.LOSSES:
-            raise ConfigError(f"loss.{branch}.name={name!r}; known: {sorted(losses.LOSSES)}")
+    depth = models.get_backbone(name).from_config(config.model[name]).depth
+    if config.model.lpt.shared_depth > depth:
+        raise ConfigError(f"model.lpt.shared_depth={config.model.lpt.shared_depth}: expected "
+                          f"an integer in [0, {depth}] (the backbone's depth)")
 
 
 def init_params(model: LPT, config) -> dict:

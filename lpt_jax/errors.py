@@ -11,4 +11,18 @@ class NonFiniteError(FloatingPointError):
 
 
 class Preempted(RuntimeError):
-    """Raised after a checkpoint was saved on SIGTERM; rerun the same command to resume."""
+    """Raised after a checkpoint was saved on SIGTERM or SIGINT; rerun the same command to
+    resume. `signum` is the signal (None for train.stop_after_steps)."""
+
+    def __init__(self, message: str, signum=None):
+        super().__init__(message)
+        self.signum = signum
+
+
+class Interrupted(BaseException):
+    """A signal outside the train loop (BaseException, like KeyboardInterrupt: no `except
+    Exception` in a library may swallow it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum

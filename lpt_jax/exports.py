@@ -57,15 +57,31 @@ def read(path: str) -> tuple[dict, dict]:
     return tree.unflatten(arrays), meta
 
 
+def check_class_names(path: str, theirs, ours) -> None:
+    theirs, ours = [str(n) for n in theirs], [str(n) for n in ours]
+    if theirs == ours:
+        return
+    if len(theirs) != len(ours):
+        detail = f"{len(theirs)} classes in the export, {len(ours)} in the data"
+    else:
+        i = next(i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b)
+        detail = f"label {i} is {theirs[i]!r} in the export and {ours[i]!r} in the data"
+    raise ExportError(f"{path} was trained on other classes or another class order ({detail}); "
+                      "use the data it was trained on, or pass "
+                      "--config.eval.allow_other_class_names=True")
+
+
 def exported_subtree(params: Mapping, phase) -> dict:
     return tree.split(params, phase.exported_patterns())[0]
 
 
-def apply(params: Mapping, path: str, phase=None) -> tuple[dict, dict]:
+def apply(params: Mapping, path: str, phase=None, class_names=None) -> tuple[dict, dict]:
     """`params` with the leaves of an export put in, and its meta. The export must hold
     exactly what its phase (or `phase`, when given) exports, in this model's shapes, with
-    finite values."""
+    finite values, trained on `class_names` in this order (when given)."""
     trained, meta = read(path)
+    if class_names is not None and "class_names" in meta:
+        check_class_names(path, meta["class_names"], class_names)
     phase = phase or PHASES[meta["phase"]]
     expected = tree.flatten(exported_subtree(params, phase))
     got = tree.flatten(trained)

@@ -113,7 +113,8 @@ def load_trained(ctx: Context, path: Optional[str] = None) -> tuple[dict, Phase]
         if path is None:
             raise ConfigError(f"no export.npz under {ctx.workdir}/phase<n>/: train first or "
                               "pass --export")
-    params, meta = exports.apply(ctx.params, path)
+    names = None if ctx.config.eval.get("allow_other_class_names") else ctx.source.class_names
+    params, meta = exports.apply(ctx.params, path, class_names=names)
     theirs = meta.get("backbone") or {}
     if ctx.backbone_identity and theirs and (
             theirs.get("sha256_head_tail") != ctx.backbone_identity["sha256_head_tail"]):
@@ -138,7 +139,8 @@ def predict_files(config, workdir: str, files: Sequence[str],
     ctx = build_context(config, workdir)
     params, phase = load_trained(ctx, export)
     predict = make_predict_fn(ctx.model, phase, parallel.make_mesh(jax.devices()[:1]))
-    k, scale = config.predict.top_k, float(config.loss.cb.scale)
+    k = min(config.predict.top_k, ctx.source.num_classes)  # every class, at most
+    scale = float(config.loss.cb.scale)
     for i in range(0, len(files), config.predict.batch_size):
         chunk = list(files[i:i + config.predict.batch_size])
         logits, _ = predict(params, jnp.asarray(data.load_image_files(chunk, config.data)))

@@ -12,10 +12,15 @@ import optax
 
 def epoch_learning_rates(base_lr: float, epochs: int, *, warmup_lr: float = 1e-6,
                          warmup_epochs: int = 1) -> np.ndarray:
-    """lr per epoch: warm-up epochs at `warmup_lr`, then 0.5*lr*(1 + cos(pi*e/E))."""
-    return np.array([warmup_lr if e < warmup_epochs
-                     else 0.5 * base_lr * (1 + math.cos(math.pi * e / epochs))
-                     for e in range(epochs)], dtype=np.float32)
+    """lr per epoch, as the release's timm CosineLRScheduler (t_in_epochs, lr_min 0, no
+    warm-up prefix): epoch e < W ramps linearly from `warmup_lr` towards `base_lr`,
+    warmup_lr + e * (base_lr - warmup_lr) / W; then 0.5 * base_lr * (1 + cos(pi * e / E)).
+    With W = 1 that is `warmup_lr` for epoch 0 and the cosine after it."""
+    def rate(e):
+        if e < warmup_epochs:
+            return warmup_lr + e * (base_lr - warmup_lr) / warmup_epochs
+        return 0.5 * base_lr * (1 + math.cos(math.pi * e / epochs))
+    return np.array([rate(e) for e in range(epochs)], dtype=np.float32)
 
 
 def peak_learning_rate(optim_cfg, batch_size: int) -> float:

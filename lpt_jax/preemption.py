@@ -1,7 +1,9 @@
-"""SIGTERM (the preemption notice on Cloud TPU) asks the train loop to save and stop.
+"""SIGTERM (the preemption notice on Cloud TPU) and SIGINT (Ctrl-C) ask the train loop to save
+a checkpoint and stop; run.py then exits with 128 + the signal number (143, 130).
 
 With several processes, JAX's preemption sync point makes every process agree on the same
-step to stop at; a single process uses its own signal handler.
+step to stop at (SIGTERM); a single process uses its own handlers. Outside the loop, run.py's
+handlers turn the same signals into `Interrupted`.
 """
 
 from __future__ import annotations
@@ -11,31 +13,48 @@ import signal
 import jax
 from absl import logging
 
+from lpt_jax.errors import Interrupted
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
 
 class PreemptionWatch:
     def __init__(self):
-        self._signalled = False
-        self._previous = None
+        self.signum = None
+        self._previous = {}
         self._multi = jax.process_count() > 1
 
     def __enter__(self):
-        if not self._multi:
+        for signum in SIGNALS:
+            if self._multi and signum == signal.SIGTERM:
+                continue  # JAX's preemption sync manager owns SIGTERM
             try:
-                self._previous = signal.signal(signal.SIGTERM, self._handle)
+                self._previous[signum] = signal.signal(signum, self._handle)
             except ValueError:  # not in the main thread
-                self._previous = None
+                pass
         return self
 
     def _handle(self, signum, frame):
-        logging.warning("SIGTERM received: saving a checkpoint and stopping")
-        self._signalled = True
+        logging.warning("%s received: saving a checkpoint and stopping",
+                        signal.Signals(signum).name)
+        self.signum = signum
 
     def reached(self, step: int) -> bool:
         if self._multi:
             from jax.experimental import multihost_utils
-            return multihost_utils.reached_preemption_sync_point(step)
-        return self._signalled
+            if multihost_utils.reached_preemption_sync_point(step):
+                self.signum = self.signum or signal.SIGTERM
+        return self.signum is not None
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+
+
+def raise_on_signals() -> None:
+    """Outside the train loop a signal stops the run at once, as `Interrupted` (run.py words
+    it as one line and keeps what was saved)."""
+    def handle(signum, frame):
+        raise Interrupted(signum)
+    for signum in SIGNALS:
+        signal.signal(signum, handle)

@@ -25,6 +25,12 @@ from lpt_jax.errors import ConfigError
 CONFIG_FILE = "config.json"
 # Config sections that define a run; a restart with different values would mix two runs.
 RUN_DEFINING_SECTIONS = ("seed", "model", "backbone", "data", "loss", "optim", "phase1", "phase2")
+# Fields that say only *where* an input is. They are left out of the comparison so that a
+# workdir resumes from a clone at another path; what they point at is compared by identity
+# (the backbone file's size and hash, the training data's counts and class names) instead.
+LOCATION_FIELDS = ("backbone.checkpoint", "data.root", "data.split_dir", "data.train_list",
+                   "data.val_list", "data.test_list", "data.class_names_file",
+                   "data.tfds_data_dir", "data.cache_dir")
 # Entries that mean an invocation made progress worth resuming from (never undone).
 _PROGRESS = re.compile(r"phase\d+/(checkpoints/\d+|export\.npz)")
 
@@ -65,26 +71,59 @@ def latest_export(workdir: str, phases) -> Optional[str]:
 # One run per workdir.
 
 def run_defining(config) -> dict:
+    """The config sections that define a run, without the location-only fields."""
     full = json.loads(config.to_json_best_effort())
-    return {k: full[k] for k in RUN_DEFINING_SECTIONS if k in full}
+    out = {k: full[k] for k in RUN_DEFINING_SECTIONS if k in full}
+    for field in LOCATION_FIELDS:
+        section, name = field.split(".")
+        out.get(section, {}).pop(name, None)
+    return out
+
+
+def run_identity(config, backbone_identity: dict, data_identity: dict) -> dict:
+    """What config.json holds: the run-defining config and the identity of its inputs."""
+    backbone = {k: v for k, v in backbone_identity.items() if k != "path"}
+    return {"config": run_defining(config), "inputs": {"backbone": backbone,
+                                                       "data": data_identity}}
 
 
 def check_config(config, workdir: str) -> None:
-    """Refuses to resume a workdir that holds a run of a different config."""
+    """Refuses (before anything is built) to resume a workdir that holds a run of a different
+    config."""
+    _refuse_if_different(config, workdir, "config", run_defining(config))
+
+
+def check_inputs(config, workdir: str, identity: dict) -> None:
+    """Refuses to resume a workdir whose run read another backbone file or other training
+    data (e.g. a data folder that grew), whatever their paths."""
+    _refuse_if_different(config, workdir, "inputs", identity["inputs"])
+
+
+def record(workdir: str, identity: dict) -> None:
+    """Writes config.json once: a resume with allow_config_change=True leaves the original
+    record, so the original command still resumes the workdir afterwards."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not files.exists(path):
+        files.write_text(path, json.dumps(identity, indent=1, sort_keys=True))
+
+
+def _refuse_if_different(config, workdir: str, part: str, ours: dict) -> None:
     path = os.path.join(workdir, CONFIG_FILE)
     if not files.exists(path):
         return
-    diff = sorted(_diff(json.loads(files.read_text(path)), run_defining(config)))
+    try:
+        theirs = json.loads(files.read_text(path))
+    except ValueError as e:
+        raise ConfigError(f"{path} is not readable JSON ({e}): this workdir was not written by "
+                          "this lpt_jax or was damaged; use a new --workdir") from None
+    diff = sorted(_diff(theirs.get(part, {}), ours))
     if diff and not config.train.get("allow_config_change", False):
+        what = ("a run with a different config" if part == "config" else
+                "a run that read other inputs (backbone file or training data)")
         raise ConfigError(
-            f"{workdir} holds a run with a different config ({', '.join(diff[:8])}"
+            f"{workdir} holds {what} ({', '.join(diff[:8])}"
             f"{' ...' if len(diff) > 8 else ''}): use a new --workdir, or pass "
             "--config.train.allow_config_change=True to resume it anyway")
-
-
-def record_config(config, workdir: str) -> None:
-    files.write_text(os.path.join(workdir, CONFIG_FILE),
-                     json.dumps(run_defining(config), indent=1, sort_keys=True))
 
 
 def _diff(a, b, prefix="") -> list:

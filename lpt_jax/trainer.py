@@ -14,12 +14,15 @@
 
 from __future__ import annotations
 
+import json
+import signal
+
 import jax
 from absl import logging
 
 from lpt_jax import data, exports, files, inference, parallel, rundir, steps, tree
 from lpt_jax.checkpoint import PhaseCheckpointer
-from lpt_jax.context import Context, build_context
+from lpt_jax.context import Context, build_context, data_identity
 from lpt_jax.errors import ConfigError, Preempted
 from lpt_jax.phases import PHASES, Phase, parse_phases
 from lpt_jax.preemption import PreemptionWatch
@@ -31,8 +34,10 @@ def train(config, workdir: str) -> dict:
     phases = parse_phases(config.train.phases)
     rundir.check_config(config, workdir)
     ctx = build_context(config, workdir)
-    if jax.process_index() == 0:
-        rundir.record_config(config, workdir)
+    identity = rundir.run_identity(config, ctx.backbone_identity, data_identity(ctx.source))
+    rundir.check_inputs(config, workdir, identity)
+    if jax.process_index() == 0:  # every early check passed: the first write
+        rundir.record(workdir, identity)  # kept as first written (allow_config_change too)
     logging.info("data: %s, %d classes, %d training images; devices: %d (%s), processes: %d",
                  config.data.name, ctx.source.num_classes, ctx.source.num_train,
                  ctx.mesh.devices.size, jax.devices()[0].platform, jax.process_count())
@@ -107,9 +112,11 @@ def run_phase(ctx: Context, phase: Phase, params: dict) -> dict:
                         ctx, tree.merge(state["trainable"], frozen), phase))
                 ckpt.save(step, state, meta, force=last or stop)
                 if stop and not last:
-                    why = "on SIGTERM" if preempted else "(train.stop_after_steps)"
+                    why = (f"on {signal.Signals(preemption.signum).name}" if preempted
+                           else "(train.stop_after_steps)")
                     raise Preempted(f"phase {phase.number} stopped at step {step} {why}; "
-                                    "checkpoint saved, rerun the same command to resume")
+                                    "checkpoint saved, rerun the same command to resume",
+                                    preemption.signum if preempted else None)
     finally:  # a started checkpoint write always completes (or is cleaned up on restart)
         ckpt.close()
         skipped = getattr(stream, "num_skipped", 0)
@@ -138,7 +145,8 @@ def _start_from(ctx: Context, params: dict, phase: Phase) -> dict:
             f"phase {phase.number} needs the result of phase {previous}, and {path} does not "
             f"exist: run phase {previous} first (--config.train.phases={previous},"
             f"{phase.number}) or point --config.train.phase1_export at an export.npz")
-    return exports.apply(params, path, PHASES[previous])[0]
+    names = None if ctx.config.eval.get("allow_other_class_names") else ctx.source.class_names
+    return exports.apply(params, path, PHASES[previous], class_names=names)[0]
 
 
 def _finished(workdir: str, params: dict, phase: Phase, total: int):
@@ -151,6 +159,7 @@ def _finished(workdir: str, params: dict, phase: Phase, total: int):
 
 
 def _export_meta(ctx: Context, phase: Phase, step: int) -> dict:
-    return {"phase": phase.number, "step": step, "config": rundir.run_defining(ctx.config),
+    return {"phase": phase.number, "step": step,
+            "config": json.loads(ctx.config.to_json_best_effort()),
             "backbone": ctx.backbone_identity, "num_classes": ctx.source.num_classes,
             "class_names": list(ctx.source.class_names)}

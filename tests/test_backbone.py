@@ -255,3 +255,26 @@ def test_file_fingerprint_hashes_head_and_tail(tmp_path, size):
         "path": str(path), "size": size, "sha256_head_tail": want}
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         backbone.file_fingerprint(str(tmp_path / "nope.npz"))
+
+
+def test_unreachable_remote_checkpoint_is_one_clear_line(monkeypatch):
+    """Offline, the default gs:// backbone fails at once with what to do, not TF's trace.
+    (No network is touched: TF's offline error is raised by a stand-in file system.)"""
+    import tensorflow as tf
+
+    from lpt_jax import files
+
+    class Offline:
+        def exists(self, path):
+            raise tf.errors.FailedPreconditionError(
+                None, None, "Error executing an HTTP request: libcurl code 6 meaning 'Could "
+                "not resolve hostname', error details: Could not resolve host: "
+                f"www.googleapis.com\n\t when reading metadata of {path}")
+    monkeypatch.setattr(files, "_gfile", lambda: Offline())
+    with pytest.raises(backbone.CheckpointError) as err:
+        backbone.file_fingerprint("gs://vit_models/augreg/B_16.npz")
+    message = str(err.value)
+    assert "\n" not in message and "Traceback" not in message
+    assert "Could not resolve host" in message and "local copy" in message
+    with pytest.raises(files.RemoteError):
+        files.exists("gs://bucket/x")

@@ -11,7 +11,6 @@ a bad file is met before any checkpoint, whatever the sampler's seed.
 import concurrent.futures
 import dataclasses
 import hashlib
-import importlib.util
 import logging
 import os
 import shutil
@@ -19,17 +18,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
-import numpy as np
 import pytest
-from PIL import Image
 
-from lpt_jax import train
+from lpt_jax import trainer
 from lpt_jax.data import DataError, testing
 
-from tiny_run import COLORS, make_backbone
+from helpers import REPO, TESTS, load_config, make_image_folder, tb_scalars
+from tiny_run import make_backbone
 
-REPO = Path(__file__).resolve().parents[1]
 COUNTS = (3, 2, 2, 1)  # 8 training images: one instance-balanced batch of 8 holds them all
 EVAL_PER_CLASS = 4
 CONFIG_FILE = '''"""run.py config of test_bad_inputs: tiny_run.py's run on <arg>/data, 2 steps."""
@@ -54,20 +50,6 @@ def get_config(arg):
 # ------------------------------------------------------------------------------------------
 # Inputs.
 
-def _jpeg_folder(root, counts=COUNTS, eval_per_class=EVAL_PER_CLASS, seed=0):
-    rng = np.random.default_rng(seed)
-    for split, per_class in (("train", counts), ("val", [eval_per_class] * len(counts)),
-                             ("test", [eval_per_class] * len(counts))):
-        for c, n in enumerate(per_class):
-            d = Path(root) / split / f"class_{c}"
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                img = np.array(COLORS[c])[None, None] + rng.normal(0, 50, (36, 36, 3))
-                Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(d / f"{i}.jpg",
-                                                                            quality=90)
-    return Path(root)
-
-
 @dataclasses.dataclass
 class Inputs:
     base: Path            # the config file's argument: holds data/ and vit.npz
@@ -91,10 +73,10 @@ class Inputs:
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     base = tmp_path_factory.mktemp("bad_inputs")
-    good = _jpeg_folder(base / "data")
+    good = make_image_folder(base / "data", COUNTS, EVAL_PER_CLASS, ext="jpg")
     make_backbone(base / "vit.npz")
     config_file = base / "bad_inputs_config.py"
-    config_file.write_text(CONFIG_FILE.format(tests=str(REPO / "tests")))
+    config_file.write_text(CONFIG_FILE.format(tests=str(TESTS)))
 
     corrupt = base / "corrupt"
     shutil.copytree(good, corrupt)
@@ -123,10 +105,7 @@ def inputs(tmp_path_factory):
 
 def file_config(inputs, **data_fields):
     """The config run.py builds from the test's config file, plus data.<field> overrides."""
-    spec = importlib.util.spec_from_file_location("bad_inputs_config", inputs.config_file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(str(inputs.base))
+    config = load_config(inputs.config_file, str(inputs.base))
     for k, v in data_fields.items():
         setattr(config.data, k, v)
     return config
@@ -161,21 +140,10 @@ def skip_run(inputs):
     streams_log = logging.getLogger("lpt_jax.data.streams")
     streams_log.addHandler(records)
     try:
-        report = train.train(config, str(workdir))
+        report = trainer.train(config, str(workdir))
     finally:
         streams_log.removeHandler(records)
     return workdir, report, records.messages
-
-
-def _scalar_values(logdir, tag):
-    import tensorflow as tf
-    values = []
-    for path in sorted(Path(logdir).glob("events.out.tfevents.*")):
-        for raw in tf.data.TFRecordDataset(str(path)):
-            event = tf.compat.v1.Event.FromString(raw.numpy())
-            values += [float(tf.make_ndarray(v.tensor)) for v in event.summary.value
-                       if v.tag == tag]
-    return values
 
 
 def test_corrupt_jpeg_skipped_and_counted(inputs, skip_run):
@@ -186,7 +154,7 @@ def test_corrupt_jpeg_skipped_and_counted(inputs, skip_run):
     assert "(1 skipped so far, data.corrupt_images='skip'): Invalid JPEG data" in train_skips[0]
     assert len(test_skips) == 1 and str(inputs.bad_test) in test_skips[0]
     assert "(1 skipped so far" in test_skips[0]
-    assert _scalar_values(workdir / "phase1", "skipped_images") == [1.0]  # TensorBoard
+    assert [v for _, v in tb_scalars(workdir / "phase1", "skipped_images")] == [1.0]  # TensorBoard
     # the run completed; the skipped test image is left out of the results
     assert report["num_examples"] == 4 * EVAL_PER_CLASS - 1
     rows = (workdir / "results" / "per_class.csv").read_text().splitlines()[1:]
@@ -262,9 +230,7 @@ class Outcome:
 
 
 def _run_cli(inputs, case, workdir):
-    env = dict(os.environ)  # keeps conftest's 8 CPU devices
-    if jax.config.jax_compilation_cache_dir:
-        env["JAX_COMPILATION_CACHE_DIR"] = jax.config.jax_compilation_cache_dir
+    env = dict(os.environ)  # keeps conftest's 8 CPU devices and JAX compile cache
     before = snapshot(workdir)
     proc = subprocess.run(
         [sys.executable, str(REPO / "run.py"), f"--config={inputs.config_file}:{inputs.base}",
@@ -319,12 +285,12 @@ def test_refused_workdir_was_a_real_run(cli):
         assert {"config.json", "phase1/export.npz", "results/results.json"} <= set(before)
 
 
-def test_told_to_resume_rewrote_then_restored_config_json(cli):
-    """allow_config_change=True got past the refusal (the run reached the data and recorded
-    its own config); the failure then put the old config.json back."""
+def test_told_to_resume_keeps_the_original_config_json(cli):
+    """allow_config_change=True got past the refusal (the run reached the data); config.json
+    keeps the original run's record, so the original command still resumes afterwards."""
     outcome = cli["workdir of a different config, told to resume, then bad data"]
     assert "holds a run with a different config" not in outcome.stderr
-    assert "config.json (restored)" in outcome.stderr, outcome.stderr
+    assert "config.json (restored)" not in outcome.stderr, outcome.stderr
 
 
 # ------------------------------------------------------------------------------------------
@@ -341,7 +307,7 @@ def _train_rows():
 
 def _fails_cleanly(config, workdir, exc_type=DataError) -> str:
     with pytest.raises(exc_type) as info:
-        train.train(config, str(workdir))
+        trainer.train(config, str(workdir))
     message = str(info.value)
     assert "\n" not in message, message
     assert snapshot(workdir) is None, "the workdir was written"

@@ -43,6 +43,19 @@ def test_spec_learning_rates():
     assert got == pytest.approx(want, abs=5e-7)
 
 
+@pytest.mark.parametrize("warmup,head", [
+    # timm CosineLRScheduler (the release's): warmup_lr + e * (lr - warmup_lr) / W for e < W,
+    # then the cosine over the whole run; values worked out by hand from that formula
+    (2, [1e-6, 1e-6 + 0.019999 / 2, 0.0180902]),
+    (3, [1e-6, 1e-6 + 0.019999 / 3, 1e-6 + 2 * 0.019999 / 3, 0.0158779]),
+    (0, [0.02, 0.0195106]),
+])
+def test_warmup_longer_than_one_epoch_ramps_like_timm(warmup, head):
+    got = epoch_learning_rates(0.02, 10, warmup_lr=1e-6, warmup_epochs=warmup)
+    assert got[:len(head)] == pytest.approx(head, abs=5e-7)
+    assert got[-1] == pytest.approx(0.0004894, abs=5e-7)  # the cosine does not shift
+
+
 @pytest.mark.parametrize("arg,ratio", [(None, 100), ("50", 50), ("10", 10)])
 def test_cifar_arg_is_the_imbalance_ratio(arg, ratio):
     assert _load("cifar100_lt", arg).data.imbalance_ratio == ratio

@@ -148,6 +148,59 @@ def test_train_step_state_holds_only_the_trainable_subtree(tmp_path):
         assert sorted(momentum) == sorted(x.shape for x in jax.tree.leaves(state["trainable"]))
 
 
+def test_a_skipped_step_keeps_one_clock_for_lr_and_data(tmp_path):
+    """A non-finite step is not applied, but the step counter still advances, and the next
+    step uses the learning rate of its own step number (one clock for data position, lr and
+    the IB weight): skip-then-step == a state that starts one step later."""
+    config = tiny_config(tmp_path)
+    config.optim.warmup_epochs = 3  # lr changes at every step below (one step per epoch)
+    ctx = context.build_context(config, str(tmp_path / "wd"))
+    ts = steps.make_train_step(ctx.model, PHASES[1], config, class_counts=np.array([8, 4, 2, 1]),
+                               steps_per_epoch=1, batch_size=8)
+    step = jax.jit(ts.fn)
+    rng = np.random.default_rng(0)
+    good = {b: {"image": rng.uniform(-1, 1, (8, 32, 32, 3)).astype(np.float32),
+                "label": np.arange(8, dtype=np.int32) % 4} for b in ("cb", "ib")}
+    bad = jax.tree.map(lambda x: x * np.nan if x.dtype == np.float32 else x, good)
+    state, frozen = ts.init(ctx.params)
+    # no second clock: the optimiser state holds momentum only (no step count of its own)
+    assert all(np.ndim(x) > 0 for x in jax.tree.leaves(state["opt_state"]))
+    skipped, m_bad = step(state, frozen, bad)
+    assert int(m_bad["nonfinite"]) == 1 and int(skipped["step"]) == 1
+    for a, b in zip(jax.tree.leaves(skipped["trainable"]), jax.tree.leaves(state["trainable"])):
+        np.testing.assert_array_equal(a, b)
+    after_skip, m = step(skipped, frozen, good)
+    later = dict(state, step=jnp.int32(1))
+    direct, m_direct = step(later, frozen, good)
+    assert float(m["lr"]) == float(ts.schedule(1)) != float(ts.schedule(0))
+    for a, b in zip(jax.tree.leaves(after_skip), jax.tree.leaves(direct)):
+        np.testing.assert_array_equal(a, b)
+    assert float(m["ib_weight"]) == float(m_direct["ib_weight"])
+
+
+def test_a_workdir_resumes_from_another_path_but_not_on_other_data(tmp_path):
+    """config.json compares what the inputs are (backbone hash, data counts and names), not
+    where they are: a moved clone resumes; a data folder that grew is refused."""
+    import shutil
+
+    def config_in(folder):
+        c = tiny_config(folder)
+        c.train.phases, c.train.max_steps, c.eval.plot = "1", 2, False
+        return c
+    first = tmp_path / "first"
+    first.mkdir()
+    trainer.train(config_in(first), str(first / "wd"))
+    moved = tmp_path / "moved"
+    shutil.copytree(first, moved)
+    config = config_in(moved)
+    assert config.data.root != str(first / "data")
+    trainer.train(config, str(moved / "wd"))  # accepted: the same run, elsewhere
+    rare = sorted((moved / "data" / "train" / "class_3").iterdir())
+    shutil.copy(rare[0], rare[0].with_name("extra" + rare[0].suffix))
+    with pytest.raises(ConfigError, match="read other inputs.*data.num_train"):
+        trainer.train(config, str(moved / "wd"))
+
+
 def test_kill_and_resume_is_bitwise(tmp_path):
     config = tiny_config(tmp_path)
     config.train.phases = "1"

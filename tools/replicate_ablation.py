@@ -3,19 +3,13 @@
 
     python tools/replicate_ablation.py --workdir=/tmp/lpt_replication --seeds=0,1,2
 
-Every variant is `configs/demo.py` with a few overrides, trained by `lpt_jax.train.train`
-on the same split, backbone and budget (5 epochs per phase, batch 32 per stream):
-
-  linear_probe    cosine head only, no prompts, cross-entropy, instance-balanced batches
-  vpt_deep_ce     shared (VPT-deep) prompt + head, cross-entropy, instance-balanced batches
-  lpt_phase1      LPT phase 1: shared prompt + head, A-GCL, dual sampling
-  lpt_phase1_2    LPT phase 2 (pool + keys + head) from lpt_phase1's export
-  phase2_no_dual  phase 2 on the instance-balanced batch only (A-GCL, its ib branch)
-  phase2_ce       phase 2 with cross-entropy on both branches instead of A-GCL
-
-Phase-2 variants start from the same seed's lpt_phase1 export, so they isolate phase 2.
-Finished runs are skipped (results/results.json exists): rerun the command to resume.
-Writes <workdir>/summary.json, <workdir>/table.md and the plot (--plot).
+Every variant is `configs/demo.py` with a few overrides (VARIANTS below), trained by
+`lpt_jax.trainer.train` on the same split, backbone and budget (5 epochs per phase, batch 32
+per stream). Phase-2 variants start from the same seed's lpt_phase1 export, so they isolate
+phase 2. Finished runs are skipped (results/results.json exists): rerun the command to resume.
+Writes <workdir>/summary.json, <workdir>/table.md and the plot (--plot). `--help` lists the
+variants, the defaults and the run times measured for docs/replication.md; it imports
+neither JAX nor TensorFlow.
 """
 
 from __future__ import annotations
@@ -28,6 +22,7 @@ import platform
 import resource
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -46,21 +41,32 @@ class Variant:
     phases: str
     overrides: dict
     phase1_from: str = ""     # variant whose phase-1 export phase 2 starts from
+    help: str = ""            # one line for --help
 
 
 VARIANTS = {
     "linear_probe": Variant("linear probe (CE)", "1", {
         "model.lpt.prompt_length": 0, "phase1.trainable": ("head/.*",),
-        "loss.ib.name": "ce", "loss.dual_sampling": False}),
+        "loss.ib.name": "ce", "loss.dual_sampling": False},
+        help="cosine head only, no prompts, cross-entropy, instance-balanced batches"),
     "vpt_deep_ce": Variant("VPT-deep (CE)", "1", {
-        "loss.ib.name": "ce", "loss.dual_sampling": False}),
-    "lpt_phase1": Variant("LPT phase 1", "1", {}),
-    "lpt_phase1_2": Variant("LPT phase 1+2", "2", {}, phase1_from="lpt_phase1"),
+        "loss.ib.name": "ce", "loss.dual_sampling": False},
+        help="shared (VPT-deep) prompt + head, cross-entropy, instance-balanced batches"),
+    "lpt_phase1": Variant("LPT phase 1", "1", {},
+                          help="LPT phase 1: shared prompt + head, A-GCL, dual sampling"),
+    "lpt_phase1_2": Variant("LPT phase 1+2", "2", {}, phase1_from="lpt_phase1",
+                            help="LPT phase 2 (pool + keys + head) from lpt_phase1's export"),
     "phase2_no_dual": Variant("phase 2 w/o dual sampling", "2", {
-        "loss.dual_sampling": False}, phase1_from="lpt_phase1"),
+        "loss.dual_sampling": False}, phase1_from="lpt_phase1",
+        help="phase 2 on the instance-balanced batch only (A-GCL, its ib branch)"),
     "phase2_ce": Variant("phase 2 with CE", "2", {
-        "loss.cb.name": "ce", "loss.ib.name": "ce"}, phase1_from="lpt_phase1"),
+        "loss.cb.name": "ce", "loss.ib.name": "ce"}, phase1_from="lpt_phase1",
+        help="phase 2 with cross-entropy on both branches instead of A-GCL"),
 }
+
+# Per-variant run times of the committed replication (docs/replication.md), shown by --help.
+MEASURED = REPO / "docs" / "replication_summary.json"
+HELP_WIDTH = 95
 
 
 def set_path(config, path: str, value) -> None:
@@ -128,9 +134,10 @@ def _cpu_seconds() -> float:
 # Summary.
 
 def metric_values(runs: list[dict], split: str, rule: str = "release") -> dict[str, list]:
+    """Per metric, the runs' values; a group with no evaluated image (None) is left out."""
     out = {"overall": [r[split]["overall"] for r in runs if r[split]]}
     for g in GROUPS:
-        out[g] = [r[split][rule][g] for r in runs if r[split]]
+        out[g] = [r[split][rule][g] for r in runs if r[split] and r[split][rule][g] is not None]
     return out
 
 
@@ -213,13 +220,61 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, jax {jax.__version__} on {jax.devices()[0].platform}"
 
 
+def measured_times(default_seeds: int) -> str:
+    """The run times recorded in docs/replication_summary.json, as --help text (no JAX)."""
+    try:
+        data = json.loads(MEASURED.read_text())
+        meta, measured = data["meta"], data["variants"]
+        rows = {n: measured[n] for n in VARIANTS if measured.get(n, {}).get("wall_s")}
+    except (OSError, ValueError, KeyError, AttributeError):
+        rows = {}
+    if not rows:
+        return "run time: see docs/replication.md (about 11 minutes per seed on 2 CPU cores)\n"
+    seeds = max(len(e.get("seeds", [])) for e in rows.values())
+    wall = sum(e["wall_s"] for e in rows.values())
+    cpu = sum(e["cpu_s"] or 0 for e in rows.values())
+    head = (f"run time, as measured for docs/replication.md ({meta.get('machine', '?')}, "
+            f"{meta.get('date', '?')}, a machine shared with other jobs), per variant and "
+            f"seed, mean of {seeds} seeds:")
+    lines = textwrap.wrap(head, HELP_WIDTH)
+    lines += [f"  {n:<15} {e['wall_s']:5.0f} s wall, {e['cpu_s'] or 0:4.0f} s CPU"
+              for n, e in rows.items()]
+    lines.append(f"  {'all of them':<15} {wall / 60:5.1f} min wall, {cpu / 60:.1f} CPU-min per "
+                 f"seed; the default {default_seeds} seeds: about "
+                 f"{default_seeds * wall / 60:.0f} min")
+    lines += textwrap.wrap("Phase-2 variants time phase 2 only (their phase 1 is lpt_phase1's "
+                           "run). A --max_steps run is mostly start-up and compilation.",
+                           HELP_WIDTH)
+    return "\n".join(lines) + "\n"
+
+
+def help_epilog(default_seeds: int) -> str:
+    width = max(map(len, VARIANTS))
+    lines = textwrap.wrap("variants (--variants; a phase-2 variant also runs the lpt_phase1 "
+                          "it starts from when that is not listed):", HELP_WIDTH)
+    lines += [f"  {n:<{width}}  {v.help}" for n, v in VARIANTS.items()]
+    return "\n".join(lines) + "\n\n" + measured_times(default_seeds)
+
+
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--workdir", default="/tmp/lpt_replication")
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--plot", default="", help="PNG path (default: <workdir>/replication.png)")
-    p.add_argument("--max_steps", type=int, default=0, help=">0: a quick smoke run")
+    default_seeds = "0,1,2"
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0] + "\n\n  " + __doc__.split("\n\n")[1].strip(),
+        epilog=help_epilog(len(default_seeds.split(","))),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", default="/tmp/lpt_replication",
+                   help="one folder per variant and seed, summary.json, table.md, the plot "
+                        "(default: %(default)s)")
+    p.add_argument("--seeds", default=default_seeds,
+                   help="comma-separated seeds; each runs every variant (default: %(default)s)")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help="comma-separated subset of the variants below (default: all: "
+                        "%(default)s)")
+    p.add_argument("--plot", default="",
+                   help="PNG path of the plot (default: <workdir>/replication.png)")
+    p.add_argument("--max_steps", type=int, default=0,
+                   help="N > 0: a quick smoke run, N steps per phase and 64 test images; "
+                        "0: the full budget (default: %(default)s)")
     args = p.parse_args(argv)
 
     workdir = Path(args.workdir)

@@ -1,0 +1,96 @@
+"""Exports are verified on load: exact keys and shapes for the phase, finite values, known
+version and phase, class names equal to the data's; the error names the file and --export."""
+
+import io
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from lpt_jax import exports, inference, rundir, trainer
+from lpt_jax.exports import ExportError
+from tiny_run import tiny_config
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("exports")
+    config = tiny_config(tmp)
+    config.train.phases, config.train.max_steps, config.eval.plot = "1", 1, False
+    workdir = str(tmp / "wd")
+    trainer.train(config, workdir)
+    return config, workdir, tmp
+
+
+def _rewrite(src, dst, edit):
+    """Copies the export `src` to `dst` with `edit(arrays, meta)` applied."""
+    with np.load(src) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(arrays.pop(exports.META_KEY).tobytes().decode())
+    edit(arrays, meta)
+    arrays[exports.META_KEY] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    open(dst, "wb").write(buf.getvalue())
+    return str(dst)
+
+
+def _drop(key):
+    return lambda arrays, meta: arrays.pop(key)
+
+
+def _nan(arrays, meta):
+    arrays["shared_prompt"] = arrays["shared_prompt"] * np.nan
+
+
+def _phase7(arrays, meta):
+    meta["phase"] = 7
+
+
+def _reorder(arrays, meta):
+    meta["class_names"] = meta["class_names"][::-1]
+
+
+@pytest.mark.parametrize("edit,says", [
+    (_drop("head/kernel"), "missing: head/kernel"),
+    (_drop("shared_prompt"), "missing: shared_prompt"),
+    (_nan, "shared_prompt holds non-finite values"),
+    (_phase7, "names phase 7"),
+    (_reorder, "label 0 is 'class_3' in the export and 'class_0' in the data"),
+], ids=["no head", "no shared prompt", "nan", "phase 7", "reordered classes"])
+def test_a_bad_export_is_refused(run, tmp_path, edit, says):
+    config, workdir, _ = run
+    bad = _rewrite(rundir.export_path(workdir, 1), tmp_path / "bad.npz", edit)
+    with pytest.raises(ExportError, match=says):
+        inference.evaluate_workdir(config, workdir, bad)
+
+
+def test_another_class_order_is_allowed_when_asked(run, tmp_path):
+    config, workdir, _ = run
+    bad = _rewrite(rundir.export_path(workdir, 1), tmp_path / "reordered.npz", _reorder)
+    config = config.copy_and_resolve_references()
+    config.eval.allow_other_class_names = True
+    assert inference.evaluate_workdir(config, workdir, bad)["phase"] == 1
+
+
+def test_export_errors_point_at_the_export_flag(run, tmp_path):
+    import subprocess
+    import sys
+
+    from helpers import REPO
+    config, workdir, tmp = run
+    bad = _rewrite(rundir.export_path(workdir, 1), tmp_path / "bad.npz", _drop("head/kernel"))
+    cfg_file = tmp_path / "cfg.py"
+    cfg_file.write_text(
+        "import sys\nsys.path.insert(0, %r)\nsys.path.insert(0, %r)\n"
+        "from tiny_run import tiny_config\nimport pathlib\n"
+        "def get_config():\n    return tiny_config(pathlib.Path(%r))\n"
+        % (str(REPO), str(REPO / "tests"), str(tmp)))
+    out = subprocess.run([sys.executable, "run.py", f"--config={cfg_file}",
+                          f"--workdir={workdir}", "--mode=eval", f"--export={bad}"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    lines = [l for l in out.stderr.splitlines() if l.startswith("error:")]
+    assert out.returncode == 1 and len(lines) == 1, out.stderr[-2000:]
+    assert "check --export" in lines[0] and "backbone" not in lines[0], lines[0]
+    shutil.rmtree(tmp_path, ignore_errors=True)
