@@ -55,10 +55,10 @@ def _parse_flags(argv):
         _CONFIG.value.keys()  # config_flags defers a config file's load error to first use
         return remaining
     except (flags.Error, AttributeError, KeyError, OSError) as e:
-        text = str(e)
-        if "Traceback" in text:  # a Python error inside the config file: its trace helps
-            print(text, file=sys.stderr)
         print(f"error: {cli.flag_error(e, argv)}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as e:  # noqa: BLE001 - the config file's own Python error
+        print(f"error: {cli.config_file_error(e, argv)}", file=sys.stderr)
         sys.exit(2)
 
 
@@ -75,6 +75,7 @@ def main(argv):
     from lpt_jax.backbone import CheckpointError
     from lpt_jax.data import DataError
     from lpt_jax.errors import ConfigError, Interrupted, NonFiniteError, Preempted
+    from lpt_jax.lease import LeaseError
 
     config, workdir = _CONFIG.value, _WORKDIR.value
     problem = cli.output_problem(workdir, _OUTPUT.value if _MODE.value == "predict" else None)
@@ -105,6 +106,10 @@ def main(argv):
                 out.write(json.dumps(row) + "\n")
             if out is not sys.stdout:
                 out.close()
+    except LeaseError as e:  # another run holds the workdir: what changed there is its own
+        logging.error("%s: %s", type(e).__name__, e)
+        print(f"error: {cli.one_line(e)}", file=sys.stderr)
+        sys.exit(1)
     except (ConfigError, DataError, CheckpointError, NonFiniteError) as e:
         logging.error("%s: %s", type(e).__name__, e)
         fail(f"error: {cli.one_line(e)}", 1)

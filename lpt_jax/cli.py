@@ -8,6 +8,7 @@ import logging as logging_std
 import os
 import re
 import sys
+import traceback
 
 from absl import flags
 from ml_collections import ConfigDict, config_flags
@@ -105,6 +106,22 @@ def _expected(value):
         return "a tuple, e.g. '(\"a\", \"b\")' or the flag repeated once per item"
     return {int: "an integer", float: "a number", str: "a string"}.get(
         type(value), f"a {type(value).__name__}")
+
+
+def config_file_error(err: Exception, argv) -> str:
+    """A Python error raised while loading the config file, as one line with its place."""
+    spec = _config_arg(argv)
+    if isinstance(err, SyntaxError) and err.filename:
+        where = f"{err.filename}:{err.lineno}"
+    else:
+        frames = traceback.extract_tb(err.__traceback__)
+        path = (spec or "").split(":")[0]
+        mine = [f for f in frames if path and os.path.abspath(f.filename) == os.path.abspath(path)]
+        frame = (mine or frames or [None])[-1]
+        where = f"{frame.filename}:{frame.lineno}" if frame else "?"
+    message = err.msg if isinstance(err, SyntaxError) else str(err)
+    return (f"--config={spec}: the config file does not load ({type(err).__name__}: "
+            f"{message} at {where})")
 
 
 def flag_error(err, argv) -> str:

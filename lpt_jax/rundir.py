@@ -32,7 +32,7 @@ LOCATION_FIELDS = ("backbone.checkpoint", "data.root", "data.split_dir", "data.t
                    "data.val_list", "data.test_list", "data.class_names_file",
                    "data.tfds_data_dir", "data.cache_dir")
 # Entries that mean an invocation made progress worth resuming from (never undone).
-_PROGRESS = re.compile(r"phase\d+/(checkpoints/\d+|export\.npz)")
+_PROGRESS = re.compile(r"phase\d+/(checkpoints/\d+(\.damaged-[\w-]+)?|export\.npz)")
 
 
 def phase_dir(workdir: str, phase) -> str:

@@ -20,7 +20,7 @@ import signal
 import jax
 from absl import logging
 
-from lpt_jax import data, exports, files, inference, parallel, rundir, steps, tree
+from lpt_jax import data, exports, files, inference, lease, parallel, rundir, steps, tree
 from lpt_jax.checkpoint import PhaseCheckpointer
 from lpt_jax.context import Context, build_context, data_identity
 from lpt_jax.errors import ConfigError, Preempted
@@ -30,7 +30,13 @@ from lpt_jax.progress import Progress, make_writer
 
 
 def train(config, workdir: str) -> dict:
-    """Runs the configured phases, then the final evaluation; returns the final report."""
+    """Runs the configured phases, then the final evaluation; returns the final report.
+    Holds the workdir's lease throughout: another live run on it is refused (LeaseError)."""
+    with lease.hold(workdir):
+        return _train(config, workdir)
+
+
+def _train(config, workdir: str) -> dict:
     phases = parse_phases(config.train.phases)
     rundir.check_config(config, workdir)
     ctx = build_context(config, workdir)
@@ -81,11 +87,11 @@ def run_phase(ctx: Context, phase: Phase, params: dict) -> dict:
     ckpt = PhaseCheckpointer(rundir.checkpoint_dir(workdir, phase),
                              every_steps=config.train.checkpoint_every_steps,
                              keep=config.train.keep_checkpoints)
-    start = ckpt.latest_step() or 0
-    if start:
+    resumed = ckpt.restore_latest_good(jax.eval_shape(lambda: state))  # verified
+    start = resumed[0] if resumed else 0
+    if resumed:
         logging.info("phase %d: resuming from step %d", phase.number, start)
-        restored, _ = ckpt.restore(start, jax.eval_shape(lambda: state))
-        state = jax.device_put(restored, parallel.replicated(mesh))
+        state = jax.device_put(resumed[1], parallel.replicated(mesh))
     step_fn = train_step.jit(mesh)
     stream = data.make_train_stream(ctx.source, config.data, global_batch_size=batch_size,
                                     seed=phase.seed(config), start_step=start,

@@ -1,7 +1,13 @@
-"""Test-wide setup: 8 simulated CPU devices (set before JAX starts), quiet TensorFlow."""
+"""Test-wide setup: 8 simulated CPU devices (set before JAX starts), quiet TensorFlow, one JAX
+compile cache per run, and the fixtures for data kept in ../shared.
 
+Constants and plain helpers are in helpers.py.
+"""
+
+import collections
 import os
-from pathlib import Path
+import shutil
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 _flag = "--xla_force_host_platform_device_count=8"
@@ -9,24 +15,70 @@ if _flag not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import tempfile  # noqa: E402
+# Many tests compile the same tiny programs: share them through JAX's persistent cache, with
+# the run.py / worker subprocesses too (they inherit the environment). The folder is this
+# run's and is removed when it ends (pytest_sessionfinish); LPT_TEST_JAX_CACHE names a
+# folder of the user's instead, which is kept.
+_USER_CACHE = os.environ.get("LPT_TEST_JAX_CACHE")
+_CACHE = _USER_CACHE or tempfile.mkdtemp(prefix="lpt_jax_cache_")
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-# Many tests compile the same tiny programs: share them through JAX's persistent cache.
-jax.config.update("jax_compilation_cache_dir",
-                  os.environ.get("LPT_TEST_JAX_CACHE", tempfile.mkdtemp(prefix="lpt_jax_cache_")))
+from helpers import CIFAR10_TARBALL, SHARED_SPLITS, require_shared  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-DATA = Path(__file__).resolve().parent / "data"
+
+def pytest_sessionfinish(session, exitstatus):
+    del session, exitstatus
+    if not _USER_CACHE:
+        shutil.rmtree(_CACHE, ignore_errors=True)
 
 
-@pytest.fixture
-def shared_dir():
-    """`../shared` beside the repository; tests that need it skip where it is absent."""
-    if not SHARED.is_dir():
-        pytest.skip(f"{SHARED} is absent (it exists on the project's machines and in CI only)")
-    return SHARED
+def pytest_terminal_summary(terminalreporter):
+    """One line per skip reason, with its count (on a clone without ../shared: 2 lines for
+    23 tests). -rs would list every skipped test: pytest reports a fixture's skip at the test."""
+    if terminalreporter.hasopt("s"):  # -rs / -ra already list them
+        return
+    reasons = collections.Counter()
+    for report in terminalreporter.stats.get("skipped", []):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        reasons[reason.removeprefix("Skipped: ")] += 1
+    for reason, count in reasons.items():
+        terminalreporter.write_line(f"SKIPPED [{count}] {reason}")
+
+
+# ------------------------------------------------------------------------------------------
+# Data from ../shared: every test that needs it skips through these (helpers.require_shared).
+
+@pytest.fixture(scope="session")
+def cifar10_tarball():
+    """The CIFAR-10 JPEG tarball (train/<class>/*.jpg, test/<class>/*.jpg)."""
+    return require_shared(CIFAR10_TARBALL, "the CIFAR-10 JPEG tarball")
+
+
+@pytest.fixture(scope="session")
+def shared_splits():
+    """The original split lists of Places-LT, ImageNet-LT and iNaturalist 2018."""
+    return require_shared(SHARED_SPLITS, "the original LT split lists")
+
+
+@pytest.fixture(scope="session")
+def cifar10_tree(cifar10_tarball, tmp_path_factory):
+    """Factory: `cifar10_tree(train_counts, eval_per_class, eval_splits=("test",))` -> the
+    root of a new long-tailed image folder of real CIFAR-10 JPEGs cut from the tarball
+    (lpt_jax.data.testing.cifar10_tree), the same eval images in every split of `eval_splits`."""
+    from lpt_jax.data import testing  # pylint: disable=import-outside-toplevel
+
+    def make(train_counts, eval_per_class=0, eval_splits=("test",)):
+        root = tmp_path_factory.mktemp("cifar10_tree")
+        testing.cifar10_tree(str(cifar10_tarball), str(root), train_counts, eval_per_class,
+                             eval_split=eval_splits[0])
+        for split in eval_splits[1:]:
+            shutil.copytree(root / eval_splits[0], root / split)
+        return root
+    return make

@@ -24,7 +24,8 @@ def main():
                                       pathlib.Path(sys.argv[3]), sys.argv[4])
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
                                process_id=process_id)
-    from lpt_jax import data, train
+    from lpt_jax import data, trainer
+    from lpt_jax.errors import Preempted
     from tiny_run import multiprocess_config
 
     # Record what this process's training stream hands over, to check it is only its share.
@@ -43,12 +44,12 @@ def main():
         config.phase1.epochs = 200
         config.train.phases = "1"
         try:
-            train.train(config, workdir)
-        except train.Preempted as e:
+            trainer.train(config, workdir)
+        except Preempted as e:
             print(f"PREEMPTED process {process_id}: {e}", flush=True)
             sys.exit(143)
         return
-    train.train(config, workdir)
+    trainer.train(config, workdir)
     out = pathlib.Path(workdir) / f"seen_labels_process{process_id}.json"
     out.write_text(json.dumps({"process_index": jax.process_index(),
                                "process_count": jax.process_count(),

@@ -174,7 +174,21 @@ class Case:
 
 
 def cli_cases(inputs, skip_workdir, copy_of_skip_workdir):
+    syntax_error = inputs.base / "syntax_error_config.py"
+    syntax_error.write_text("def get_config(:\n    pass\n")
+    a_file = inputs.base / "a_file_not_a_folder"
+    a_file.write_text("x")
     return {
+        "config file with a syntax error": Case(
+            (f"--config={syntax_error}",), 2,
+            (f"--config={syntax_error}: the config file does not load (SyntaxError",
+             f"at {syntax_error}:1")),
+        "workdir that is a file": Case(
+            (), 1, (f"--workdir={a_file} is a file, not a folder",), workdir=str(a_file)),
+        "predict --output in a missing folder": Case(
+            ("--mode=predict", f"--files={inputs.good}",
+             f"--output={inputs.base / 'missing' / 'preds.jsonl'}"), 1,
+            (f"the folder {inputs.base / 'missing'} does not exist; create it first",)),
         "unknown config field": Case(
             ("--config.phase1.epoch=3",), 2,
             ("--config.phase1.epoch=3", "config.phase1 has no field 'epoch'",
@@ -258,7 +272,9 @@ def error_line(outcome) -> str:
     return lines[0][len("error: "):]
 
 
-CLI_CASES = ["unknown config field", "value of the wrong type",
+CLI_CASES = ["config file with a syntax error", "workdir that is a file",
+             "predict --output in a missing folder",
+             "unknown config field", "value of the wrong type",
              "all-corrupt image folder", "all-corrupt image folder, skip mode",
              "corrupt JPEG among good ones, fail mode", "checkpoint of another model size",
              "truncated npz",

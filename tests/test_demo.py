@@ -2,7 +2,6 @@
 paths (image_folder source, big_vision checkpoint loader), and the demo config runs a few
 steps of both phases."""
 
-import importlib.util
 import io
 import json
 import tarfile
@@ -11,15 +10,13 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import CONFIGS, REPO, load_config
+
 DEMO = REPO / "demo"
 DATA = DEMO / "cifar10_lt6"
 BACKBONE = DEMO / "vit_cifar4_w128d6.npz"
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-ARCHIVE = SHARED / "data" / "images" / "cifar10-jpg.tar.gz"
 
 # The demo's design (configs/demo.py docstring, demo/README.md).
 TARGET_CLASSES = ["deer", "dog", "frog", "horse", "ship", "truck"]
@@ -30,11 +27,7 @@ MAX_ASSET_BYTES = 10 * 1024 * 1024
 
 def _demo_config():
     """Loads configs/demo.py by file path, as config_flags does (not through sys.path)."""
-    spec = importlib.util.spec_from_file_location("demo_config_under_test",
-                                                  REPO / "configs" / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return load_config(CONFIGS / "demo.py")
 
 
 def _files(split, cls):
@@ -113,7 +106,7 @@ def test_image_folder_source_reads_the_demo_dataset():
 
 
 def test_backbone_is_a_big_vision_npz_that_the_loader_accepts():
-    from lpt_jax import backbone, train
+    from lpt_jax import backbone, context
     from lpt_jax.models.lpt import lpt_from_config
     assert BACKBONE.stat().st_size < MAX_ASSET_BYTES
     with np.load(BACKBONE) as z:
@@ -125,7 +118,7 @@ def test_backbone_is_a_big_vision_npz_that_the_loader_accepts():
 
     config = _demo_config()
     model = lpt_from_config(config.model, num_classes=6)
-    abstract = train.init_params(model, config)["backbone"]
+    abstract = context.init_params(model, config)["backbone"]
     loaded = backbone.load_params(str(BACKBONE), abstract, ignore=config.backbone.ignore,
                                   grid=model.backbone.grid)
     flat_loaded = jax.tree_util.tree_leaves_with_path(loaded)
@@ -138,17 +131,15 @@ def test_backbone_is_a_big_vision_npz_that_the_loader_accepts():
     assert np.abs(scale - 1).max() > 0.05
 
 
-def test_backbone_recognises_its_own_pretraining_classes(shared_dir):
+def test_backbone_recognises_its_own_pretraining_classes(cifar10_tarball):
     """The shipped weights classify held-out CIFAR-10 test images of the 4 pretraining
     classes (from ../shared) far above chance (25 %)."""
-    if not ARCHIVE.exists():
-        pytest.skip(f"{ARCHIVE} is absent")
     from lpt_jax import backbone
     from lpt_jax.models.vit import ViT
     meta = json.loads(BACKBONE.with_suffix(".json").read_text())
     classes = meta["classes"]
     images, labels = [], []
-    with tarfile.open(ARCHIVE, "r:gz") as tar:
+    with tarfile.open(cifar10_tarball, "r:gz") as tar:
         for m in tar:
             parts = m.name.strip("./").split("/")
             if (m.isfile() and len(parts) == 3 and parts[0] == "test" and parts[1] in classes
@@ -171,14 +162,14 @@ def test_backbone_recognises_its_own_pretraining_classes(shared_dir):
 
 
 def test_demo_config_runs_both_phases_for_a_few_steps(tmp_path):
-    from lpt_jax import train
+    from lpt_jax import trainer
     config = _demo_config()
     config.train.max_steps = 2
     config.phase1.batch_size = config.phase2.batch_size = 8
     config.eval.max_examples = 16
     config.eval.batch_size = 16
     config.eval.plot = False
-    report = train.train(config, str(tmp_path / "run"))
+    report = trainer.train(config, str(tmp_path / "run"))
     assert report["phase"] == 2 and report["num_examples"] == 16
     assert [r["name"] for r in report["per_class"]] == TARGET_CLASSES
     for phase in (1, 2):

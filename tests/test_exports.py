@@ -94,3 +94,29 @@ def test_export_errors_point_at_the_export_flag(run, tmp_path):
     assert out.returncode == 1 and len(lines) == 1, out.stderr[-2000:]
     assert "check --export" in lines[0] and "backbone" not in lines[0], lines[0]
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_a_failed_atomic_write_leaves_no_temp_file(tmp_path, monkeypatch):
+    """Disk full in the middle of a write: the old file stays, no `.tmp` is left."""
+    from lpt_jax import files
+    target = tmp_path / "config.json"
+    target.write_text("old")
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            self.f.write(data[:3])
+            raise OSError(28, "No space left on device", str(target) + ".tmp")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+    real = files.open_write
+    monkeypatch.setattr(files, "open_write", lambda p: Full(real(p)))
+    with pytest.raises(OSError):
+        files.write_bytes(str(target), b"new contents")
+    assert target.read_text() == "old" and not (tmp_path / "config.json.tmp").exists()

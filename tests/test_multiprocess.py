@@ -10,17 +10,16 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from lpt_jax import checkpoint as ckpt_lib
-from lpt_jax import data, train, tree
+from lpt_jax import data, exports, rundir, trainer, tree
 
-from tiny_run import make_backbone, make_image_folder, multiprocess_config
+from helpers import TESTS, make_image_folder
+from tiny_run import make_backbone, multiprocess_config
 
-WORKER = Path(__file__).resolve().parent / "multiprocess_worker.py"
+WORKER = TESTS / "multiprocess_worker.py"
 
 
 def _launch(port, tmp, workdir, *extra):
@@ -56,15 +55,15 @@ def runs(tmp_path_factory):
     for p, log in zip(procs, logs):
         assert p.returncode == 0, log[-4000:]
     single = str(tmp / "single")
-    train.train(multiprocess_config(tmp), single)
+    trainer.train(multiprocess_config(tmp), single)
     return tmp, multi, single
 
 
 def test_two_processes_equal_one_process_on_eight_devices(runs):
     _, multi, single = runs
     for phase in (1, 2):
-        a, _ = ckpt_lib.load_export(train.export_path(multi, phase))
-        b, _ = ckpt_lib.load_export(train.export_path(single, phase))
+        a, _ = exports.read(rundir.export_path(multi, phase))
+        b, _ = exports.read(rundir.export_path(single, phase))
         fa, fb = tree.flatten(a), tree.flatten(b)
         assert sorted(fa) == sorted(fb)
         for k in fa:
@@ -123,4 +122,4 @@ def test_sigterm_stops_every_process_at_the_same_step(runs):
     stops = [re.search(r"stopped at step (\d+) on SIGTERM", o).group(1) for o in outs]
     assert stops[0] == stops[1], stops
     assert stops[0] in os.listdir(ckdir)
-    assert not os.path.exists(train.export_path(workdir, 1))
+    assert not os.path.exists(rundir.export_path(workdir, 1))

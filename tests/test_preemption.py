@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 
 from lpt_jax import checkpoint as ckpt_lib
-from lpt_jax import data, losses, train, tree
+from lpt_jax.errors import NonFiniteError
+from lpt_jax import data, exports, losses, rundir, trainer, tree
 
-from tiny_run import make_backbone, make_image_folder, tiny_config
+from helpers import REPO, make_image_folder, tb_scalars
+from tiny_run import make_backbone, tiny_config
 
-REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 12  # 6 steps an epoch: 72 steps, long enough to be interrupted
 
 
@@ -44,7 +45,7 @@ def _wait_for_checkpoint(workdir, proc, timeout=300):
 
 
 def _export(workdir):
-    return tree.flatten(ckpt_lib.load_export(train.export_path(str(workdir), 1))[0])
+    return tree.flatten(exports.read(rundir.export_path(str(workdir), 1))[0])
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +58,7 @@ def straight(tmp_path_factory):
     config.train.phases = "1"
     config.phase1.epochs = EPOCHS
     config.eval.plot = False
-    train.train(config, str(tmp / "straight"))
+    trainer.train(config, str(tmp / "straight"))
     return tmp, _export(tmp / "straight")
 
 
@@ -81,6 +82,21 @@ def test_sigterm_saves_and_resumes_identically(straight):
     got = _export(workdir)
     for k, v in want.items():
         np.testing.assert_array_equal(got[k], v, err_msg=k)
+
+
+def test_ctrl_c_saves_like_sigterm_and_exits_130(straight):
+    """SIGINT (Ctrl-C) in the loop: a checkpoint is saved, no temporary folder is left, one
+    line says what happened, exit status 128 + 2."""
+    tmp, _ = straight
+    workdir = tmp / "sigint"
+    proc = _cli(tmp, workdir)
+    ckdir = _wait_for_checkpoint(workdir, proc)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130, out[-3000:]
+    assert "on SIGINT" in out and "Traceback" not in out, out[-3000:]
+    names = [p.name for p in ckdir.iterdir()]
+    assert names and all(n.isdigit() for n in names), names  # no tmp folder left
 
 
 def test_sigkill_during_async_checkpoint_writes(straight):
@@ -151,8 +167,8 @@ def test_nonfinite_loss_stops_with_the_step_and_part(straight, nan_loss):
     # the faulty step are saved before the error is seen: they must hold no NaN.
     config = _nan_config(tmp, log_every_steps=10, checkpoint_every_steps=1)
     first_bad = _bad_steps(config, tmp)[0]
-    with pytest.raises(train.NonFiniteError) as err:
-        train.train(config, str(tmp / "nan_stop"))
+    with pytest.raises(NonFiniteError) as err:
+        trainer.train(config, str(tmp / "nan_stop"))
     msg = str(err.value)
     assert f"at step {first_bad}" in msg and "loss_cb" in msg
     ckdir = tmp / "nan_stop" / "phase1" / "checkpoints"
@@ -170,9 +186,8 @@ def test_nonfinite_steps_can_be_skipped_and_counted(straight, nan_loss):
     config = _nan_config(tmp, log_every_steps=10, on_nonfinite="skip")
     bad = _bad_steps(config, tmp)
     assert 0 < len(bad) < 10
-    train.train(config, str(tmp / "nan_skip"))
-    from test_train import _scalars
-    counted = _scalars(str(tmp / "nan_skip" / "phase1"), "nonfinite_steps")
+    trainer.train(config, str(tmp / "nan_skip"))
+    counted = tb_scalars(str(tmp / "nan_skip" / "phase1"), "nonfinite_steps")
     assert counted == [(10, float(len(bad)))]
     got = _export(tmp / "nan_skip")
     assert all(np.all(np.isfinite(v)) for v in got.values())

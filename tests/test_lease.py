@@ -1,0 +1,246 @@
+"""The workdir lease: a second live run is refused with one line naming the holder, a gone
+holder's lease is taken over with a warning, the lease is given back however the run ends,
+remote stores (TensorFlow's offline ram:// filesystem standing in for gs://) follow the
+candidate protocol, and of two processes racing for one workdir exactly one wins."""
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import pytest
+
+from lpt_jax import files, lease
+from lpt_jax.errors import ConfigError, Preempted
+from lpt_jax.lease import LeaseError, WorkdirLease
+
+from helpers import REPO
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited and been reaped."""
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    return int(proc.stdout)
+
+
+def _plant(path, **fields):
+    """Writes a lease record as another run would have (this machine, fresh heartbeat, unless
+    `fields` say otherwise)."""
+    rec = {"host": "elsewhere", "pid": 4242, "started": "2020-01-02 03:04:05 UTC",
+           "heartbeat": time.time(), "machine": lease._machine_id(), "pid_start": None,
+           "token": uuid.uuid4().hex, "command": "run.py"}
+    rec.update(fields)
+    files.makedirs(os.path.dirname(path))
+    files.write_text(path, json.dumps(rec))
+    return rec
+
+
+def _warnings(caplog):
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+# ------------------------------------------------------------------------------------------
+# Local disk.
+
+def test_second_live_run_is_refused_naming_the_holder(tmp_path):
+    workdir = str(tmp_path / "w")
+    with WorkdirLease(workdir) as first:
+        with pytest.raises(LeaseError) as err:
+            WorkdirLease(workdir).acquire()
+        msg = str(err.value)
+        assert isinstance(err.value, ConfigError)
+        assert "\n" not in msg
+        assert f"host {socket.gethostname()}" in msg and f"pid {os.getpid()}" in msg
+        assert f"started {first._record['started']}" in msg
+        assert "UTC" in msg and os.path.join(workdir, "lease.json") in msg
+    assert not os.path.exists(os.path.join(workdir, "lease.json"))
+    WorkdirLease(workdir).acquire().release()  # free again
+
+
+def test_live_holder_on_another_machine_is_refused(tmp_path):
+    workdir = str(tmp_path / "w")
+    _plant(os.path.join(workdir, "lease.json"), machine="other-host|x|y", pid=7)
+    with pytest.raises(LeaseError, match="host elsewhere, pid 7, started 2020-01-02"):
+        WorkdirLease(workdir).acquire()
+
+
+@pytest.mark.parametrize("case", ["dead_pid", "reused_pid", "old_heartbeat_elsewhere"])
+def test_gone_holder_is_taken_over_with_a_warning(tmp_path, caplog, case):
+    workdir = str(tmp_path / "w")
+    path = os.path.join(workdir, "lease.json")
+    fields = {"dead_pid": dict(pid=_dead_pid()),
+              # this process's pid, but a start time that is not this process's
+              "reused_pid": dict(pid=os.getpid(), pid_start="1"),
+              "old_heartbeat_elsewhere": dict(machine="other-host|x|y",
+                                              heartbeat=time.time() - 3600)}[case]
+    old = _plant(path, **fields)
+    caplog.set_level(logging.WARNING)
+    with WorkdirLease(workdir) as held:
+        assert json.loads(files.read_text(path))["token"] == held.token
+    warned = [w for w in _warnings(caplog) if "left by a run that is gone" in w]
+    assert len(warned) == 1, _warnings(caplog)
+    assert f"pid {old['pid']}" in warned[0] and "started 2020-01-02 03:04:05 UTC" in warned[0]
+    assert ("no longer runs" in warned[0]) if case != "old_heartbeat_elsewhere" else (
+        "no heartbeat for" in warned[0])
+
+
+@pytest.mark.parametrize("error", [RuntimeError("boom"), Preempted("stopped at step 3"),
+                                   KeyboardInterrupt()])
+def test_hold_gives_the_lease_back_on_errors(tmp_path, error):
+    workdir = str(tmp_path / "w")
+    with pytest.raises(type(error)):
+        with lease.hold(workdir) as held:
+            assert os.path.exists(held.path)
+            with lease.hold(workdir) as nested:  # re-entrant in one process
+                assert nested is held
+            raise error
+    assert not os.path.exists(workdir)  # it created the workdir, and nothing else used it
+    assert not held._thread.is_alive()
+    with lease.hold(workdir):
+        pass
+
+
+def test_heartbeat_advances_and_a_lost_lease_is_noticed(tmp_path, caplog):
+    workdir = str(tmp_path / "w")
+    path = os.path.join(workdir, "lease.json")
+    held = WorkdirLease(workdir, heartbeat_s=0.05).acquire()
+    try:
+        first = json.loads(files.read_text(path))["heartbeat"]
+        time.sleep(0.5)
+        assert json.loads(files.read_text(path))["heartbeat"] > first
+        held.check()
+        caplog.set_level(logging.ERROR)
+        _plant(path, machine="other-host|x|y")  # another run took it over
+        time.sleep(0.5)
+        with pytest.raises(LeaseError, match="taken over by another run"):
+            held.check()
+    finally:
+        held.release()
+    assert os.path.exists(path)  # the release leaves the other run's lease alone
+
+
+def test_unreadable_lease_file_is_refused_not_overwritten(tmp_path):
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    (workdir / "lease.json").write_text("{not json")
+    with pytest.raises(LeaseError, match="unreadable lease file .* delete that file"):
+        WorkdirLease(str(workdir)).acquire()
+    assert (workdir / "lease.json").read_text() == "{not json"
+
+
+# ------------------------------------------------------------------------------------------
+# Two processes at once.
+
+_RACER = """
+import sys, time
+from lpt_jax.lease import LeaseError, WorkdirLease
+workdir, start = sys.argv[1], float(sys.argv[2])
+while time.time() < start:
+    pass
+try:
+    held = WorkdirLease(workdir).acquire()
+except LeaseError as e:
+    print("REFUSED", e, flush=True)
+else:
+    print("WON", flush=True)
+    time.sleep(1.5)  # hold it while the other one looks
+    held.release()
+"""
+
+
+def _race(workdir, n=2):
+    start = time.time() + 2.0  # both interpreters are up and spinning by then
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    procs = [subprocess.Popen([sys.executable, "-c", _RACER, workdir, repr(start)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(n)]
+    outs = [p.communicate(timeout=60)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    return outs
+
+
+@pytest.mark.parametrize("stale", [False, True], ids=["fresh", "stale_lease"])
+def test_two_processes_racing_exactly_one_wins(tmp_path, stale):
+    for attempt in range(3):
+        workdir = str(tmp_path / f"w{attempt}")
+        if stale:  # both find the same dead holder's lease and try to take it over
+            _plant(os.path.join(workdir, "lease.json"), pid=_dead_pid())
+        outs = _race(workdir)
+        won = [o for o in outs if "WON" in o]
+        assert len(won) == 1, outs
+        refused = [o for o in outs if "REFUSED" in o]
+        assert len(refused) == 1 and "is in use by another run" in refused[0], outs
+        if stale:  # whichever removed the dead holder's lease said so, once
+            assert sum("left by a run that is gone" in o for o in outs) == 1, outs
+        assert not os.path.exists(os.path.join(workdir, "lease.json"))
+        if os.path.exists(workdir):  # no temp or break files left
+            assert os.listdir(workdir) == [], os.listdir(workdir)
+
+
+# ------------------------------------------------------------------------------------------
+# Remote stores: ram:// is a tf.io.gfile scheme that works offline.
+
+@pytest.fixture
+def ram_workdir():
+    path = f"ram://lease_test/{uuid.uuid4().hex}/run"
+    assert files.is_remote(path)
+    return path
+
+
+def test_remote_second_run_refused_then_free(ram_workdir):
+    first = WorkdirLease(ram_workdir).acquire()
+    assert first.path.startswith(ram_workdir + "/lease/")
+    second = WorkdirLease(ram_workdir)
+    with pytest.raises(LeaseError) as err:
+        second.acquire()
+    assert f"pid {os.getpid()}" in str(err.value) and first.path in str(err.value)
+    assert files.listdir(f"{ram_workdir}/lease") == [os.path.basename(first.path)]
+    first.release()
+    assert files.listdir(f"{ram_workdir}/lease") == []
+    with WorkdirLease(ram_workdir):
+        pass
+
+
+def test_remote_stale_candidate_taken_over_live_one_refused(ram_workdir, caplog):
+    folder = f"{ram_workdir}/lease"
+    stale = _plant(f"{folder}/{'a' * 32}.json", machine="gone|x|y",
+                   heartbeat=time.time() - 3600)
+    caplog.set_level(logging.WARNING)
+    with WorkdirLease(ram_workdir) as held:
+        assert files.listdir(folder) == [os.path.basename(held.path)]
+    assert any("left by a run that is gone" in w and f"pid {stale['pid']}" in w
+               for w in _warnings(caplog))
+    _plant(f"{folder}/{'b' * 32}.json", machine="other|x|y", pid=99)  # live, elsewhere
+    with pytest.raises(LeaseError, match="pid 99"):
+        WorkdirLease(ram_workdir).acquire()
+    assert files.listdir(folder) == ["b" * 32 + ".json"]  # the refused run left nothing
+
+
+def test_remote_concurrent_runs_never_both_proceed(ram_workdir):
+    """Threads standing in for runs that start together: at most one may win (both may be
+    refused when their candidates cross)."""
+    for attempt in range(10):
+        workdir = f"{ram_workdir}{attempt}"
+        barrier, results = threading.Barrier(2), []
+
+        def run():
+            held = WorkdirLease(workdir)
+            barrier.wait()
+            try:
+                held.acquire()
+                results.append("won")
+            except LeaseError:
+                results.append("refused")
+
+        threads = [threading.Thread(target=run) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert results.count("won") <= 1, results

@@ -1,0 +1,74 @@
+"""End-to-end checks of the lease and verified-resume wiring (trainer.py / run.py)."""
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lpt_jax import exports, rundir, trainer, tree
+from lpt_jax.errors import Preempted
+
+from helpers import REPO
+from tiny_run import tiny_config
+
+
+def test_damaged_newest_checkpoint_resumes_from_the_previous_one(tmp_path, caplog):
+    config = tiny_config(tmp_path)
+    config.train.phases = "1"
+    config.eval.plot = False
+    trainer.train(config, str(tmp_path / "straight"))
+    config.train.stop_after_steps = 7
+    with pytest.raises(Preempted, match="step 7"):
+        trainer.train(config, str(tmp_path / "wd"))
+    ckdir = tmp_path / "wd" / "phase1" / "checkpoints"
+    assert sorted(int(p) for p in os.listdir(ckdir)) == [3, 6, 7]
+    for data in (p for p in (ckdir / "7").rglob("*") if p.is_file() and p.parent.name == "d"):
+        data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])  # truncated
+    config.train.stop_after_steps = 0
+    caplog.set_level(logging.WARNING)
+    trainer.train(config, str(tmp_path / "wd"))
+    warned = [r.getMessage() for r in caplog.records if "step 7" in r.getMessage()]
+    assert len(warned) == 1 and "resuming from step 6" in warned[0], warned
+    a, _ = exports.read(rundir.export_path(str(tmp_path / "straight"), 1))
+    b, _ = exports.read(rundir.export_path(str(tmp_path / "wd"), 1))
+    for k, v in tree.flatten(a).items():
+        np.testing.assert_array_equal(v, tree.flatten(b)[k], err_msg=k)
+    assert any(n.startswith("7.damaged-") for n in os.listdir(ckdir))
+
+
+def _cli(tmp, workdir, *overrides):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "run.py"), f"--config={REPO}/tests/tiny_cli_config.py:{tmp}",
+         f"--workdir={workdir}", "--config.train.phases=1", "--config.phase1.epochs=12",
+         "--config.eval.plot=False", *overrides],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_second_run_on_a_live_workdir_is_refused_and_touches_nothing(tmp_path):
+    tiny_config(tmp_path)  # data and backbone
+    workdir = tmp_path / "wd"
+    first = _cli(tmp_path, workdir)
+    t0 = time.time()
+    while not (workdir / "config.json").exists():
+        assert first.poll() is None, first.communicate()
+        assert time.time() - t0 < 300
+        time.sleep(0.2)
+    second = _cli(tmp_path, workdir, "--config.seed=1")
+    _, err = second.communicate(timeout=300)
+    assert second.returncode == 1, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("error: ") and "is in use by another run" in line, err
+    assert f"pid {first.pid}" in line
+    assert (workdir / "config.json").exists() and (workdir / "lease.json").exists()
+    first.send_signal(signal.SIGTERM)
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 143, err[-3000:]
+    assert not (workdir / "lease.json").exists()
+    assert '"seed": 0' in (workdir / "config.json").read_text()
