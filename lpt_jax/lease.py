@@ -44,7 +44,7 @@ from typing import Iterator, Optional
 
 from absl import logging
 
-from lpt_jax import files
+from lpt_jax import files, process_identity
 from lpt_jax.errors import ConfigError
 
 LEASE_FILE = "lease.json"        # local disks
@@ -59,49 +59,6 @@ _HELD: dict = {}                 # workdir -> lease held by this process (nested
 
 class LeaseError(ConfigError):
     """The workdir is in use by another live run (or its lease cannot be taken)."""
-
-
-# ------------------------------------------------------------------------------------------
-# Who holds it, and whether that holder still runs.
-
-def _machine_id() -> str:
-    """Hostname plus (on Linux) boot id and pid namespace: equal only where a pid means the
-    same process (two containers with one hostname differ in pid namespace)."""
-    parts = [socket.gethostname()]
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            parts.append(f.read().strip())
-    except OSError:
-        parts.append("")
-    try:
-        parts.append(os.readlink("/proc/self/ns/pid"))
-    except OSError:
-        parts.append("")
-    return "|".join(parts)
-
-
-def _process_start(pid: int) -> Optional[str]:
-    """Start time (clock ticks since boot) of a running, non-zombie process; None if none."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2:].split()
-    return None if fields[0] in ("Z", "X", "x") else fields[19]
-
-
-def _running(pid: int, start: Optional[str]) -> bool:
-    if os.path.isdir("/proc/self"):
-        now = _process_start(pid)
-        return now is not None and (start is None or now == start)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _describe(rec: dict, now: float) -> str:
@@ -122,7 +79,7 @@ class WorkdirLease:
         self.remote = files.is_remote(self.workdir)
         self.heartbeat_s, self.stale_s = float(heartbeat_s), float(stale_s)
         self.token = uuid.uuid4().hex
-        self.machine = _machine_id()
+        self.machine = process_identity.machine_id()
         self.path = (os.path.join(self.workdir, LEASE_DIR, f"{self.token}.json") if self.remote
                      else os.path.join(self.workdir, LEASE_FILE))
         self.held = False
@@ -135,7 +92,7 @@ class WorkdirLease:
             "started": datetime.datetime.now(datetime.timezone.utc).strftime(
                 "%Y-%m-%d %H:%M:%S UTC"),
             "heartbeat": time.time(), "machine": self.machine,
-            "pid_start": _process_start(os.getpid()), "token": self.token,
+            "pid_start": process_identity.process_start(os.getpid()), "token": self.token,
             "command": " ".join(sys.argv)[:500]}
 
     # -- public -----------------------------------------------------------------------------
@@ -223,7 +180,7 @@ class WorkdirLease:
     def _stale(self, rec: dict) -> Optional[str]:
         """Why the holder `rec` is gone, or None if it may still run."""
         if rec.get("machine") == self.machine:
-            if not _running(int(rec.get("pid", -1)), rec.get("pid_start")):
+            if not process_identity.running(int(rec.get("pid", -1)), rec.get("pid_start")):
                 return f"process {rec.get('pid')} no longer runs on this machine"
             return None
         age = time.time() - float(rec.get("heartbeat", 0))

@@ -15,7 +15,7 @@ import uuid
 
 import pytest
 
-from lpt_jax import files, lease
+from lpt_jax import files, lease, process_identity
 from lpt_jax.errors import ConfigError, Preempted
 from lpt_jax.lease import LeaseError, WorkdirLease
 
@@ -33,7 +33,7 @@ def _plant(path, **fields):
     """Writes a lease record as another run would have (this machine, fresh heartbeat, unless
     `fields` say otherwise)."""
     rec = {"host": "elsewhere", "pid": 4242, "started": "2020-01-02 03:04:05 UTC",
-           "heartbeat": time.time(), "machine": lease._machine_id(), "pid_start": None,
+           "heartbeat": time.time(), "machine": process_identity.machine_id(), "pid_start": None,
            "token": uuid.uuid4().hex, "command": "run.py"}
     rec.update(fields)
     files.makedirs(os.path.dirname(path))
