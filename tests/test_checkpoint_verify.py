@@ -88,9 +88,9 @@ def test_roundtrip_is_verified_with_and_without_a_target(tmp_path):
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_every_bit_flip_in_the_array_data_is_caught(tmp_path):
     """Single-bit flips spread over every file of the newest step: none may restore values
-    other than those saved. In the files that hold the arrays' data (found as those whose
-    removal breaks the restore), every flip in the data region must be refused, either by
-    Orbax/TensorStore or by the checksum -- before the checksum, most restored silently."""
+    other than those saved -- each is refused (by Orbax/TensorStore or by the checksum) or
+    restores exactly the saved state (a byte the restore never reads, e.g. in a b-tree node's
+    unused space). Before the checksum, most flips in the array data restored silently."""
     directory = tmp_path / "ck"
     states = _write(directory)
     step_dir = directory / "8"
@@ -112,7 +112,6 @@ def test_every_bit_flip_in_the_array_data_is_caught(tmp_path):
             _flip(path, pos, bit=i % 8)
             try:
                 state, _ = _restore(directory, 8)
-                assert not holds_data, f"flip at byte {pos} of {path} restored without error"
                 assert _same(state, states[8]), f"flip at byte {pos} of {path}: wrong values"
             except DamagedCheckpointError as e:
                 outcomes["checksum" if "checksum" in str(e) else "orbax"] += 1
