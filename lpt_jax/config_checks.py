@@ -39,6 +39,8 @@ _RULES = {
                                   "'append' or 'after_cls'"),
     "loss.match_weight": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
     "data.cb_images_per_class": (lambda v: v >= 1, "an integer >= 1"),
+    "data.ib_sampling": (lambda v: v in ("epoch_permutation", "independent"),
+                         "'epoch_permutation' or 'independent'"),
     "train.log_every_steps": (lambda v: v >= 1, "an integer >= 1"),
     "train.checkpoint_every_steps": (lambda v: v >= 1, "an integer >= 1"),
     "train.keep_checkpoints": (lambda v: v >= 1, "an integer >= 1 (0 would keep no "

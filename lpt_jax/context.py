@@ -4,8 +4,6 @@ anything is written: the mesh, the data source, the model and its parameters."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from typing import Any
 
 import jax
@@ -59,16 +57,6 @@ def build_context(config, workdir: str, *, load_backbone: bool = True) -> Contex
             ignore=config.backbone.ignore, model=model.backbone)
         identity = file_fingerprint(config.backbone.checkpoint)
     return Context(config, workdir, mesh, source, model, params, identity)
-
-
-def data_identity(source) -> dict:
-    """What identifies the training data, whatever its path: a resumed run must see the same
-    classes, names and per-class counts (a grown folder would change the epoch plan)."""
-    def sha(values) -> str:
-        return hashlib.sha256(json.dumps(values).encode()).hexdigest()[:16]
-    return {"num_classes": int(source.num_classes), "num_train": int(source.num_train),
-            "train_counts_sha256": sha([int(c) for c in source.train_counts]),
-            "class_names_sha256": sha([str(n) for n in source.class_names])}
 
 
 def _check_against_data_and_model(config, source) -> None:

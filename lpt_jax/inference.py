@@ -4,6 +4,7 @@ scalars during training, and top-k labels of image files."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from typing import Callable, Iterator, Optional, Sequence
@@ -54,17 +55,18 @@ def predict_split(ctx: Context, params, phase: Phase, split: str):
                                    process_index=jax.process_index(),
                                    process_count=jax.process_count())
     preds, labels, seen = [], [], 0
-    for batch in stream:
-        mask = parallel.global_batch(batch["mask"], ctx.mesh)
-        label = parallel.global_batch(batch["label"], ctx.mesh)
-        logits, _ = predict(params, parallel.global_batch(batch["image"], ctx.mesh))
-        mask, label, logits = (np.asarray(jax.device_get(x)) for x in (
-            _gather(mask), _gather(label), logits))
-        preds.append(np.argmax(logits, -1)[mask])
-        labels.append(label[mask])
-        seen += int(mask.sum())
-        if limit and seen >= limit:
-            break
+    with contextlib.closing(stream):  # a `break` (eval.max_examples) stops the pipeline too
+        for batch in stream:
+            mask = parallel.global_batch(batch["mask"], ctx.mesh)
+            label = parallel.global_batch(batch["label"], ctx.mesh)
+            logits, _ = predict(params, parallel.global_batch(batch["image"], ctx.mesh))
+            mask, label, logits = (np.asarray(jax.device_get(x)) for x in (
+                _gather(mask), _gather(label), logits))
+            preds.append(np.argmax(logits, -1)[mask])
+            labels.append(label[mask])
+            seen += int(mask.sum())
+            if limit and seen >= limit:
+                break
     preds, labels = np.concatenate(preds), np.concatenate(labels)
     if limit:
         preds, labels = preds[:limit], labels[:limit]

@@ -22,7 +22,7 @@ from absl import logging
 
 from lpt_jax import data, exports, files, inference, lease, parallel, rundir, steps, tree
 from lpt_jax.checkpoint import PhaseCheckpointer
-from lpt_jax.context import Context, build_context, data_identity
+from lpt_jax.context import Context, build_context
 from lpt_jax.errors import ConfigError, Preempted
 from lpt_jax.phases import PHASES, Phase, parse_phases
 from lpt_jax.preemption import PreemptionWatch
@@ -40,7 +40,7 @@ def _train(config, workdir: str) -> dict:
     phases = parse_phases(config.train.phases)
     rundir.check_config(config, workdir)
     ctx = build_context(config, workdir)
-    identity = rundir.run_identity(config, ctx.backbone_identity, data_identity(ctx.source))
+    identity = rundir.run_identity(config, ctx.backbone_identity, ctx.source.identity())
     rundir.check_inputs(config, workdir, identity)
     if jax.process_index() == 0:  # every early check passed: the first write
         rundir.record(workdir, identity)  # kept as first written (allow_config_change too)
@@ -131,7 +131,7 @@ def run_phase(ctx: Context, phase: Phase, params: dict) -> dict:
                             "(data.corrupt_images='skip')", phase.number, skipped)
             writer.write_scalars(step, {"skipped_images": float(skipped)})
         writer.flush()
-        del stream  # stop tf.data's prefetch threads now rather than at interpreter exit
+        stream.close()  # stop tf.data's threads now: never left to interpreter exit
 
     result = tree.merge(jax.device_get(state["trainable"]), jax.device_get(frozen))
     if jax.process_index() == 0:

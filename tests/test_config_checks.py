@@ -38,6 +38,8 @@ CONFIG_ONLY = [
     ("model.lpt.top_k", 21, "model.lpt.top_k=21: expected an integer in [1, model.lpt.pool_size=20]"),
     ("model.lpt.shared_depth", -1, "model.lpt.shared_depth=-1"),
     ("data.cb_images_per_class", 0, "data.cb_images_per_class=0: expected an integer >= 1"),
+    ("data.ib_sampling", "iid",
+     "data.ib_sampling='iid': expected 'epoch_permutation' or 'independent'"),
     ("train.log_every_steps", 0, "train.log_every_steps=0: expected an integer >= 1"),
     ("train.checkpoint_every_steps", 0, "train.checkpoint_every_steps=0"),
     ("train.keep_checkpoints", 0, "train.keep_checkpoints=0: expected an integer >= 1"),

@@ -123,3 +123,80 @@ def test_process_slices_disjoint_and_groups_intact(places_labels):
         process_slice(24, 0, 4, K)
     with pytest.raises(data.DataError, match="not divisible by 3"):
         process_slice(256, 0, 3, K)
+
+
+# ------------------------------------------------------------------------------------------
+# data.ib_sampling='independent': the release's instance-balanced batches (a freshly shuffled
+# loader every step), as an option; the default stays one permutation per epoch.
+
+def test_independent_ib_batches_cover_one_minus_one_over_e(places_labels):
+    n = len(places_labels)  # 62,500
+    s = data.DualSampler(places_labels, 365, B, 0, K, ib_sampling="independent")
+    steps = data.steps_per_epoch(n, B)  # 245 steps: 62,720 draws, one epoch
+    batches = [s.instance_balanced(t) for t in range(steps)]
+    for b in batches:
+        assert len(set(b.tolist())) == B  # a batch is B distinct images, like a loader's
+    distinct = len(np.unique(np.concatenate(batches))) / n
+    # Exact expectation: an image is in a given step's batch with probability B/N,
+    # independently across steps, so it is never drawn in an epoch with (1 - B/N)^steps.
+    p_missed = (1 - B / n) ** steps
+    expected = 1 - p_missed  # 0.6342 here (1 - 1/e = 0.632 in the limit)
+    # Tolerance: 5 sd of the binomial count of drawn images. Inclusion indicators of one
+    # batch are negatively correlated (B distinct per step), so the true sd is smaller.
+    sd = np.sqrt(p_missed * (1 - p_missed) / n)  # 0.0019
+    assert abs(distinct - expected) <= 5 * sd
+    assert 0.62 < distinct < 0.65
+    # Independent steps: consecutive batches share B^2/N = 1.05 images on average
+    # (Poisson, sd ~ sqrt(mean)); batches of one epoch's permutation share none.
+    shared = sum(len(np.intersect1d(a, b)) for a, b in zip(batches, batches[1:]))
+    mean = (steps - 1) * B * B / n  # 255.9
+    assert abs(shared - mean) <= 5 * np.sqrt(mean)
+    default = _sampler(places_labels)
+    perm = [default.instance_balanced(t) for t in range(steps - 2)]  # within epoch 0
+    assert sum(len(np.intersect1d(a, b)) for a, b in zip(perm, perm[1:])) == 0
+
+
+def test_independent_ib_is_a_pure_function_of_seed_and_step(places_labels):
+    a = data.DualSampler(places_labels, 365, B, 3, K, ib_sampling="independent")
+    b = data.DualSampler(places_labels, 365, B, 3, K, ib_sampling="independent")
+    c = data.DualSampler(places_labels, 365, B, 4, K, ib_sampling="independent")
+    seq = [a.instance_balanced(t) for t in range(12)]
+    for t in (11, 4, 0):  # fresh sampler, out of order: O(1) resume, bit-identical
+        assert np.array_equal(b.instance_balanced(t), seq[t])
+    assert not np.array_equal(c.instance_balanced(0), seq[0])
+    start = time.perf_counter()
+    assert len(b.instance_balanced(10**9)) == B
+    assert time.perf_counter() - start < 1.0
+    # The class-balanced stream does not depend on the option.
+    assert np.array_equal(a.class_balanced(5), _sampler(places_labels, 3).class_balanced(5))
+    # Process slicing unchanged: shares of the global batch, in process order.
+    ib = a.instance_balanced(5)
+    parts = [process_slice(B, p, 8, K) for p in range(8)]
+    assert np.array_equal(np.concatenate([ib[sl] for sl in parts]), ib)
+    # A batch larger than the data set continues with a further draw (as epochs do).
+    small = data.DualSampler(np.array([0, 0, 1, 1, 1]), 2, 8, 0, 4, ib_sampling="independent")
+    drawn = small.instance_balanced(0)
+    assert len(drawn) == 8 and sorted(drawn[:5].tolist()) == [0, 1, 2, 3, 4]
+
+
+def test_default_ib_is_unchanged_epoch_permutation(places_labels):
+    n = len(places_labels)
+    s = _sampler(places_labels, seed=5)
+    assert s.ib_sampling == "epoch_permutation" == data.default_config().ib_sampling
+    # The plan as it always was: epoch e's permutation from generator (seed, 3, e).
+    t = np.arange(300 * B, 301 * B)
+    expected = [np.random.default_rng([5, 3, int(e)]).permutation(n)[p]
+                for e, p in zip(*np.divmod(t, n))]
+    assert np.array_equal(s.instance_balanced(300), expected)
+    first_epoch = np.concatenate([s.instance_balanced(k) for k in range(n // B)])
+    assert len(np.unique(first_epoch)) == len(first_epoch)  # each image at most once
+
+
+def test_ib_sampling_is_validated(tmp_path):
+    from helpers import make_image_folder
+    with pytest.raises(data.DataError, match="ib_sampling='iid'.*epoch_permutation"):
+        data.DualSampler(np.array([0, 1]), 2, 4, 0, 4, ib_sampling="iid")
+    cfg = data.default_config()
+    cfg.name, cfg.root, cfg.ib_sampling = "image_folder", str(make_image_folder(tmp_path)), "iid"
+    with pytest.raises(data.DataError, match=r"data.ib_sampling='iid'; expected one of"):
+        data.get_source(cfg)

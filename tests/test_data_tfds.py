@@ -113,6 +113,82 @@ def test_missing_tfds_data_fails_fast_without_download(tmp_path):
     assert time.perf_counter() - start < 20
 
 
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to reach the network fails at once (and is recorded)."""
+    import socket
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError(101, "Network is unreachable (tests never use the network)")
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    return attempts
+
+
+def _offline_download_and_prepare(self, *args, **kwargs):
+    """What TFDS 4.9 does without network (observed with the socket blocked): it creates
+    downloads/<name>/<url>.tmp.<hex>/, downloads/extracted/ and <name>/ under the data dir,
+    then raises requests' ConnectionError (after ~3.5 min of retries)."""
+    import requests
+    root = self.data_dir_root
+    (root / "downloads" / self.name / "cs.toronto.edu_kriz_cifar-100-binary.tar.gz.tmp.3a2a")\
+        .mkdir(parents=True)
+    (root / "downloads" / "extracted").mkdir(parents=True)
+    (root / self.name).mkdir(parents=True)
+    raise requests.exceptions.ConnectionError(
+        "HTTPSConnectionPool(host='www.cs.toronto.edu', port=443): Max retries exceeded with "
+        "url: /~kriz/cifar-100-binary.tar.gz (Caused by NameResolutionError(\"HTTPSConnection("
+        "host='www.cs.toronto.edu', port=443): Failed to resolve 'www.cs.toronto.edu' ([Errno -3]"
+        " Temporary failure in name resolution)\"))")
+
+
+def test_missing_tfds_data_says_what_to_do_in_one_line(tmp_path, no_network, caplog):
+    with pytest.raises(data.DataError) as err:
+        data.get_source(_cfg(name="cifar100_lt", tfds_data_dir=str(tmp_path)))
+    msg = str(err.value)
+    assert "\n" not in msg and len(msg) - len(str(tmp_path)) < 300
+    assert f"not prepared in {tmp_path}: run `tfds build cifar100 --data_dir=DIR` on a " in msg
+    assert "then pass --config.data.tfds_data_dir=DIR" in msg
+    assert msg.endswith(", or set --config.data.download=True to download it now")
+    assert "download_and_prepare" not in msg and "tfds.load" not in msg  # TFDS's own advice
+    assert "Variant folder" not in caplog.text  # TFDS's look-up noise before it
+    assert not no_network and list(tmp_path.iterdir()) == []
+    with pytest.raises(data.DataError, match="TFDS has no dataset named 'cifar1000'"):
+        data.get_source(_cfg(name="cifar100_lt", tfds_name="cifar1000",
+                             tfds_data_dir=str(tmp_path)))
+
+
+@pytest.mark.parametrize("root_exists", [True, False])
+def test_failed_download_removes_what_it_created(tmp_path, monkeypatch, no_network,
+                                                 root_exists):
+    monkeypatch.setattr(tfds.core.dataset_builder.DatasetBuilder, "download_and_prepare",
+                        _offline_download_and_prepare)
+    root = tmp_path / "tfds"
+    if root_exists:  # a data dir that already holds another dataset and other downloads
+        (root / "mnist" / "3.0.1").mkdir(parents=True)
+        (root / "downloads" / "mnist.tar").mkdir(parents=True)
+    start = time.perf_counter()
+    with pytest.raises(data.DataError) as err:
+        data.get_source(_cfg(name="cifar100_lt", tfds_data_dir=str(root), download=True))
+    assert time.perf_counter() - start < 20
+    msg = str(err.value)
+    assert "\n" not in msg and len(msg) - msg.count(str(root)) * len(str(root)) < 440
+    assert f"downloading TFDS dataset 'cifar100' into {root} failed (ConnectionError: " in msg
+    assert "download=True" not in msg  # it was True: never suggested again
+    assert "Without network access: run `tfds build cifar100 --data_dir=DIR`" in msg
+    if root_exists:
+        assert ("removed what it created there (cifar100, downloads/cifar100, "
+                "downloads/extracted)") in msg
+        assert sorted(str(p.relative_to(root)) for p in root.rglob("*")) == [
+            "downloads", "downloads/mnist.tar", "mnist", "mnist/3.0.1"]
+    else:
+        assert f"removed {root}, which the attempt created" in msg
+        assert not root.exists()
+    assert not no_network
+
+
 class _FakeRecords:
     """A random-access source like tfds.data_source with SkipDecoding images."""
 

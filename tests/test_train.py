@@ -242,7 +242,6 @@ def test_eight_devices_match_one(tmp_path):
 def test_checkpoint_is_small_for_vit_b16_with_365_classes(tmp_path):
     """The real state of phase 2 (the bigger one) for ViT-B/16 and a 365-way head."""
     from configs.common import base_config
-    from lpt_jax.models.lpt import TRAINABLE, lpt_from_config
     config = base_config()
     model = lpt_from_config(config.model, 365)
     params = context.init_params(model, config)  # backbone stays abstract: never materialised

@@ -28,12 +28,12 @@ _EXPORTS = {
     "SplitData": "source",
     "get_source": "source",
     "registered_sources": "source",
-    "EvalStream": "streams",
+    "EvalStream": "eval_stream",
     "TrainStream": "streams",
-    "load_image_files": "streams",
-    "make_eval_stream": "streams",
+    "load_image_files": "eval_stream",
+    "make_eval_stream": "eval_stream",
     "make_train_stream": "streams",
-    "num_eval_examples": "streams",
+    "num_eval_examples": "eval_stream",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -60,5 +60,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs; never runs
     from lpt_jax.data.sampling import DualSampler  # noqa: F401
     from lpt_jax.data.source import (Source, SplitData, get_source,  # noqa: F401
                                      registered_sources)
-    from lpt_jax.data.streams import (EvalStream, TrainStream, load_image_files,  # noqa: F401
-                                      make_eval_stream, make_train_stream, num_eval_examples)
+    from lpt_jax.data.eval_stream import (EvalStream, load_image_files,  # noqa: F401
+                                          make_eval_stream, num_eval_examples)
+    from lpt_jax.data.streams import TrainStream, make_train_stream  # noqa: F401

@@ -6,6 +6,7 @@ from lpt_jax.data.errors import DataError
 
 CORRUPT_POLICIES = ("fail", "skip")
 FORMATS = ("auto", "files", "prepared")
+IB_SAMPLING = ("epoch_permutation", "independent")  # data.ib_sampling, see sampling.py
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -39,6 +40,10 @@ def default_config() -> ml_collections.ConfigDict:
     #   except a few border pixels, by a few levels, from chroma upsampling)
     # Streams
     c.cb_images_per_class = 4
+    # Instance-balanced batch: 'epoch_permutation' = every image once per epoch (ours);
+    # 'independent' = each step draws B distinct images on its own (the release rebuilds
+    # a shuffled loader every step: ~63 % of the images seen per epoch).
+    c.ib_sampling = "epoch_permutation"
     c.corrupt_images = "fail"  # 'fail' | 'skip' (substitute / mask, with a warning)
     c.num_parallel_calls = -1  # -1 = tf.data.AUTOTUNE
     c.prefetch = 2  # batches
@@ -51,6 +56,8 @@ def check_config(cfg) -> None:
     if cfg.corrupt_images not in CORRUPT_POLICIES:
         raise DataError(
             f"data.corrupt_images={cfg.corrupt_images!r}; expected one of {CORRUPT_POLICIES}")
+    if cfg.get("ib_sampling", IB_SAMPLING[0]) not in IB_SAMPLING:
+        raise DataError(f"data.ib_sampling={cfg.ib_sampling!r}; expected one of {IB_SAMPLING}")
     if cfg.format not in FORMATS:
         raise DataError(f"data.format={cfg.format!r}; expected one of {FORMATS}")
     if not 0 < cfg.image_size <= cfg.resize_size:

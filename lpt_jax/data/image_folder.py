@@ -1,9 +1,15 @@
 """`image_folder`: a user's own long-tailed data.
 
-Either a tree `root/train/<class>/*.{jpg,jpeg,png}` with `root/val/<class>/*` and/or
+Either a tree `root/train/<class>/<image>` with `root/val/<class>/*` and/or
 `root/test/<class>/*` (classes = sorted folder names of train/), or split lists
 (`data.train_list`, `data.val_list`, `data.test_list`) of `<path> <label>` lines
 with paths relative to `data.root`, or a prepared directory.
+
+In a tree, every file of a class folder is read: JPEG, PNG, BMP, GIF (first frame) and
+WebP, by extension (`IMAGE_EXTENSIONS`, what `tf.io.decode_image` decodes). Any other file
+there (e.g. `.tif`, `.txt`) stops the source with a DataError naming how many there are and
+one of them, rather than being left out without a word; hidden files (`.DS_Store`, `._x`)
+and subfolders of a class folder are ignored.
 """
 
 import os
@@ -17,13 +23,24 @@ from lpt_jax.data.list_datasets import (check_first_files, check_root, files_sou
                                         prepared_source, use_prepared)
 from lpt_jax.data.source import Source, register
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+# What tf.io.decode_image (so preprocess.decode_rgb) reads; JPEG takes the fast crop path.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 _HINT = ("a folder with train/<class>/*.jpg and val/<class>/* or test/<class>/* "
          "(or set data.train_list / data.val_list / data.test_list)")
 
 
-def _image_files(folder: str) -> list:
-    return sorted(f for f in files.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+def _class_files(folder: str) -> tuple[list, list]:
+    """(image files, other files) of a class folder, sorted; hidden files and subfolders
+    are ignored (one stat per non-image name only: a bucket lists fast, stats slowly)."""
+    images, other = [], []
+    for f in files.listdir(folder):
+        if f.startswith("."):  # .DS_Store, macOS's ._<image> resource forks
+            continue
+        if f.lower().endswith(IMAGE_EXTENSIONS):
+            images.append(f)
+        elif not files.isdir(os.path.join(folder, f)):
+            other.append(f)
+    return sorted(images), sorted(other)
 
 
 def _subfolders(folder: str) -> list:
@@ -46,18 +63,27 @@ def scan_tree(root: str) -> tuple[list, dict]:
         split_dir = os.path.join(root, split)
         if not files.isdir(split_dir):
             continue
-        paths, labels = [], []
+        paths, labels, unread = [], [], []
         for c in _subfolders(split_dir):
             if c not in class_ids:
                 raise DataError(f"image_folder: class folder {os.path.join(split_dir, c)} has no "
                                 f"counterpart in {train_dir}")
-            names = _image_files(os.path.join(split_dir, c))
+            names, other = _class_files(os.path.join(split_dir, c))
             paths += [f"{split}/{c}/{f}" for f in names]
             labels += [class_ids[c]] * len(names)
+            unread += [f"{split}/{c}/{f}" for f in other]
+        if unread:
+            kinds = sorted({os.path.splitext(f)[1].lower() or "no extension" for f in unread})
+            raise DataError(
+                f"image_folder: {len(unread)} files in the class folders of {split_dir} are "
+                f"not images this reader decodes ({', '.join(kinds[:5])}), e.g. "
+                f"{os.path.join(root, unread[0])}; accepted: {' '.join(IMAGE_EXTENSIONS)}: "
+                "convert them, or move them out of the class folders")
         if not paths:
             raise DataError(
-                f"image_folder: {split_dir} holds no {'/'.join(IMAGE_EXTENSIONS)} images in its "
-                f"class folders; data.root should be {_HINT}")
+                f"image_folder: {split_dir} holds no {'/'.join(IMAGE_EXTENSIONS[:3])} images "
+                f"(nor {'/'.join(IMAGE_EXTENSIONS[3:])}) in its class folders; data.root should "
+                f"be {_HINT}")
         lists[split] = (np.array(paths, dtype=object), np.array(labels, dtype=np.int64))
     return class_names, lists
 

@@ -26,7 +26,7 @@ from lpt_jax.data.errors import DataError
 from lpt_jax.data.list_datasets import INATURALIST_LISTS, build_list_source
 from lpt_jax.data.source import Source, SplitData, register
 from lpt_jax.data.stores import RandomAccessStore
-from lpt_jax.data.tfds_util import not_available, tfds
+from lpt_jax.data.tfds_util import open_dataset, tfds
 
 log = logging.getLogger(__name__)
 
@@ -35,18 +35,18 @@ _SCAN_CHUNK = 1024
 
 
 def _open(cfg, name: str, split: str):
-    try:
-        return tfds.data_source(name, split=split, data_dir=cfg.tfds_data_dir or None,
-                                download=bool(cfg.download),
-                                decoders={"image": tfds.decode.SkipDecoding()})
-    except NotImplementedError as e:  # prepared as TFRecord: no random access
-        raise DataError(
-            f"TFDS {name!r} in {cfg.tfds_data_dir or 'the default TFDS data dir'} is not in a "
-            "random-access format; convert it once with `tfds convert_format "
-            f"--dataset_dir=<data_dir>/{name}/<version> --out_file_format=array_record` "
-            f"(or rebuild with `tfds build {name} --file_format=array_record`). ({e})") from e
-    except Exception as e:
-        raise not_available(cfg, name, split, e) from e
+    def open_fn():
+        try:
+            return tfds.data_source(name, split=split, data_dir=cfg.tfds_data_dir or None,
+                                    download=False,
+                                    decoders={"image": tfds.decode.SkipDecoding()})
+        except NotImplementedError as e:  # prepared as TFRecord: no random access
+            raise DataError(
+                f"TFDS {name!r} in {cfg.tfds_data_dir or 'the default TFDS data dir'} is not "
+                "in a random-access format; convert it once with `tfds convert_format "
+                f"--dataset_dir=<data_dir>/{name}/<version> --out_file_format=array_record` "
+                f"(or rebuild with `tfds build {name} --file_format=array_record`)") from e
+    return open_dataset(cfg, name, split, open_fn)
 
 
 _GCS_HINT = ("ArrayRecord files cannot be read from gs:// directly: copy the TFDS folder to "
@@ -64,9 +64,12 @@ def _cache_path(cfg, name: str, split: str, n: int) -> str:
 def scan_labels(store: RandomAccessStore, cache_path: str) -> np.ndarray:
     """All labels of a random-access split, read once and cached."""
     if files.exists(cache_path):
-        labels = np.load(io.BytesIO(files.read_bytes(cache_path)))
-        if len(labels) == len(store):
-            return labels.astype(np.int64)
+        try:
+            labels = np.load(io.BytesIO(files.read_bytes(cache_path)), allow_pickle=False)
+            if labels.ndim == 1 and len(labels) == len(store):
+                return labels.astype(np.int64)
+        except (ValueError, OSError, EOFError) as e:  # a damaged cache: scan again
+            log.warning("label cache %s is unreadable (%s); scanning again", cache_path, e)
     log.info("scanning %d labels for %s (once; cached at %s)", len(store), cache_path, cache_path)
     labels = np.empty(len(store), dtype=np.int64)
     for start in range(0, len(store), _SCAN_CHUNK):

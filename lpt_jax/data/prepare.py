@@ -19,7 +19,7 @@ from lpt_jax import files
 from lpt_jax.data import preprocess
 from lpt_jax.data._tf import tf
 from lpt_jax.data.config import default_config
-from lpt_jax.data.errors import DataError
+from lpt_jax.data.errors import DataError, first_line
 from lpt_jax.data.prepared import FORMAT_VERSION, MANIFEST
 from lpt_jax.data.source import get_source
 
@@ -79,9 +79,11 @@ def write_split(out_dir: str, split: str, paths, labels, shard_mb: float = 256,
         writer.close()
     bad = sorted(set(range(len(paths))) - set(kept))
     if bad and on_corrupt != "skip":
-        shown = "\n  ".join(paths[i] for i in bad[:20])
-        raise DataError(f"{len(bad)} unreadable images in the {split} split (nothing was marked "
-                        f"prepared; fix them or pass --on_corrupt=skip):\n  {shown}")
+        shown = ", ".join(paths[i] for i in bad[:3])
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise DataError(f"{len(bad)} unreadable images in the {split} split: {shown}{more} "
+                        "(nothing was marked prepared; fix or remove them, or pass "
+                        "--on_corrupt=skip to leave them out)")
     return {"files": files, "labels": kept_labels, "num_bytes": sizes,
             "skipped": [paths[i] for i in bad]}
 
@@ -137,6 +139,10 @@ def main(argv=None) -> int:
                 num_parallel=args.num_parallel)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (OSError, tf.errors.OpError) as e:  # e.g. an output folder that cannot be written
+        print(f"error: preparing {args.out} failed: {first_line(e)}",
+              file=sys.stderr)
         return 1
     return 0
 

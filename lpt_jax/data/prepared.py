@@ -20,7 +20,7 @@ import numpy as np
 
 from lpt_jax import files
 from lpt_jax.data._tf import tf
-from lpt_jax.data.errors import DataError
+from lpt_jax.data.errors import DataError, first_line
 from lpt_jax.data.source import SplitData
 from lpt_jax.data.stores import BytesStore
 
@@ -43,9 +43,18 @@ def read_manifest(root: str) -> dict:
     if not files.exists(path):
         raise DataError(f"no prepared data at {root}: expected {path} "
                         "(write it with `python -m lpt_jax.data.prepare`)")
-    manifest = json.loads(files.read_text(path))
-    if manifest.get("format") != FORMAT_VERSION:
-        raise DataError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT_VERSION!r}")
+    try:
+        manifest = json.loads(files.read_text(path))
+    except (ValueError, UnicodeDecodeError) as e:  # half-written or damaged
+        raise DataError(f"{path} is not readable JSON ({e}); prepare the directory again") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise DataError(f"{path}: format {found!r}, expected {FORMAT_VERSION!r}")
+    missing = [k for k in ("name", "class_names", "splits") if k not in manifest]
+    missing += [f"splits.{name}.{k}" for name, entry in manifest.get("splits", {}).items()
+                for k in ("files", "labels", "num_bytes") if k not in entry]
+    if missing:
+        raise DataError(f"{path} lacks {', '.join(missing[:4])}; prepare the directory again")
     return manifest
 
 
@@ -62,6 +71,19 @@ def _load_split(root: str, name: str, entry: dict) -> SplitData:
             raise DataError(f"prepared split {name!r}: shard {f} listed in {MANIFEST} is missing")
     ds = tf.data.TFRecordDataset(shards, num_parallel_reads=min(16, len(shards)))
     ds = ds.batch(1024).map(lambda x: tf.io.parse_example(x, FEATURES))
+    try:
+        _fill(ds, root, name, labels, sizes, offsets, buffer, names, seen)
+    except tf.errors.OpError as e:  # a truncated or damaged shard
+        raise DataError(f"prepared split {name!r} in {root}: a shard cannot be read "
+                        f"({first_line(e)}); prepare the directory again") from None
+    if not seen.all():
+        raise DataError(f"prepared split {name!r} in {root}: {int((~seen).sum())} records missing")
+    return SplitData(labels=labels, store=BytesStore(buffer, offsets, names))
+
+
+def _fill(ds, root, name, labels, sizes, offsets, buffer, names, seen) -> None:
+    """Copies the records of `ds` into the split's buffer, checking them against the
+    manifest."""
     for batch in ds.prefetch(2).as_numpy_iterator():
         for image, label, i, path in zip(batch["image"], batch["label"], batch["index"],
                                          batch["path"]):
@@ -72,9 +94,6 @@ def _load_split(root: str, name: str, entry: dict) -> SplitData:
             buffer[offsets[i]:offsets[i + 1]] = np.frombuffer(image, dtype=np.uint8)
             names[i] = f"{path.decode('utf-8')} (prepared {name} record {i} in {root})"
             seen[i] = True
-    if not seen.all():
-        raise DataError(f"prepared split {name!r} in {root}: {int((~seen).sum())} records missing")
-    return SplitData(labels=labels, store=BytesStore(buffer, offsets, names))
 
 
 def load_prepared(root: str, expected_name: str) -> tuple[list, dict, dict]:

@@ -7,8 +7,14 @@ Global visit v is pass v // C, position v % C, so class c has had exactly v // C
 earlier visits and its next image is number k * (v // C) of its own cycle
 sequence: any step is computed directly, without replaying earlier ones.
 
-Instance-balanced stream: global sample t = step * B + i is position t % N of
-epoch t // N's permutation (uniform without replacement within an epoch).
+Instance-balanced stream, `ib_sampling`:
+  'epoch_permutation' (default): global sample t = step * B + i is position t % N of
+    epoch t // N's permutation (uniform without replacement within an epoch: every
+    image once per epoch).
+  'independent' (the release's behaviour: it builds a freshly shuffled loader every step
+    and takes its first batch): each step's batch is B distinct images drawn uniformly
+    from its own generator (seed, step), independent of every other step; over an
+    epoch of ~N/B steps about 1 - 1/e = 63 % of the images are seen.
 
 Every permutation is drawn from its own NumPy generator seeded by
 (seed, stream, key...), so results do not depend on call order or caching.
@@ -18,9 +24,11 @@ import functools
 
 import numpy as np
 
+from lpt_jax.data.config import IB_SAMPLING
 from lpt_jax.data.errors import DataError
 
-_CLASS_CYCLE, _MEMBER_CYCLE, _EPOCH = 1, 2, 3  # generator tags, one per kind of permutation
+# Generator tags, one per kind of draw.
+_CLASS_CYCLE, _MEMBER_CYCLE, _EPOCH, _IB_STEP = 1, 2, 3, 4
 
 
 class DualSampler:
@@ -33,16 +41,19 @@ class DualSampler:
     global_batch : B images per stream and step (summed over processes).
     seed : non-negative int.
     images_per_class : k consecutive same-class images per class visit.
+    ib_sampling : 'epoch_permutation' | 'independent' (see the module docstring).
     """
 
     def __init__(self, labels, num_classes: int, global_batch: int, seed: int,
-                 images_per_class: int = 4):
+                 images_per_class: int = 4, ib_sampling: str = "epoch_permutation"):
         labels = np.asarray(labels, dtype=np.int64)
         if global_batch <= 0 or global_batch % images_per_class:
             raise DataError(f"global batch {global_batch} must be a positive multiple of "
                             f"data.cb_images_per_class={images_per_class}")
         if seed < 0:
             raise DataError(f"seed {seed} must be non-negative")
+        if ib_sampling not in IB_SAMPLING:
+            raise DataError(f"data.ib_sampling={ib_sampling!r}; expected one of {IB_SAMPLING}")
         order = np.argsort(labels, kind="stable")
         counts = np.bincount(labels, minlength=num_classes)
         if counts.size != num_classes or np.any(counts == 0):
@@ -54,6 +65,7 @@ class DualSampler:
         self.global_batch = global_batch
         self.images_per_class = images_per_class
         self.seed = int(seed)
+        self.ib_sampling = ib_sampling
         self._class_cycle = functools.lru_cache(maxsize=8)(self._class_cycle_uncached)
         self._member_cycle = functools.lru_cache(maxsize=2 * num_classes + 64)(
             self._member_cycle_uncached)
@@ -88,7 +100,11 @@ class DualSampler:
         return out
 
     def instance_balanced(self, step: int) -> np.ndarray:
-        """(B,) example indices of step `step`, uniform without replacement per epoch."""
+        """(B,) example indices of step `step`: uniform without replacement per epoch
+        ('epoch_permutation'), or B distinct images drawn for this step alone
+        ('independent')."""
+        if self.ib_sampling == "independent":
+            return self._independent(int(step))
         t = int(step) * self.global_batch + np.arange(self.global_batch, dtype=np.int64)
         epochs, positions = np.divmod(t, self.num_examples)
         out = np.empty(self.global_batch, dtype=np.int64)
@@ -96,6 +112,19 @@ class DualSampler:
             sel = epochs == e
             out[sel] = self._epoch_perm(int(e))[positions[sel]]
         return out
+
+    def _independent(self, step: int) -> np.ndarray:
+        """B distinct images drawn uniformly for this step alone: distributed as the first
+        B of a fresh permutation, what the release's freshly shuffled loader yields (a
+        batch larger than N continues with a further draw, as epochs do)."""
+        n, b = self.num_examples, self.global_batch
+        rng = np.random.default_rng([self.seed, _IB_STEP, step])
+        parts, left = [], b
+        while left > 0:
+            take = min(left, n)
+            parts.append(rng.choice(n, size=take, replace=False))  # O(take), not O(N)
+            left -= take
+        return np.concatenate(parts).astype(np.int64)
 
 
 def process_slice(global_batch: int, process_index: int, process_count: int,

@@ -2,7 +2,9 @@
 
 import dataclasses
 import functools
+import hashlib
 import importlib
+import json
 from typing import Callable
 
 import numpy as np
@@ -44,6 +46,21 @@ class Source:
     @property
     def num_train(self) -> int:
         return len(self.splits["train"])
+
+    def identity(self) -> dict:
+        """What identifies the training data, whatever its path: a small JSON-able dict to
+        record with a run and compare on resume (a folder that grew, another subset, other
+        class names or order all differ here).
+
+        The hashes are sha256 hex digests of `json.dumps` of the list of per-class training
+        counts (ints) and of the list of class names (strs), with json's default separators.
+        """
+        def sha(values: list) -> str:
+            return hashlib.sha256(json.dumps(values).encode("utf-8")).hexdigest()
+        return {"name": self.name, "num_classes": int(self.num_classes),
+                "num_train": int(self.num_train),
+                "train_counts_sha256": sha([int(c) for c in self.train_counts]),
+                "class_names_sha256": sha([str(n) for n in self.class_names])}
 
     def shot_groups(self, rule: str = "release") -> dict:
         """'many' | 'medium' | 'few' -> class ids, from `train_counts` (see groups.py)."""
@@ -118,4 +135,10 @@ def get_source(cfg) -> Source:
     _register_builtins()
     if cfg.name not in _REGISTRY:
         raise DataError(f"data.name={cfg.name!r}; expected one of {registered_sources()}")
-    return validate_source(_REGISTRY[cfg.name](cfg))
+    try:
+        src = _REGISTRY[cfg.name](cfg)
+    except OSError as e:  # a folder, file or bucket that cannot be read
+        where = f"{e.filename}: {e.strerror}" if getattr(e, "filename", None) else str(e)
+        raise DataError(f"{cfg.name}: cannot read {where}; check the path and its permissions "
+                        "(or credentials, for a bucket)") from e
+    return validate_source(src)

@@ -2,6 +2,8 @@
 
 import gzip
 import os
+import posixpath
+import zlib
 
 import numpy as np
 
@@ -18,9 +20,33 @@ def read_text(path: str) -> str:
         raw = files.read_bytes(path)
     except (FileNotFoundError, tf.errors.NotFoundError):  # local, remote
         raise DataError(f"file not found: {path}") from None
-    if path.endswith(".gz"):
-        raw = gzip.decompress(raw)
-    return raw.decode("utf-8")
+    except IsADirectoryError:
+        raise DataError(f"{path} is a folder, not a text file") from None
+    except OSError as e:  # permissions, an unreachable bucket
+        raise DataError(f"cannot read {path}: {e.strerror or e}") from None
+    try:
+        if path.endswith(".gz"):
+            raw = gzip.decompress(raw)
+        return raw.decode("utf-8")
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{path} is not a readable gzip file ({e}); fix or replace it") from None
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {e.start}); is this a list or "
+                        "class-name file?") from None
+
+
+def check_relative(path: str) -> str:
+    """Why a list path cannot be read under the image root ('' if it can): list paths are
+    relative to data.root and stay inside it."""
+    if not path:
+        return "an empty path"
+    drive = len(path) > 2 and path[0].isalpha() and path[1] == ":" and path[2] in "/\\"
+    if path.startswith(("/", "\\")) or files.is_remote(path) or drive:
+        return "an absolute path"
+    if posixpath.normpath(path.replace("\\", "/")).split("/")[0] == "..":
+        return "a path that climbs out of data.root with '..'"
+    return ""
 
 
 def find_list(split_dir: str, filename: str):
@@ -40,6 +66,9 @@ def parse_split_list(path: str, num_classes: int = 0,
     ----------
     num_classes : if > 0, a label outside [0, num_classes) is an error naming its line.
     fix : what the error for such a label tells the user to do.
+
+    A path that is absolute or climbs out of the image root ('../x') is an error naming
+    its line too: every image of a list lives under data.root.
 
     Returns
     -------
@@ -63,6 +92,10 @@ def parse_split_list(path: str, num_classes: int = 0,
         if num_classes > 0 and not 0 <= label < num_classes:
             raise DataError(f"{path}:{lineno}: label {label} of {parts[0]} is outside "
                             f"[0, {num_classes}); {fix}")
+        outside = check_relative(parts[0])
+        if outside:
+            raise DataError(f"{path}:{lineno}: {parts[0]!r} is {outside}; list paths are "
+                            "relative to data.root and stay inside it: fix or remove that line")
         labels.append(label)
         paths.append(parts[0])
     if not paths:
