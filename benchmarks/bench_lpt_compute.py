@@ -32,7 +32,7 @@ process (`time.process_time()`, all threads: less sensitive to other jobs on sha
 ratios are baseline median / variant median of each. The train state is threaded through
 the calls and donated, as in the trainer.
 
-Model: configs/common.py's base config (LPT_SPEC constants: P=10, M=20, top-2, head dropout
+Model: configs/common.py's base config (docs/spec.md constants: P=10, M=20, top-2, head dropout
 0.1, A-GCL on both branches, SGD momentum 0.9 + coupled decay 0.01) with ViT-<size> at 224 px,
 K = L/2, random weights, 365 classes (Places-LT-like counts), fp32, batch B per stream.
 

@@ -162,16 +162,15 @@ class PhaseCheckpointer:
         """Renames damaged step folders to `<step>.damaged-<time>` (a name Orbax ignores), so
         training can save those steps again; the originals are kept to inspect. Returns the
         new names."""
-        from etils import epath  # Orbax's own path layer: local or gs://, folders included
         stamp = time.strftime("%Y%m%dT%H%M%S")
         names = [f"{step}{DAMAGED_SUFFIX}-{stamp}" for step in steps]
-        names = [n if not (epath.Path(self.directory) / n).exists() else f"{n}-{os.getpid()}"
+        names = [n if not files.exists(os.path.join(self.directory, n)) else f"{n}-{os.getpid()}"
                  for n in names]
         if steps:
             if jax.process_index() == 0:
                 for step, name in zip(steps, names):
-                    (epath.Path(self.directory) / str(step)).rename(
-                        epath.Path(self.directory) / name)
+                    files.rename(os.path.join(self.directory, str(step)),
+                                 os.path.join(self.directory, name))
             if jax.process_count() > 1:
                 from jax.experimental import multihost_utils
                 multihost_utils.sync_global_devices("lpt_checkpoint_set_aside")

@@ -42,12 +42,14 @@ class QuietLibraries(logging_std.Filter):
 # Command-line errors: one line naming the flag, the field and what it accepts.
 
 def _config_arg(argv):
+    """The --config value absl uses: the last one given."""
+    found = None
     for i, a in enumerate(argv):
         if a.startswith(("--config=", "-config=")):
-            return a.split("=", 1)[1]
-        if a in ("--config", "-config") and i + 1 < len(argv):
-            return argv[i + 1]
-    return None
+            found = a.split("=", 1)[1]
+        elif a in ("--config", "-config") and i + 1 < len(argv):
+            found = argv[i + 1]
+    return found
 
 
 def _overrides(argv):

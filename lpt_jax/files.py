@@ -126,6 +126,24 @@ def open_write(path: str) -> IO[bytes]:
 
 
 @_translated
+def rename(src: str, dst: str) -> None:
+    """Renames a file or a folder (remote folders: copied file by file, then removed)."""
+    if not is_remote(src):
+        os.rename(src, dst)
+        return
+    gfile = _gfile()
+    if not gfile.isdir(src):
+        gfile.rename(src, dst)
+        return
+    for root, _, names in walk(src):
+        target = dst + root[len(src.rstrip("/")):]
+        gfile.makedirs(target)
+        for name in names:
+            gfile.copy(os.path.join(root, name), os.path.join(target, name))
+    gfile.rmtree(src)
+
+
+@_translated
 def read_bytes(path: str) -> bytes:
     with open_read(path) as f:
         return f.read()

@@ -96,8 +96,10 @@ def make_train_step(model, phase: Phase, config, *, class_counts: np.ndarray,
         lr = schedule(step_no)
         trainable = optax.apply_updates(state["trainable"],
                                         jax.tree.map(lambda d: -lr * d, direction))
-        # A non-finite step never reaches the state: keep the old one (and report it).
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # A non-finite step never reaches the state: keep the old one (and report it). The
+        # updated parameters are checked too (a finite gradient can still overflow them).
+        finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+                  & jnp.isfinite(optax.global_norm(trainable)))
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
         new_state = {"trainable": keep(trainable, state["trainable"]),
                      "opt_state": keep(opt_state, state["opt_state"]),

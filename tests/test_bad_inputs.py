@@ -137,12 +137,12 @@ def skip_run(inputs):
     config = file_config(inputs, root=str(inputs.corrupt), corrupt_images="skip")
     workdir = inputs.base / "skip_run"
     records = _Records()
-    streams_log = logging.getLogger("lpt_jax.data.streams")
-    streams_log.addHandler(records)
+    data_log = logging.getLogger("lpt_jax.data")  # the train and eval streams' loggers' parent
+    data_log.addHandler(records)
     try:
         report = trainer.train(config, str(workdir))
     finally:
-        streams_log.removeHandler(records)
+        data_log.removeHandler(records)
     return workdir, report, records.messages
 
 

@@ -29,7 +29,7 @@ from helpers import CONFIGS, REPO, TINY_BLOCK, load_config  # noqa: E402
 from tiny_run import make_backbone  # noqa: E402
 
 SHIPPED = REPO / "lpt_jax" / "data" / "splits" / "places_lt"
-SMALL_VIT = dict(variant=None, **TINY_BLOCK, depth=8, patch_size=32)
+SMALL_VIT = dict(variant=None, **TINY_BLOCK, depth=7, patch_size=32)  # K=6: one group block
 STEPS = 2            # per phase
 BATCH = 8            # per stream: one image per device on the 8 test devices, 2 classes x 4
 EVAL_EXAMPLES = 16

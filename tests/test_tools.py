@@ -92,3 +92,16 @@ def test_replicate_ablation_summary_tolerates_groups_without_images():
     test = summary["lpt_phase1"]["test"]["release"]
     assert test["many"]["mean"] == 50.0 and test["few"]["mean"] is None
     assert "| LPT phase 1 | 50.0 ± 0.0 | 50.0 ± 0.0 | – | – | 2 |" in module.markdown(summary)
+
+
+def test_run_py_help_is_an_answer_not_an_error():
+    """`run.py --help` prints the usage (examples and flags) and exits 0, quickly."""
+    import subprocess
+    import sys
+
+    from helpers import REPO
+    out = subprocess.run([sys.executable, str(REPO / "run.py"), "--help"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "--config" in out.stdout and "--workdir" in out.stdout and "--mode" in out.stdout
+    assert "python run.py --config=configs/places_lt.py" in out.stdout

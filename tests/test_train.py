@@ -321,13 +321,22 @@ def test_predict_mode_gives_top_k_labels(trained):
     logits, _ = inference.make_predict_fn(ctx.model, phase, ctx.mesh)(
         params, jnp.asarray(np.concatenate([data.load_image_files(files, config.data)] * 8)[:8]))
     assert [r["top_k"][0]["label"] for r in rows] == np.argmax(np.asarray(logits), -1)[:3].tolist()
+    # probability: softmax over every class of the cosines times the loss scale (float64 here)
+    z = 20.0 * np.asarray(logits, np.float64)[:3]
+    want = np.exp(z - z.max(-1, keepdims=True))
+    want /= want.sum(-1, keepdims=True)
+    for r, p in zip(rows, want):
+        for t in r["top_k"]:
+            assert t["probability"] == pytest.approx(p[t["label"]], abs=1e-5)
 
 
-@pytest.mark.parametrize("option", ["remat", "bfloat16"])
-def test_remat_and_bf16_steps(tmp_path, option):
-    """Remat gives the same step; bf16 activations (float32 params and loss) stay close."""
+def test_remat_and_bf16_steps_and_a_relative_workdir(tmp_path, monkeypatch):
+    """Remat gives the same step; bf16 activations (float32 params and loss) stay close. The
+    base run uses a relative --workdir, as the README's runs/demo does (Orbax needs absolute
+    paths: the trainer must make them so)."""
+    monkeypatch.chdir(tmp_path)
     results = {}
-    for variant in ("base", option):
+    for variant in ("base", "remat", "bfloat16"):
         config = tiny_config(tmp_path, epochs=1)
         config.train.max_steps = 2
         config.train.phases = "1"
@@ -337,24 +346,14 @@ def test_remat_and_bf16_steps(tmp_path, option):
             config.model.vit.remat = True
         if variant == "bfloat16":
             config.model.vit.dtype = "bfloat16"
-        trainer.train(config, str(tmp_path / variant))
-        results[variant] = tree.flatten(
-            exports.read(rundir.export_path(str(tmp_path / variant), 1))[0])
-    for k, v in results["base"].items():
-        assert results[option][k].dtype == np.float32
-        tol = 1e-5 if option == "remat" else 2e-2
-        np.testing.assert_allclose(results[option][k], v, atol=tol, err_msg=k)
-
-
-def test_relative_workdir(tmp_path, monkeypatch):
-    """The README runs with --workdir=runs/demo: a path relative to the current directory."""
-    config = tiny_config(tmp_path)
-    config.train.max_steps = 2
-    config.train.phases = "1"
-    config.eval.plot = False
-    monkeypatch.chdir(tmp_path)
-    trainer.train(config, "runs/rel")
-    assert (tmp_path / "runs/rel/phase1/export.npz").exists()
+        workdir = f"runs/{variant}" if variant == "base" else str(tmp_path / variant)
+        trainer.train(config, workdir)
+        results[variant] = tree.flatten(exports.read(rundir.export_path(workdir, 1))[0])
+    assert (tmp_path / "runs/base/phase1/export.npz").exists()
+    for option, tol in (("remat", 1e-5), ("bfloat16", 2e-2)):
+        for k, v in results["base"].items():
+            assert results[option][k].dtype == np.float32
+            np.testing.assert_allclose(results[option][k], v, atol=tol, err_msg=f"{option} {k}")
     assert (tmp_path / "runs/rel/results/table.md").exists()
     config.train.max_steps = 3  # resuming from the relative path's checkpoint
     config.train.allow_config_change = True
