@@ -335,9 +335,9 @@ def test_remat_and_bf16_steps_and_a_relative_workdir(tmp_path, monkeypatch):
     base run uses a relative --workdir, as the README's runs/demo does (Orbax needs absolute
     paths: the trainer must make them so)."""
     monkeypatch.chdir(tmp_path)
-    results = {}
+    results, configs = {}, {}
     for variant in ("base", "remat", "bfloat16"):
-        config = tiny_config(tmp_path, epochs=1)
+        config = configs[variant] = tiny_config(tmp_path, epochs=1)
         config.train.max_steps = 2
         config.train.phases = "1"
         config.optim.warmup_epochs = 0
@@ -350,11 +350,13 @@ def test_remat_and_bf16_steps_and_a_relative_workdir(tmp_path, monkeypatch):
         trainer.train(config, workdir)
         results[variant] = tree.flatten(exports.read(rundir.export_path(workdir, 1))[0])
     assert (tmp_path / "runs/base/phase1/export.npz").exists()
+    assert (tmp_path / "runs/base/results/table.md").exists()
     for option, tol in (("remat", 1e-5), ("bfloat16", 2e-2)):
         for k, v in results["base"].items():
             assert results[option][k].dtype == np.float32
             np.testing.assert_allclose(results[option][k], v, atol=tol, err_msg=f"{option} {k}")
-    assert (tmp_path / "runs/rel/results/table.md").exists()
-    config.train.max_steps = 3  # resuming from the relative path's checkpoint
-    config.train.allow_config_change = True
-    trainer.train(config, "runs/rel")
+    base = configs["base"]  # resuming from the relative path's checkpoint
+    base.train.max_steps = 3
+    base.train.allow_config_change = True
+    trainer.train(base, "runs/base")
+    assert exports.read(rundir.export_path("runs/base", 1))[1]["step"] == 3
