@@ -191,3 +191,28 @@ def test_nonfinite_steps_can_be_skipped_and_counted(straight, nan_loss):
     assert counted == [(10, float(len(bad)))]
     got = _export(tmp / "nan_skip")
     assert all(np.all(np.isfinite(v)) for v in got.values())
+
+
+def test_a_signal_outside_the_train_loop_becomes_interrupted():
+    """Outside the loop (startup, evaluation) run.py's handlers turn SIGTERM / SIGINT into
+    `Interrupted`, which run.py words as one line (exit 128 + n) instead of dying silently."""
+    from lpt_jax import preemption
+    from lpt_jax.errors import Interrupted
+    previous = {s: signal.getsignal(s) for s in preemption.SIGNALS}
+    try:
+        preemption.raise_on_signals()
+        for signum in preemption.SIGNALS:
+            with pytest.raises(Interrupted) as err:
+                os.kill(os.getpid(), signum)
+                time.sleep(5)  # the handler raises at the next bytecode
+            assert err.value.signum == signum
+        # inside the loop the watch takes over, and gives the handlers back afterwards
+        with preemption.PreemptionWatch() as watch:
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert watch.reached(1) and watch.signum == signal.SIGTERM
+        with pytest.raises(Interrupted):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
