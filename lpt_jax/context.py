@@ -46,8 +46,12 @@ def build_context(config, workdir: str, *, load_backbone: bool = True) -> Contex
                 "comes in same-class groups")
     parallel.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
     source = data.get_source(config.data)
-    _check_against_data_and_model(config, source)
+    _check_against_data(config, source)
     model = lpt_from_config(config.model, source.num_classes)
+    depth = model.backbone.depth
+    if config.model.lpt.shared_depth > depth:
+        raise ConfigError(f"model.lpt.shared_depth={config.model.lpt.shared_depth}: expected "
+                          f"an integer in [0, {depth}] (the backbone's depth)")
     params = init_params(model, config)
     identity = {}
     if load_backbone:
@@ -59,17 +63,18 @@ def build_context(config, workdir: str, *, load_backbone: bool = True) -> Contex
     return Context(config, workdir, mesh, source, model, params, identity)
 
 
-def _check_against_data_and_model(config, source) -> None:
-    """The config values that need the data (and the backbone's depth) to be judged."""
+def _check_against_data(config, source) -> None:
+    """The config values that need the data to be judged."""
     split = config.eval.final_split
     if split not in source.splits:
         raise ConfigError(f"eval.final_split={split!r}, but {config.data.name} has the splits "
                           f"{sorted(source.splits)}")
-    name = config.model.get("backbone", "vit")
-    depth = models.get_backbone(name).from_config(config.model[name]).depth
-    if config.model.lpt.shared_depth > depth:
-        raise ConfigError(f"model.lpt.shared_depth={config.model.lpt.shared_depth}: expected "
-                          f"an integer in [0, {depth}] (the backbone's depth)")
+
+
+def expected_class_names(ctx: Context):
+    """The class names an export loaded in this run must have been trained on (None when
+    eval.allow_other_class_names lets any export through)."""
+    return None if ctx.config.eval.allow_other_class_names else ctx.source.class_names
 
 
 def init_params(model: LPT, config) -> dict:

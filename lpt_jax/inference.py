@@ -15,7 +15,7 @@ import numpy as np
 from absl import logging
 
 from lpt_jax import data, exports, parallel, reports, rundir
-from lpt_jax.context import Context, build_context
+from lpt_jax.context import Context, build_context, expected_class_names
 from lpt_jax.errors import ConfigError
 from lpt_jax.phases import PHASES, Phase
 
@@ -115,8 +115,7 @@ def load_trained(ctx: Context, path: Optional[str] = None) -> tuple[dict, Phase]
         if path is None:
             raise ConfigError(f"no export.npz under {ctx.workdir}/phase<n>/: train first or "
                               "pass --export")
-    names = None if ctx.config.eval.get("allow_other_class_names") else ctx.source.class_names
-    params, meta = exports.apply(ctx.params, path, class_names=names)
+    params, meta = exports.apply(ctx.params, path, class_names=expected_class_names(ctx))
     theirs = meta.get("backbone") or {}
     if ctx.backbone_identity and theirs and (
             theirs.get("sha256_head_tail") != ctx.backbone_identity["sha256_head_tail"]):

@@ -31,9 +31,6 @@ RUN_DEFINING_SECTIONS = ("seed", "model", "backbone", "data", "loss", "optim", "
 LOCATION_FIELDS = ("backbone.checkpoint", "data.root", "data.split_dir", "data.train_list",
                    "data.val_list", "data.test_list", "data.class_names_file",
                    "data.tfds_data_dir", "data.cache_dir")
-# Run-defining fields added after workdirs were recorded, with the value that reproduces the
-# older behaviour: a config.json without them means that value (its runs still resume).
-ADDED_FIELDS = {"data.ib_sampling": "epoch_permutation"}
 # Entries that mean an invocation made progress worth resuming from (never undone).
 _PROGRESS = re.compile(r"phase\d+/(checkpoints/\d+(\.damaged-[\w-]+)?|export\.npz)")
 
@@ -119,13 +116,7 @@ def _refuse_if_different(config, workdir: str, part: str, ours: dict) -> None:
     except ValueError as e:
         raise ConfigError(f"{path} is not readable JSON ({e}): this workdir was not written by "
                           "this lpt_jax or was damaged; use a new --workdir") from None
-    recorded = theirs.get(part, {})
-    if part == "config":
-        for field, value in ADDED_FIELDS.items():
-            section, name = field.split(".")
-            if name not in recorded.get(section, {name: None}):
-                recorded[section][name] = value
-    diff = sorted(_diff(recorded, ours))
+    diff = sorted(_diff(theirs.get(part, {}), ours))
     if diff and not config.train.get("allow_config_change", False):
         what = ("a run with a different config" if part == "config" else
                 "a run that read other inputs (backbone file or training data)")

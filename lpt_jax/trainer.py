@@ -22,7 +22,7 @@ from absl import logging
 
 from lpt_jax import data, exports, files, inference, lease, parallel, rundir, steps, tree
 from lpt_jax.checkpoint import PhaseCheckpointer
-from lpt_jax.context import Context, build_context
+from lpt_jax.context import Context, build_context, expected_class_names
 from lpt_jax.errors import ConfigError, Preempted
 from lpt_jax.phases import PHASES, Phase, parse_phases
 from lpt_jax.preemption import PreemptionWatch
@@ -151,8 +151,7 @@ def _start_from(ctx: Context, params: dict, phase: Phase) -> dict:
             f"phase {phase.number} needs the result of phase {previous}, and {path} does not "
             f"exist: run phase {previous} first (--config.train.phases={previous},"
             f"{phase.number}) or point --config.train.phase1_export at an export.npz")
-    names = None if ctx.config.eval.get("allow_other_class_names") else ctx.source.class_names
-    return exports.apply(params, path, PHASES[previous], class_names=names)[0]
+    return exports.apply(params, path, PHASES[previous], class_names=expected_class_names(ctx))[0]
 
 
 def _finished(workdir: str, params: dict, phase: Phase, total: int):
