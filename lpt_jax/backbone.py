@@ -2,14 +2,21 @@
 
 Both layouts are normalised to big_vision's names before matching:
   * optional `params/` prefix is stripped;
+  * a big_vision two-tower file (SigLIP: `params/img/...`, `params/txt/...`, `params/t`,
+    `params/b`) loads one tower, chosen with `subtree` ('img' or 'txt'); without a choice it
+    is refused (one line), as is a choice the file does not have;
   * vit_jax/AugReg: `Transformer/posembed_input/pos_embedding` holds a CLS row first; it is
     folded into `cls` (exact: the CLS token only ever sees cls + posemb[0]); block modules use
     global numbering (`MultiHeadDotProductAttention_1`, `LayerNorm_2`, `MlpBlock_3`);
-  * scan layout (`Transformer/encoderblock/...` with a leading depth axis) is unstacked.
+  * scan layout (`Transformer/encoderblock/...` with a leading depth axis) is unstacked;
+  * timm / Hugging Face state dicts (`.safetensors`, `.pth`, `.pt`, `.bin`) are read without
+    torch and renamed to big_vision's names by `lpt_jax.convert` (`read_arrays`).
 Position embeddings are resampled bilinearly to the model's grid when they differ
 (`scipy.ndimage.zoom(order=1)`, as big_vision does).
 
-Then every model parameter must be loaded or match a `dont_load` pattern (it keeps its init),
+The checkpoint's pooling (a `MAPHead_0` -> 'map', a `cls` token -> 'tok', else 'gap') must be
+the model's; a mismatch is one line naming both. Then every model parameter must be loaded
+or match a `dont_load` pattern (it keeps its init),
 and every checkpoint array must be used or match an `ignore` pattern; shapes must agree.
 Anything else is one `CheckpointError` listing all problems with their shapes.
 """
@@ -77,14 +84,22 @@ def _fix_dtype(a: np.ndarray) -> np.ndarray:
     return a
 
 
-def read_arrays(path: str) -> dict[str, np.ndarray]:
+def read_arrays(path: str, *, num_heads: int | None = None) -> dict[str, np.ndarray]:
     """Reads a flat {name: array} dict from an .npz (or structured .npy), never unpickling.
 
     The .npz is read member by member straight from the (local or `gs://`) file object, so
     peak host memory stays at the checkpoint's size (1.0x measured for ViT-B/16, see
     benchmarks/results/backbone_load_memory.md); reading a remote file into bytes first
     would cost 3x.
+
+    `.safetensors`, `.pth`, `.pt` and `.bin` files are timm / Hugging Face ViT state dicts:
+    read without torch and without running anything from them, and renamed to big_vision's
+    names (`lpt_jax.convert`); `num_heads` splits their fused qkv weights (default: the
+    standard ViT size of that width).
     """
+    from lpt_jax import convert  # imports this module: a cycle if imported at the top
+    if convert.is_torch_world(path):
+        return convert.read_timm_backbone(path, num_heads)
     f = _open_checkpoint(path)
     try:
         loaded = np.load(f, allow_pickle=False)
@@ -106,6 +121,15 @@ def read_arrays(path: str) -> dict[str, np.ndarray]:
         f.close()
 
 
+def num_heads_of(params: Mapping) -> int | None:
+    """The attention heads of a ViT params tree (its first query kernel is (D, heads, D/heads)),
+    which a timm state dict's fused qkv weights need; None if it has no such kernel."""
+    for key, value in flatten(params).items():
+        if key.endswith("MultiHeadDotProductAttention_0/query/kernel") and len(value.shape) == 3:
+            return int(value.shape[1])
+    return None
+
+
 # ------------------------------------------------------------------------------------------
 # Layout normalisation.
 
@@ -116,11 +140,48 @@ _VIT_JAX_BLOCK_NAMES = {
 }
 
 
-def to_big_vision_layout(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Renames a flat checkpoint dict of either layout to big_vision's unscanned names."""
+# First path components of the towers of a big_vision two-tower (image-text) checkpoint.
+TOWERS = ("img", "txt")
+
+
+def select_subtree(arrays: Mapping[str, np.ndarray], subtree: str = "",
+                   source: str = "checkpoint") -> dict[str, np.ndarray]:
+    """The arrays under `subtree/` (prefix removed); with no `subtree`, all of them, unless
+    the file is a two-tower one (then a one-line `CheckpointError` asks for a tower)."""
+    arrays = {(k[len("params/"):] if k.startswith("params/") else k): a
+              for k, a in arrays.items()}
+    groups = sorted({k.split("/", 1)[0] for k in arrays if "/" in k})
+    towers = [g for g in groups if g in TOWERS]
+    if not subtree:
+        if towers:
+            raise CheckpointError(
+                f"{source} is a two-tower (image + text) file with the subtrees {towers}: "
+                "choose the image tower with --config.backbone.subtree=img")
+        return dict(arrays)
+    prefix = subtree.strip("/") + "/"
+    out = {k[len(prefix):]: a for k, a in arrays.items() if k.startswith(prefix)}
+    if not out:
+        have = (f"its subtrees are {groups}" if towers else
+                "it is a single-tower file: leave backbone.subtree empty")
+        raise CheckpointError(f"{source} has no subtree {subtree!r} ({have})")
+    return out
+
+
+def pool_type_of(names: Iterable[str]) -> str:
+    """The pooling a ViT parameter set implies: 'map' (a MAPHead_0), 'tok' (a cls token) or
+    'gap' (neither)."""
+    names = set(names)
+    if any(n.startswith("MAPHead_0/") for n in names):
+        return "map"
+    return "tok" if "cls" in names else "gap"
+
+
+def to_big_vision_layout(arrays: Mapping[str, np.ndarray], subtree: str = "",
+                         source: str = "checkpoint") -> dict[str, np.ndarray]:
+    """Renames a flat checkpoint dict of either layout to big_vision's unscanned names;
+    `subtree` picks a tower of a two-tower file (`select_subtree`)."""
     out = {}
-    for key, a in arrays.items():
-        key = key[len("params/"):] if key.startswith("params/") else key
+    for key, a in select_subtree(arrays, subtree, source).items():
         parts = key.split("/")
         parts = [_VIT_JAX_BLOCK_NAMES.get(p, p) for p in parts]
         out["/".join(parts)] = a
@@ -132,12 +193,15 @@ def to_big_vision_layout(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarr
             old_pos = old_pos[:, 1:]
         out["pos_embedding"] = old_pos
 
-    scanned = [k for k in out if k.startswith("Transformer/encoderblock/")]
+    # Scan layout: the image tower's `Transformer/encoderblock/...`, the text tower's
+    # `Encoder_0/encoderblock/...`, with the depth as the leading axis.
+    scanned = [k for k in out if k.split("/")[:2] in (["Transformer", "encoderblock"],
+                                                      ["Encoder_0", "encoderblock"])]
     for key in scanned:
         stacked = out.pop(key)
-        rest = key[len("Transformer/encoderblock/"):]
+        encoder, _, rest = key.split("/", 2)
         for i in range(stacked.shape[0]):
-            out[f"Transformer/encoderblock_{i}/{rest}"] = stacked[i]
+            out[f"{encoder}/encoderblock_{i}/{rest}"] = stacked[i]
     return out
 
 
@@ -158,7 +222,8 @@ def resample_posemb(posemb: np.ndarray, new_grid: tuple[int, int]) -> np.ndarray
 # Matching against the model.
 
 def load_params(path: str, init_params: Mapping, *, dont_load: Iterable[str] = (),
-                ignore: Iterable[str] = (), grid: tuple[int, int] | None = None) -> dict:
+                ignore: Iterable[str] = (), grid: tuple[int, int] | None = None,
+                subtree: str = "", resample: bool = True) -> dict:
     """Loads a ViT checkpoint into a copy of `init_params` (the ViT's `params` collection).
 
     Args:
@@ -167,12 +232,16 @@ def load_params(path: str, init_params: Mapping, *, dont_load: Iterable[str] = (
       dont_load: regexes (full match on 'a/b/c' names) of model params that keep their init.
       ignore: regexes of checkpoint arrays that may stay unused (e.g. 'head/.*').
       grid: the model's patch grid (`ViT.grid`); inferred as square when omitted.
+      subtree: the tower of a two-tower file ('img' or 'txt'); '' for a single-tower file.
+      resample: False for a text tower, whose position table is not a patch grid.
     """
     dont_load, ignore = tuple(dont_load), tuple(ignore)
-    ckpt = to_big_vision_layout(read_arrays(path))
+    ckpt = to_big_vision_layout(read_arrays(path, num_heads=num_heads_of(init_params)),
+                                subtree, f"checkpoint {path}")
     model = flatten(init_params)
+    _check_pooling(path, ckpt, model, dont_load, ignore)
 
-    if "pos_embedding" in ckpt and "pos_embedding" in model:
+    if resample and "pos_embedding" in ckpt and "pos_embedding" in model:
         want = model["pos_embedding"].shape
         have = ckpt["pos_embedding"].shape
         if have != want and have[-1] == want[-1]:
@@ -203,6 +272,21 @@ def load_params(path: str, init_params: Mapping, *, dont_load: Iterable[str] = (
                 lines.append(f"  {title} ({len(items)}): " + "; ".join(sorted(items)))
         raise CheckpointError("\n".join(lines))
     return unflatten(loaded)
+
+
+def _check_pooling(path, ckpt, model, dont_load, ignore) -> None:
+    """One line when the checkpoint was trained with another pooling than the model's (a MAP
+    head or a class token too many or too few), instead of a list of odd names."""
+    have = pool_type_of(k for k in ckpt if not _matches(k, ignore))
+    want = pool_type_of(k for k in model if not _matches(k, dont_load))
+    if have != want:
+        raise CheckpointError(
+            f"checkpoint {path} has {_POOL_WORDS[have]} (pool_type={have!r}) but the model is "
+            f"built with pool_type={want!r}: set --config.model.vit.pool_type={have!r}")
+
+
+_POOL_WORDS = {"map": "a MAP head (MAPHead_0/...)", "tok": "a class token (cls)",
+               "gap": "neither a MAP head nor a class token"}
 
 
 def save_big_vision_npz(path: str, params: Mapping, *, scan: bool = False) -> None:

@@ -1,0 +1,137 @@
+"""Writing converted weights: a release -> `backbone.npz` + phase-2 `export.npz`; a timm /
+Hugging Face ViT -> a big_vision `.npz`. Everything is read and checked before the first
+byte is written, and each file appears whole (written beside, then renamed)."""
+
+from __future__ import annotations
+
+import gzip
+import os
+from typing import Optional
+
+import numpy as np
+
+from lpt_jax import exports, files
+from lpt_jax.backbone import CheckpointError, file_fingerprint
+from lpt_jax.convert.fit import abstract_params, check_fits, vit_shapes
+from lpt_jax.convert.reading import read_timm_backbone
+from lpt_jax.convert.release import PLACES_RELEASE, Release, read_release
+from lpt_jax.convert.timm_names import heads_for_width
+from lpt_jax.models.vit import vit_from_config
+from lpt_jax.tree import flatten, unflatten
+
+SHIPPED_CLASS_NAMES = {  # --class_names=<dataset>: the lists the data sources use
+    name: os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data",
+                       "splits", name, "classnames.txt")
+    for name in ("places_lt", "imagenet_lt")}
+RELEASE_FORMAT = "LPT PyTorch release (DongSky/LPT), torch.save {'state_dict': ...}"
+
+
+# ------------------------------------------------------------------------------------------
+# Class names.
+
+def read_class_names(spec: str, num_classes: int) -> Optional[list[str]]:
+    """'places_lt' / 'imagenet_lt' (the shipped lists), a file (one name per line, or
+    '<id> <name>' lines: the name is kept, as the data sources do), or 'none'."""
+    if spec == "none":
+        return None
+    path = SHIPPED_CLASS_NAMES.get(spec, spec)
+    if not files.exists(path):
+        raise CheckpointError(f"--class_names={spec}: no such file; use one of "
+                              f"{', '.join(SHIPPED_CLASS_NAMES)}, none, or a file of names")
+    raw = files.read_bytes(path)
+    try:
+        text = (gzip.decompress(raw) if path.endswith(".gz") else raw).decode("utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"--class_names={spec}: {path} is not a text file ({e})") from None
+    names = [line.split(maxsplit=1)[-1] for line in text.splitlines() if line.strip()]
+    if len(names) != num_classes:
+        raise CheckpointError(f"--class_names={spec}: {len(names)} names, but the checkpoint's "
+                              f"head has {num_classes} classes")
+    return names
+
+
+# ------------------------------------------------------------------------------------------
+# Release.
+
+def eval_overrides(release: Release) -> list[str]:
+    """The `--config.*` flags that make configs/places_lt.py (whose defaults are the
+    published release's) build this release's model; [] for LPT_places.pth itself."""
+    shapes, flags = release.shapes(), []
+    for key in ("width", "depth", "num_heads", "mlp_dim", "patch_size", "image_size"):
+        if shapes[key] != PLACES_RELEASE[key]:
+            flags.append(f"--config.model.vit.{key}={shapes[key]}")
+    for key in ("prompt_length", "pool_size", "shared_depth", "top_k"):
+        if shapes[key] != PLACES_RELEASE[key]:
+            flags.append(f"--config.model.lpt.{key}={shapes[key]}")
+    if shapes["image_size"] != PLACES_RELEASE["image_size"]:
+        size = shapes["image_size"]
+        flags += [f"--config.data.image_size={size}",
+                  f"--config.data.resize_size={size * 8 // 7}"]  # the release's eval resize
+    return flags
+
+
+def export_meta(release: Release, backbone_path: str, class_names, source: dict) -> dict:
+    size = release.vit["image_size"]
+    meta = {"phase": 2, "step": None, "num_classes": release.num_classes,
+            "config": {"model": release.model_config().to_dict(),
+                       "data": {"image_size": size, "resize_size": size * 8 // 7},
+                       "backbone": {"checkpoint": backbone_path}},
+            "backbone": file_fingerprint(backbone_path),
+            "converted_from": source, "eval_overrides": eval_overrides(release)}
+    if class_names is not None:
+        meta["class_names"] = list(class_names)
+    return meta
+
+
+def convert_release(path: str, out_dir: str, *, num_heads: Optional[int] = None,
+                    top_k: int = 2, class_names: str = "places_lt",
+                    overwrite: bool = False) -> dict:
+    """Writes `out_dir/backbone.npz` and `out_dir/export.npz`; returns what was written."""
+    release = read_release(path, num_heads, top_k)
+    names = read_class_names(class_names, release.num_classes)
+    backbone_path, export_path = _outputs(out_dir, ("backbone.npz", "export.npz"), overwrite)
+    source = {"path": files.absolute(path), "format": RELEASE_FORMAT,
+              **{k: v for k, v in file_fingerprint(path).items() if k != "path"}}
+    _write_npz(backbone_path, release.backbone)
+    trained = unflatten(release.prompts)
+    release.backbone = {}  # the storages can go before the export is written
+    exports.write(export_path, trained, export_meta(release, backbone_path, names, source))
+    return {"backbone": backbone_path, "export": export_path, "shapes": release.shapes(),
+            "class_names": class_names if names is not None else None,
+            "eval_overrides": eval_overrides(release)}
+
+
+# ------------------------------------------------------------------------------------------
+# timm / Hugging Face backbone.
+
+def convert_backbone(path: str, out: str, *, num_heads: Optional[int] = None,
+                     overwrite: bool = False) -> dict:
+    """A timm ViT state dict (.safetensors/.pth/.bin) -> a big_vision .npz at `out`."""
+    arrays = read_timm_backbone(path, num_heads)
+    shapes = vit_shapes(arrays, path)
+    shapes["num_heads"] = heads_for_width(shapes["width"], num_heads, path)
+    check_fits(path, arrays, flatten(abstract_params(vit_from_config(shapes))),
+               f"a ViT ({shapes['width']} wide, {shapes['depth']} blocks, "
+               f"{shapes['num_heads']} heads)")
+    (out,) = _outputs(os.path.dirname(out) or ".", (os.path.basename(out),), overwrite)
+    _write_npz(out, arrays)
+    return {"out": out, "shapes": shapes}
+
+
+# ------------------------------------------------------------------------------------------
+
+def _outputs(folder: str, names, overwrite: bool) -> list[str]:
+    paths = [os.path.join(folder, n) for n in names]
+    existing = [p for p in paths if files.exists(p)]
+    if existing and not overwrite:
+        raise CheckpointError(f"{', '.join(existing)} already exist(s): pass --overwrite or "
+                              "choose another --out")
+    return paths
+
+
+def _write_npz(path: str, arrays: dict) -> None:
+    """np.savez member by member (views are written without a full copy), then renamed."""
+    tmp = path + ".tmp"
+    with files.open_write(tmp) as f:
+        np.savez(f, **arrays)
+    files.rename(tmp, path)
