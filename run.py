@@ -5,6 +5,9 @@
   python run.py --config=configs/cifar100_lt.py:50 --workdir=/tmp/c100 --config.phase1.epochs=5
   python run.py --config=configs/demo.py --workdir=/tmp/demo --mode=eval
   python run.py --config=configs/demo.py --workdir=/tmp/demo --mode=predict --files=a.jpg,b.jpg
+  python run.py --config=configs/demo.py --workdir=/tmp/demo --mode=predict \
+      --export=birds=runs/birds/phase2/export.npz,cars=runs/cars/phase1/export.npz \
+      --files=birds=a.jpg,cars=b.jpg          (several tasks on one backbone: docs/serving.md)
 
 A problem the user can fix ends the run with one line on stderr, `error: <what, where, what to
 do>`, and an exit status: 2 for a bad command line (unknown config field, value of the wrong
@@ -34,8 +37,13 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "predict"],
                           "train: the configured phases (config.train.phases) then the final "
                           "evaluation; eval: evaluate an export; predict: top-k labels of images.")
 _EXPORT = flags.DEFINE_string("export", None, "eval/predict: an export.npz (default: the "
-                              "workdir's latest phase).")
-_FILES = flags.DEFINE_list("files", [], "predict: image files or folders.")
+                              "workdir's latest phase). predict: several, comma-separated, "
+                              "each 'task=path' or a path (task: its workdir's name), served on "
+                              "one backbone (docs/serving.md).")
+_FILES = flags.DEFINE_list("files", [], "predict: image files or folders; with several "
+                           "exports 'task=path'.")
+_REQUESTS = flags.DEFINE_string("requests", None, "predict with several exports: a JSON-lines "
+                                'file of {"task": ..., "file": ...} instead of --files.')
 _OUTPUT = flags.DEFINE_string("output", None, "predict: JSON-lines file (default: stdout).")
 
 flags.mark_flags_as_required(["config", "workdir"])
@@ -99,11 +107,17 @@ def main(argv):
         elif _MODE.value == "eval":
             inference.evaluate_workdir(config, workdir, _EXPORT.value)
         else:
-            files = cli.expand_files(_FILES.value)
-            if not files:
-                raise ConfigError("--mode=predict needs --files (image files or folders)")
+            plan = cli.predict_plan(_EXPORT.value, _FILES.value, _REQUESTS.value)
+            if plan is None:  # one export: the single-task path
+                files = cli.expand_files(_FILES.value)
+                if not files:
+                    raise ConfigError("--mode=predict needs --files (image files or folders)")
+                rows = inference.predict_files(config, workdir, files, _EXPORT.value)
+            else:  # several tasks on one backbone, every export and request checked first
+                from lpt_jax import serving
+                rows = serving.predict_requests(config, *plan)
             out = open(_OUTPUT.value, "w") if _OUTPUT.value else sys.stdout
-            for row in inference.predict_files(config, workdir, files, _EXPORT.value):
+            for row in rows:
                 out.write(json.dumps(row) + "\n")
             if out is not sys.stdout:
                 out.close()

@@ -1,9 +1,11 @@
-"""The command line's words: input files of --mode=predict, quiet library logs, and every
-error the user can fix worded as one line (`error: <what, where, what to do>`)."""
+"""The command line's words: input files of --mode=predict (and which task serves each, with
+several exports), quiet library logs, and every error the user can fix worded as one line
+(`error: <what, where, what to do>`)."""
 
 from __future__ import annotations
 
 import difflib
+import json
 import logging as logging_std
 import os
 import re
@@ -12,6 +14,8 @@ import traceback
 
 from absl import flags
 from ml_collections import ConfigDict, config_flags
+
+from lpt_jax.errors import ConfigError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 
@@ -27,6 +31,133 @@ def expand_files(paths):
         else:
             out.append(p)
     return out
+
+
+# ------------------------------------------------------------------------------------------
+# Several exports in one predict (lpt_jax.serving): which export serves which file.
+
+_TASK_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+_PHASE_FOLDER = re.compile(r"phase\d+")
+
+
+def split_named(entry: str):
+    """'task=path' -> (task, path); a plain path, or one that exists as given, -> (None, path)."""
+    if "=" in entry and not os.path.exists(entry):
+        name, path = entry.split("=", 1)
+        if _TASK_NAME.fullmatch(name):
+            return name, path
+    return None, entry
+
+
+def default_task_name(path: str) -> str:
+    """The task an unnamed export serves: the file's stem, or for `export.npz` its folder's
+    name (the workdir's, for `<workdir>/phase<n>/export.npz`)."""
+    from lpt_jax import files
+    full = path if files.is_remote(path) else os.path.abspath(path)
+    parts = full.rstrip("/").split("/")
+    stem = parts[-1].rsplit(".", 1)[0]
+    folders = parts[:-1]
+    if stem != "export":
+        return stem
+    while folders and _PHASE_FOLDER.fullmatch(folders[-1]):
+        folders.pop()
+    return folders[-1] if folders and folders[-1] else stem
+
+
+def task_exports(spec: str) -> dict:
+    """--export=a=x/export.npz,runs/b/phase2/export.npz -> {task: path}, names unique."""
+    out: dict = {}
+    for entry in [e for e in spec.split(",") if e]:
+        name, path = split_named(entry)
+        name = name or default_task_name(path)
+        if name in out:
+            raise ConfigError(
+                f"--export: two exports serve the task {name!r} ({out[name]}, {path}); name "
+                f"each one, e.g. --export={name}1={out[name]},{name}2={path}")
+        out[name] = path
+    return out
+
+
+def _known_task(name: str, tasks, where: str) -> str:
+    if name not in tasks:
+        raise ConfigError(f"{where} asks for task {name!r}, which no --export names; the "
+                            f"tasks are {', '.join(map(repr, tasks))}")
+    return name
+
+
+def _existing_files(path: str, where: str) -> list:
+    from lpt_jax import files
+    if not files.is_remote(path) and not os.path.exists(path):
+        raise ConfigError(f"{where}: {path} does not exist")
+    found = expand_files([path])
+    if not found:
+        raise ConfigError(f"{where}: the folder {path} holds no image "
+                            f"({', '.join(IMAGE_SUFFIXES)})")
+    return found
+
+
+def task_files(entries, tasks) -> list:
+    """--files entries (`task=path` or, with one task, `path`; folders walked) -> [(task, file)]."""
+    out = []
+    for entry in entries:
+        name, path = split_named(entry)
+        if name is None:
+            if len(tasks) != 1:
+                raise ConfigError(f"--files: {entry} names no task; write task=path (the "
+                                    f"tasks are {', '.join(map(repr, tasks))})")
+            name = next(iter(tasks))
+        _known_task(name, tasks, f"--files={entry}")
+        out += [(name, f) for f in _existing_files(path, f"--files={entry}")]
+    return out
+
+
+def read_requests(path: str, tasks) -> list:
+    """A JSON-lines file of {"task": ..., "file": ...} (blank lines skipped) -> [(task, file)]."""
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--requests={path}: cannot read it ({e})") from None
+    out = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"--requests={path} line {number}"
+        try:
+            request = json.loads(line)
+        except ValueError as e:
+            raise ConfigError(f"{where} is not JSON ({e})") from None
+        if (not isinstance(request, dict) or set(request) != {"task", "file"}
+                or not all(isinstance(v, str) and v for v in request.values())):
+            raise ConfigError(f"{where}: expected an object with exactly the strings "
+                                f'"task" and "file", e.g. {{"task": "birds", "file": "a.jpg"}}, '
+                                f"got {line.strip()[:80]}")
+        _known_task(request["task"], tasks, where)
+        out += [(request["task"], f) for f in _existing_files(request["file"], where)]
+    if not out:
+        raise ConfigError(f"--requests={path} holds no request")
+    return out
+
+
+def predict_plan(export, file_args, requests):
+    """None for the single-export predict (at most one unnamed --export, unnamed --files, no
+    --requests: unchanged); else ({task: export}, [(task, file)]) for lpt_jax.serving."""
+    entries = [e for e in (export or "").split(",") if e]
+    named = [split_named(e)[0] for e in list(entries) + list(file_args)]
+    if not requests and len(entries) <= 1 and not any(named):
+        return None
+    if not entries:
+        raise ConfigError("several tasks need --export naming their exports, e.g. "
+                            "--export=birds=runs/birds/phase2/export.npz,cars=...")
+    tasks = task_exports(export)
+    if requests and file_args:
+        raise ConfigError("--files and --requests: give one of them")
+    if requests:
+        return tasks, read_requests(requests, tasks)
+    if not file_args:
+        raise ConfigError("--mode=predict needs --files (task=image or task=folder) or "
+                            "--requests (a JSON-lines file)")
+    return tasks, task_files(file_args, tasks)
 
 
 class QuietLibraries(logging_std.Filter):
@@ -196,7 +327,11 @@ def output_problem(workdir: str, output) -> "str | None":
 
 def os_error_line(err: OSError) -> str:
     """An environment failure (disk full, read-only folder, ...) as one line."""
-    where = f" {err.filename}" if getattr(err, "filename", None) else ""
+    name = getattr(err, "filename", None)
+    # Name the file being written, not the temporary it goes through first (files.write_bytes
+    # and the lease write `<name>.tmp` / `<name>.<hex>.tmp`, then rename).
+    name = re.sub(r"(\.[0-9a-f]{32})?\.tmp$", "", str(name)) if name else None
+    where = f" {name}" if name else ""
     what = err.strerror or str(err) or type(err).__name__
     hint = {28: "free some space (the run resumes from its last checkpoint)",
             13: "make the folder writable or choose another --workdir",

@@ -76,6 +76,7 @@ def predict_split(ctx: Context, params, phase: Phase, split: str):
 def accuracy(ctx: Context, params, phase: Phase, split: str) -> dict:
     """The accuracy report (overall, many/medium/few under both rules, per class)."""
     t0 = time.time()
+    logging.info("evaluating phase %d on the %s split", phase.number, split)
     preds, labels, skipped = predict_split(ctx, params, phase, split)
     report = reports.accuracy_report(preds, labels, ctx.source.train_counts,
                                      ctx.source.class_names)

@@ -16,6 +16,12 @@ Forward functions (use as `model.apply(variables, images, method=...)`):
                       run once, then branch into the query path and the group-prompt path;
     `phase2_reference` the release's way (two full passes), for tests and benchmarks.
     `__call__`        = `phase2` (initialises every parameter).
+
+Mixed-task batches (`lpt_jax.serving`): `PromptedBackbone` runs the same blocks with every
+prompt given per example instead of read from its own parameters, so one frozen backbone serves
+the examples of several trained tasks in one call; `select_per_example` and
+`average_selected` are phase 2's key matching and group averaging with each example's own
+pool and keys.
 """
 
 from __future__ import annotations
@@ -169,6 +175,60 @@ class LPT(nn.Module):
     def __call__(self, images, train: bool = False):
         """Initialises every parameter (phase 2 touches them all, on 2L-K blocks)."""
         return self.phase2(images, train)
+
+
+class PromptedBackbone(nn.Module):
+    """LPT's blocks with the prompts passed in per example (B leading), not read from params.
+
+    Its only parameters are `backbone/...`, named as in `LPT`. The methods are LPT's paths
+    with each example's own prompts: `trunk` (blocks 0..K-1, shared prompt), `query` (blocks
+    K..L-1, shared prompt: the phase-1 feature, and phase 2's query), `main` (blocks K..L-1,
+    shared prompt then the averaged group prompts: the phase-2 feature). Features are the
+    backbone's pooled output; the cosine head is applied by the caller.
+    """
+    backbone: nn.Module
+    shared_depth: int
+    prompt_position: str = "append"
+
+    def _run(self, x, start, stop, extra_for_block):
+        extras = {i: extra_for_block(i) for i in range(start, stop)}
+        return self.backbone.encode(x, start, stop, extras, self.prompt_position)
+
+    def trunk(self, images, shared):
+        """shared (B, L, P, D) -> tokens after blocks 0..K-1."""
+        return self._run(self.backbone.embed(images), 0, self.shared_depth,
+                         lambda i: shared[:, i])
+
+    def query(self, x, shared):
+        """Trunk tokens -> blocks K..L-1 with the shared prompt -> feature (B, D)."""
+        x = self._run(x, self.shared_depth, self.backbone.depth, lambda i: shared[:, i])
+        return self.backbone.features(x)
+
+    def main(self, x, shared, group):
+        """Trunk tokens, group (B, L-K, P, D) -> blocks K..L-1 with [shared_i ; group_i]."""
+        k = self.shared_depth
+        x = self._run(x, k, self.backbone.depth,
+                      lambda i: jnp.concatenate([shared[:, i], group[:, i - k]], axis=1))
+        return self.backbone.features(x)
+
+
+def select_per_example(query, keys, valid, top_k: int):
+    """`LPT.select` with each example's own keys (B, M, D); keys where `valid` (B, M) is False
+    (a smaller pool padded to M) are never picked. Returns (indices (B, k), cosines (B, k))."""
+    sims = jnp.einsum("bd,bmd->bm", l2_normalize(query.astype(jnp.float32)),
+                      l2_normalize(keys.astype(jnp.float32)))
+    cos, idx = jax.lax.top_k(jnp.where(valid, sims, -jnp.inf), top_k)
+    return idx, cos
+
+
+def average_selected(pools, task, idx, weights):
+    """Each example's selected group prompts, averaged, from the pools of several tasks:
+    pools (T, M, L-K, P, D), task (B,), idx (B, k), weights (B, k) = 1/k_b on the example's
+    first k_b picks and 0 after them (tasks of several top-k values in one batch)
+    -> (B, L-K, P, D). Elementwise (no matmul precision to differ): `LPT`'s mean up to float
+    rounding (exactly, for k <= 2)."""
+    picked = pools[task[:, None], idx]                     # (B, k, L-K, P, D)
+    return jnp.sum(picked * weights[:, :, None, None, None], axis=1)
 
 
 def lpt_from_config(model_cfg, num_classes: int, backbone: Optional[nn.Module] = None) -> LPT:
