@@ -14,11 +14,46 @@ from ml_collections.config_dict import placeholder
 from lpt_jax.data.config import default_config as data_defaults
 from lpt_jax.losses import agcl_branch_defaults
 from lpt_jax.models.lpt import TRAINABLE
+from lpt_jax.models.vit import VARIANTS as VIT_VARIANTS
 
 ConfigDict = ml_collections.ConfigDict
 
 AUGREG_B16_IN21K = ("gs://vit_models/augreg/"
                     "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz")
+
+
+# big_vision's released SigLIP (WebLI, English) two-tower checkpoints, by config name:
+# (image variant, resolution, file, text variant, text length), as in big_vision's SigLIP
+# demo colab. Images enter at that resolution in [-1, 1] (value_range(-1, 1), as ours).
+SIGLIP = {
+    "siglip_b16": ("B/16", 224, "webli_en_b16_224_63724782.npz", "B", 64),
+    "siglip_b16_256": ("B/16", 256, "webli_en_b16_256_60500360.npz", "B", 64),
+    "siglip_b16_384": ("B/16", 384, "webli_en_b16_384_68578854.npz", "B", 64),
+    "siglip_l16_256": ("L/16", 256, "webli_en_l16_256_60552751.npz", "L", 64),
+    "siglip_l16_384": ("L/16", 384, "webli_en_l16_384_63634585.npz", "L", 64),
+    "siglip_so400m": ("So400m/14", 224, "webli_en_so400m_224_57633886.npz", "So400m", 16),
+    "siglip_so400m_384": ("So400m/14", 384, "webli_en_so400m_384_58765454.npz", "So400m", 64),
+}
+SIGLIP_DIR = "gs://big_vision/siglip/"
+SIGLIP_TOKENIZER = "gs://t5-data/vocabs/cc_en.32000/sentencepiece.model"  # big_vision c4_en
+
+
+def use_siglip(c: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+    """Switches a config to the SigLIP image tower `name` (a key of SIGLIP): MAP pooling, no
+    class token, tanh GELU, LayerNorm eps 1e-6 (SigLIP's numerics), its input size, the
+    two-tower file's image subtree, and its text tower for `model.head_init='text'`."""
+    variant, res, file, text_variant, text_len = SIGLIP[name]
+    c.model.vit.update(dict(variant=variant, image_size=res, pool_type="map",
+                            layernorm_epsilon=1e-6, gelu_approximate=True))
+    c.model.text.update(dict(variant=text_variant, max_len=text_len, vocab_size=32_000,
+                             tokenizer=SIGLIP_TOKENIZER))
+    # K = L/2 as the spec's 6 of 12 (So400m: 13 of 27).
+    c.model.lpt.shared_depth = VIT_VARIANTS[variant.split("/")[0]][1] // 2
+    c.backbone.checkpoint = SIGLIP_DIR + file
+    c.backbone.subtree = "img"
+    c.data.image_size = res
+    c.data.resize_size = res * 256 // 224   # the release's 256/224 resize-then-crop ratio
+    return c
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -39,9 +74,23 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.lpt = ConfigDict(dict(
         prompt_length=10, pool_size=20, shared_depth=6, top_k=2, head_dropout=0.1,
         prompt_init_std=0.02, prompt_position="append"))
+    # The cosine head's start: 'random' (unit columns, §2) or 'text' (class-name prompts
+    # embedded by the two-tower model's text tower, model.text; docs/siglip.md).
+    c.model.head_init = "random"
+    # The SigLIP text tower (lpt_jax.models.siglip_text), read only for head_init='text'.
+    # `variant` sets width/depth/mlp_dim/num_heads (big_vision names: B, L, So400m, ...);
+    # `checkpoint` '' = the backbone's two-tower file; `templates` are averaged ('{}' = the
+    # class name); pad_id -1 = pad with the end token (SigLIP's "sticky" EOS).
+    c.model.text = ConfigDict(dict(
+        variant="B", width=placeholder(int), depth=placeholder(int),
+        num_heads=placeholder(int), mlp_dim=placeholder(int), vocab_size=32_000, max_len=64,
+        embed_dim=placeholder(int), pool_type="last", layernorm_epsilon=1e-6,
+        gelu_approximate=True, dtype="float32", tokenizer="", checkpoint="", subtree="txt",
+        templates=("a photo of a {}.",), pad_id=-1, lower=True, batch_size=64))
 
     c.backbone = ConfigDict()
     c.backbone.checkpoint = AUGREG_B16_IN21K
+    c.backbone.subtree = ""   # a tower of a two-tower file (SigLIP: 'img'); '' = the whole file
     c.backbone.ignore = ("head/.*", "pre_logits/.*")  # checkpoint arrays we do not use
     c.backbone.dont_load = ()                          # model params that keep their init
 

@@ -2,13 +2,23 @@
 
   python run.py --config=configs/places_lt.py --workdir=gs://bucket/places \
       --config.data.root=gs://bucket/places365_standard
+
+With an argument, a big_vision SigLIP image tower instead (docs/siglip.md), e.g.
+`configs/places_lt.py:siglip_so400m` (So400m/14, 224 px; the others: configs.common.SIGLIP);
+add `--config.model.head_init=text` for a head initialised from the class names.
 """
 
-from configs.common import base_config
+from configs.common import SIGLIP, base_config, use_siglip
+from lpt_jax.errors import ConfigError
 
 
 def get_config(arg=None):
     c = base_config()
     c.data.name = "places_lt"
     c.data.root = ""  # places365_standard image root, or a prepared dir (README)
+    if arg:
+        if arg not in SIGLIP:
+            raise ConfigError(f"configs/places_lt.py:{arg}: expected no argument or one of "
+                              f"{sorted(SIGLIP)}")
+        use_siglip(c, arg)
     return c

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import math
 
-from lpt_jax import losses
+from lpt_jax import files, losses
 from lpt_jax.errors import ConfigError
+from lpt_jax.models.siglip_text import POOL_TYPES as TEXT_POOL_TYPES
+from lpt_jax.models.vit import POOL_TYPES
 from lpt_jax.phases import PHASES, parse_phases
+
+HEAD_INITS = ("random", "text")  # model.head_init: lpt_jax.text_head for 'text'
 
 
 def _get(config, field: str):
@@ -82,3 +86,54 @@ def check(config) -> None:
         raise ConfigError(f"model.{name}.image_size={size} but data.image_size="
                           f"{config.data.image_size}: the backbone is built for the training "
                           "crop size")
+    pool = config.model[name].get("pool_type")
+    if pool is not None and pool not in POOL_TYPES:
+        raise ConfigError(f"model.{name}.pool_type={pool!r}: expected one of {POOL_TYPES} "
+                          "('map': big_vision's MAP head, SigLIP image towers)")
+    subtree = config.backbone.get("subtree", "")
+    if not isinstance(subtree, str) or subtree.strip("/") != subtree:
+        raise ConfigError(f"backbone.subtree={subtree!r}: expected a tower name such as 'img' "
+                          "(SigLIP two-tower files), or '' for a single-tower file")
+    _check_head_init(config)
+
+
+def _one_slot(template) -> bool:
+    """A prompt template with one '{}' for the class name and nothing else to fill."""
+    try:
+        return isinstance(template, str) and "{}" in template and bool(template.format("x"))
+    except (IndexError, KeyError, ValueError):
+        return False
+
+
+def _check_head_init(config) -> None:
+    """model.head_init and, for 'text', the model.text values and the tokenizer file."""
+    head_init = config.model.get("head_init", "random")
+    if head_init not in HEAD_INITS:
+        raise ConfigError(f"model.head_init={head_init!r}: expected one of {HEAD_INITS}")
+    if head_init != "text":
+        return
+    text = config.model.text
+    for field, ok, accepts in (
+            ("max_len", lambda v: v >= 2, "an integer >= 2 (a piece and the end token)"),
+            ("vocab_size", lambda v: v >= 1, "an integer >= 1"),
+            ("batch_size", lambda v: v >= 1, "an integer >= 1"),
+            ("pool_type", lambda v: v in TEXT_POOL_TYPES, f"one of {TEXT_POOL_TYPES}"),
+            ("subtree", lambda v: isinstance(v, str), "a string ('txt' in SigLIP files)")):
+        if not ok(text[field]):
+            raise ConfigError(f"model.text.{field}={text[field]!r}: expected {accepts}")
+    templates = text.templates
+    if isinstance(templates, str) or not templates or not all(map(_one_slot, templates)):
+        raise ConfigError(f"model.text.templates={templates!r}: expected a non-empty tuple of "
+                          "strings, each with '{}' where the class name goes, e.g. "
+                          "('a photo of a {}.',)")
+    if not text.tokenizer:
+        raise ConfigError("model.head_init='text' needs model.text.tokenizer: the path of the "
+                          "text tower's SentencePiece model (SigLIP en: "
+                          "gs://t5-data/vocabs/cc_en.32000/sentencepiece.model)")
+    try:
+        found = files.exists(text.tokenizer)
+    except OSError as e:  # e.g. files.RemoteError: gs:// without a network
+        raise ConfigError(f"model.text.tokenizer={text.tokenizer!r}: cannot reach it ({e}); "
+                          "copy it once and point the field at the local copy") from None
+    if not found:
+        raise ConfigError(f"model.text.tokenizer={text.tokenizer!r}: no such file")

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from lpt_jax import config_checks, data, models, parallel
+from lpt_jax import config_checks, data, models, parallel, text_head
 from lpt_jax.backbone import file_fingerprint
 from lpt_jax.errors import ConfigError
 from lpt_jax.models.lpt import LPT, lpt_from_config
@@ -56,11 +56,25 @@ def build_context(config, workdir: str, *, load_backbone: bool = True) -> Contex
     identity = {}
     if load_backbone:
         family = models.get_backbone(config.model.get("backbone", "vit"))
+        # Only a two-tower file needs a subtree; other backbone families need not know it.
+        subtree = config.backbone.get("subtree", "")
         params["backbone"] = family.load_params(
             config.backbone.checkpoint, params["backbone"], dont_load=config.backbone.dont_load,
-            ignore=config.backbone.ignore, model=model.backbone)
+            ignore=config.backbone.ignore, model=model.backbone,
+            **({"subtree": subtree} if subtree else {}))
         identity = file_fingerprint(config.backbone.checkpoint)
+        if config.model.get("head_init", "random") == "text":
+            params["head"] = _text_head(config, source, params["head"])
     return Context(config, workdir, mesh, source, model, params, identity)
+
+
+def _text_head(config, source, head: dict) -> dict:
+    """The cosine head's kernel from the class names through the text tower (computed once
+    here; the tower's params are gone again when this returns)."""
+    kernel = text_head.text_head_kernel(config, source.class_names, head["kernel"].shape[0])
+    if kernel.shape != tuple(head["kernel"].shape):  # a bug, not a user error
+        raise AssertionError(f"text head {kernel.shape} vs head {head['kernel'].shape}")
+    return {**head, "kernel": kernel.astype(head["kernel"].dtype)}
 
 
 def _check_against_data(config, source) -> None:

@@ -11,6 +11,7 @@ a bad file is met before any checkpoint, whatever the sampler's seed.
 import concurrent.futures
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -18,9 +19,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from lpt_jax import trainer
+from lpt_jax.exports import META_KEY
 from lpt_jax.data import DataError, testing
 
 from helpers import REPO, TESTS, load_config, make_image_folder, tb_scalars
@@ -171,6 +174,7 @@ class Case:
     exit_code: int
     says: tuple            # fragments of the error line: what, where, what to do
     workdir: str = ""      # '' = a fresh one per case
+    read_only: bool = False  # run without the right to write where permissions forbid it
 
 
 def cli_cases(inputs, skip_workdir, copy_of_skip_workdir):
@@ -178,7 +182,31 @@ def cli_cases(inputs, skip_workdir, copy_of_skip_workdir):
     syntax_error.write_text("def get_config(:\n    pass\n")
     a_file = inputs.base / "a_file_not_a_folder"
     a_file.write_text("x")
+    read_only = inputs.base / "read_only_workdir"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    good_export = skip_workdir / "phase1" / "export.npz"
+    no_head = _altered_export(good_export, inputs.base / "export_no_head.npz",
+                              drop="head/kernel")
+    nan = _altered_export(good_export, inputs.base / "export_nan.npz", nan="shared_prompt")
+    reordered = _altered_export(good_export, inputs.base / "export_reordered.npz",
+                                reorder_classes=True)
     return {
+        "read-only workdir": Case(
+            (), 1, (f"cannot write or read {read_only}/lease.json: Permission denied",
+                    "make the folder writable or choose another --workdir"),
+            workdir=str(read_only), read_only=True),
+        "export without its head": Case(
+            ("--mode=eval", f"--export={no_head}"), 1,
+            (f"{no_head}", "head/kernel", "--export")),
+        "export with NaN values": Case(
+            ("--mode=eval", f"--export={nan}"), 1, (f"{nan}", "shared_prompt", "finite")),
+        "export trained on another class order": Case(
+            ("--mode=predict", f"--export={reordered}", f"--files={inputs.good}/test"), 1,
+            (f"{reordered}", "class", "--config.eval.allow_other_class_names=True")),
+        "predict without --files": Case(
+            ("--mode=predict", f"--export={good_export}"), 1,
+            ("--mode=predict needs --files",)),
         "config file with a syntax error": Case(
             (f"--config={syntax_error}",), 2,
             (f"--config={syntax_error}: the config file does not load (SyntaxError",
@@ -243,12 +271,46 @@ class Outcome:
     after: dict
 
 
+def _altered_export(good, out, *, drop=None, nan=None, reorder_classes=False):
+    """A copy of a good export with one thing wrong, written without lpt_jax."""
+    with np.load(good) as f:
+        arrays = {k: f[k] for k in f.files}
+    if drop:
+        del arrays[drop]
+    if nan:
+        arrays[nan] = np.full_like(arrays[nan], np.nan)
+    if reorder_classes:
+        meta = json.loads(arrays[META_KEY].tobytes())
+        meta["class_names"] = meta["class_names"][::-1]
+        arrays[META_KEY] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    np.savez(out, **arrays)
+    return out
+
+
+# As root, permissions do not stop writes; dropping the capabilities that bypass them does.
+_NO_OVERRIDE = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner",
+                "--inh-caps=-dac_override,-dac_read_search,-fowner"]
+
+
+def _without_write_rights() -> list | None:
+    """The command prefix that makes file permissions apply, or None when there is none."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        return None
+    probe = subprocess.run([*_NO_OVERRIDE, "true"], capture_output=True)
+    return _NO_OVERRIDE if probe.returncode == 0 else None
+
+
 def _run_cli(inputs, case, workdir):
     env = dict(os.environ)  # keeps conftest's 8 CPU devices and JAX compile cache
+    prefix = _without_write_rights() if case.read_only else []
+    if prefix is None:
+        return None
     before = snapshot(workdir)
     proc = subprocess.run(
-        [sys.executable, str(REPO / "run.py"), f"--config={inputs.config_file}:{inputs.base}",
-         f"--workdir={workdir}", *case.args],
+        [*prefix, sys.executable, str(REPO / "run.py"),
+         f"--config={inputs.config_file}:{inputs.base}", f"--workdir={workdir}", *case.args],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     return Outcome(case, proc.returncode, proc.stderr, workdir, before, snapshot(workdir))
 
@@ -272,7 +334,9 @@ def error_line(outcome) -> str:
     return lines[0][len("error: "):]
 
 
-CLI_CASES = ["config file with a syntax error", "workdir that is a file",
+CLI_CASES = ["config file with a syntax error", "workdir that is a file", "read-only workdir",
+             "export without its head", "export with NaN values",
+             "export trained on another class order", "predict without --files",
              "predict --output in a missing folder",
              "unknown config field", "value of the wrong type",
              "all-corrupt image folder", "all-corrupt image folder, skip mode",
@@ -286,11 +350,40 @@ CLI_CASES = ["config file with a syntax error", "workdir that is a file",
 @pytest.mark.parametrize("name", CLI_CASES)
 def test_cli_error(cli, name):
     outcome = cli[name]
+    if outcome is None:
+        pytest.skip("running as root without setpriv: file permissions cannot be enforced")
     message = error_line(outcome)
     for fragment in outcome.case.says:
         assert fragment in message, f"{fragment!r} not in {message!r}"
     assert outcome.returncode == outcome.case.exit_code, outcome.stderr
     assert outcome.after == outcome.before, "the workdir changed"
+
+
+def _bad_input_table(inputs, cli) -> str:
+    base = str(inputs.base)
+    rows = ["| input | run.py's one line (on stderr) | exit |", "|---|---|---|"]
+    for name in CLI_CASES:
+        outcome = cli[name]
+        if outcome is None:
+            continue
+        flags = " ".join([f"--workdir={outcome.workdir}", *outcome.case.args])
+        said = error_line(outcome).replace("|", "\\|")
+        rows.append(f"| {name}: `{flags}` | `error: {said}` | {outcome.returncode} |"
+                    .replace(base, "<tmp>"))
+    return ("# Bad inputs and what run.py says\n\nGenerated by `tests/test_bad_inputs.py` "
+            "(`LPT_UPDATE_DOCS=1` rewrites it; the test fails when it is stale) from real runs "
+            "of `python run.py --config=<tmp>/bad_inputs_config.py:<tmp> ...` on tiny data. "
+            "In every case the workdir is left exactly as it was found. Bad config values: "
+            "[bad_config_values.md](bad_config_values.md).\n\n" + "\n".join(rows) + "\n")
+
+
+def test_bad_input_table_is_current(inputs, cli):
+    path = REPO / "docs" / "bad_inputs.md"
+    table = _bad_input_table(inputs, cli)
+    if os.environ.get("LPT_UPDATE_DOCS") == "1":
+        path.write_text(table)
+    assert path.exists() and path.read_text() == table, (
+        "docs/bad_inputs.md is stale: rerun with LPT_UPDATE_DOCS=1")
 
 
 def test_refused_workdir_was_a_real_run(cli):

@@ -14,7 +14,9 @@ A backbone module provides two functions:
         the backbone's pretrained `params` collection read from `path`, shaped like
         `abstract_params` (a tree of arrays or jax.ShapeDtypeStruct); `dont_load` / `ignore`
         are full-match regexes over 'a/b/c' names of model params that keep their init /
-        checkpoint arrays that may stay unused; `model` is the module from_config built.
+        checkpoint arrays that may stay unused; `model` is the module from_config built;
+        a `subtree` keyword (one tower of a two-tower file, `backbone.subtree`) is passed
+        only when the config sets one (the ViT's load_params takes it).
 
 The module it builds is what `LPT` runs (`lpt_jax.models.lpt`); LPT uses exactly:
 
@@ -40,8 +42,9 @@ from types import ModuleType
 
 from lpt_jax.errors import ConfigError
 
-# Modules of this package that are not backbones.
-_NOT_BACKBONES = frozenset({"lpt"})
+# Modules of this package that are not backbones (siglip_text: the text tower that
+# initialises the head, lpt_jax.text_head).
+_NOT_BACKBONES = frozenset({"lpt", "siglip_text"})
 _REQUIRED = ("from_config", "load_params")
 
 

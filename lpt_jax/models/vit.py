@@ -8,11 +8,17 @@ Parameter tree (what `ViT.init` creates and what `lpt_jax.backbone` loads):
     Transformer/encoderblock_{i}/LayerNorm_0, MultiHeadDotProductAttention_0/{query,key,value,out},
                                  LayerNorm_1, MlpBlock_0/{Dense_0,Dense_1}
     Transformer/encoder_norm
+    MAPHead_0/{probe (1, 1, D), MultiHeadDotProductAttention_0, LayerNorm_0, MlpBlock_0}
+                                                only with pool_type='map' (SigLIP image towers)
     pre_logits/{kernel,bias}                    only with representation_size
     head/{kernel,bias}                          only with num_classes
 
 As a backbone module (see `lpt_jax.models`): `from_config(model.vit)` builds the ViT,
 `load_params(...)` reads a big_vision or vit_jax/AugReg checkpoint (`lpt_jax.backbone`).
+
+Pooling (`pool_type`): 'tok' the class token, 'gap' the mean of the tokens, 'map' big_vision's
+multihead attention pooling (a learned probe attends over the tokens, then LayerNorm + MLP
+with a residual; no class token). All three pool after the final encoder norm, as big_vision.
 
 Extra tokens (the mechanism that prompts use): `encode(..., extras={i: tokens})` appends
 `tokens` (T, D) or (B, T, D) to the sequence for block i only and drops the T outputs after
@@ -30,7 +36,8 @@ import jax.numpy as jnp
 
 from lpt_jax import backbone as checkpoints
 
-# width, depth, mlp_dim, num_heads, as in big_vision's `decode_variant`.
+# width, depth, mlp_dim, num_heads, as in big_vision's `decode_variant` (So400m: the
+# shape-optimised SigLIP tower; g-opt: SigLIP 2's largest).
 VARIANTS: Mapping[str, tuple[int, int, int, int]] = {
     "mu": (32, 1, 128, 2),  # test-sized
     "Ti": (192, 12, 768, 3),
@@ -38,8 +45,16 @@ VARIANTS: Mapping[str, tuple[int, int, int, int]] = {
     "M": (512, 12, 2048, 8),
     "B": (768, 12, 3072, 12),
     "L": (1024, 24, 4096, 16),
+    "So400m": (1152, 27, 4304, 16),
     "H": (1280, 32, 5120, 16),
+    "g": (1408, 40, 6144, 16),
+    "g-opt": (1536, 40, 6144, 16),
+    "G": (1664, 48, 8192, 16),
+    "G-opt": (1536, 48, 8192, 16),
+    "e": (1792, 56, 15360, 16),
 }
+
+POOL_TYPES = ("tok", "gap", "map")
 
 
 def decode_variant(variant: str) -> dict:
@@ -73,12 +88,14 @@ class MlpBlock(nn.Module):
 
 
 class MultiHeadDotProductAttention(nn.Module):
-    """Self-attention with Flax's parameter names (query/key/value/out as DenseGeneral)."""
+    """Attention with Flax's parameter names (query/key/value/out as DenseGeneral): self-
+    attention, or queries from `x` attending over `kv` (the MAP head's probe)."""
     num_heads: int
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, kv=None):
+        kv = x if kv is None else kv
         width = x.shape[-1]
         if width % self.num_heads:
             raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
@@ -86,11 +103,32 @@ class MultiHeadDotProductAttention(nn.Module):
         proj = lambda name: nn.DenseGeneral(  # noqa: E731
             (self.num_heads, head_dim), dtype=self.dtype, name=name,
             kernel_init=nn.initializers.xavier_uniform())
-        q, k, v = proj("query")(x), proj("key")(x), proj("value")(x)  # (B, T, H, hd)
+        q, k, v = proj("query")(x), proj("key")(kv), proj("value")(kv)  # (B, T, H, hd)
         # Scale 1/sqrt(head_dim); XLA fuses this, and on GPU it may pick a fused kernel.
         y = jax.nn.dot_product_attention(q, k, v)
         return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, name="out",
                                kernel_init=nn.initializers.xavier_uniform())(y)
+
+
+class MAPHead(nn.Module):
+    """big_vision's multihead attention pooling: a learned probe attends over the tokens,
+    then x + MLP(LayerNorm(x)); (B, T, D) -> (B, D)."""
+    mlp_dim: int
+    num_heads: int
+    layernorm_epsilon: float = 1e-6
+    gelu_approximate: bool = False
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        b, _, d = x.shape
+        probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, d))
+        probe = jnp.broadcast_to(probe.astype(self.dtype), (b, 1, d))
+        x = MultiHeadDotProductAttention(self.num_heads, self.dtype,
+                                         name="MultiHeadDotProductAttention_0")(probe, x)
+        y = nn.LayerNorm(epsilon=self.layernorm_epsilon, dtype=self.dtype, name="LayerNorm_0")(x)
+        x = x + MlpBlock(self.mlp_dim, self.gelu_approximate, self.dtype, name="MlpBlock_0")(y)
+        return x[:, 0]
 
 
 def _with_extra_tokens(x, extra, position):
@@ -194,9 +232,11 @@ class ViT(nn.Module):
 
     @property
     def grid(self) -> tuple[int, int]:
+        """The patch grid. Like big_vision's VALID patch convolution, a size that is not a
+        multiple of the patch drops the last pixels (So400m/14 at 384 px: 27 x 27 patches)."""
         (h, w), (ph, pw) = _pair(self.image_size), _pair(self.patch_size)
-        if h % ph or w % pw:
-            raise ValueError(f"image size {(h, w)} is not divisible by patch size {(ph, pw)}")
+        if h < ph or w < pw:
+            raise ValueError(f"image size {(h, w)} is smaller than the patch size {(ph, pw)}")
         return h // ph, w // pw
 
     @property
@@ -204,8 +244,8 @@ class ViT(nn.Module):
         return 1 if self.pool_type == "tok" else 0
 
     def setup(self):
-        if self.pool_type not in ("tok", "gap"):
-            raise ValueError(f"pool_type must be 'tok' or 'gap', got {self.pool_type!r}")
+        if self.pool_type not in POOL_TYPES:
+            raise ValueError(f"pool_type must be one of {POOL_TYPES}, got {self.pool_type!r}")
         gh, gw = self.grid
         self.embedding = nn.Conv(self.width, tuple(_pair(self.patch_size)),
                                  strides=tuple(_pair(self.patch_size)), padding="VALID",
@@ -218,6 +258,9 @@ class ViT(nn.Module):
         self.Transformer = Encoder(
             self.depth, self.mlp_dim or 4 * self.width, self.num_heads, self.layernorm_epsilon,
             self.gelu_approximate, self.dtype, self.remat, name="Transformer")
+        if self.pool_type == "map":
+            self.MAPHead_0 = MAPHead(self.mlp_dim or 4 * self.width, self.num_heads,
+                                     self.layernorm_epsilon, self.gelu_approximate, self.dtype)
         if self.representation_size:
             self.pre_logits = nn.Dense(self.representation_size, dtype=self.dtype,
                                        name="pre_logits")
@@ -245,7 +288,12 @@ class ViT(nn.Module):
     def features(self, x):
         """Encoded tokens -> the pooled, normed (pre-logits) feature (B, D')."""
         x = self.Transformer.norm(x)
-        x = x[:, 0] if self.pool_type == "tok" else jnp.mean(x, axis=1)
+        if self.pool_type == "tok":
+            x = x[:, 0]
+        elif self.pool_type == "map":
+            x = self.MAPHead_0(x)
+        else:
+            x = jnp.mean(x, axis=1)
         if self.representation_size:
             x = jnp.tanh(self.pre_logits(x))
         return x
@@ -291,7 +339,8 @@ from_config = vit_from_config
 
 
 def load_params(path: str, abstract_params: Mapping, *, dont_load: Iterable[str] = (),
-                ignore: Iterable[str] = (), model: ViT) -> dict:
-    """The ViT params from a big_vision / vit_jax .npz, the posemb resampled to `model.grid`."""
+                ignore: Iterable[str] = (), model: ViT, subtree: str = "") -> dict:
+    """The ViT params from a big_vision / vit_jax .npz, the posemb resampled to `model.grid`;
+    `subtree` picks one tower of a two-tower file (SigLIP: 'img')."""
     return checkpoints.load_params(path, abstract_params, dont_load=dont_load, ignore=ignore,
-                                   grid=model.grid)
+                                   grid=model.grid, subtree=subtree)
