@@ -250,3 +250,27 @@ def test_tfrecord_only_tfds_copy_explains_conversion():
     with tfds.testing.mock_data(as_data_source_fn=no_random_access):
         with pytest.raises(data.DataError, match="tfds convert_format"):
             data.get_source(_cfg(name="inaturalist2018"))
+
+
+def test_offline_download_gives_up_after_the_retry_budget(tmp_path, no_network):
+    """TFDS's real download path with the sockets refused: TFDS alone retries each request
+    10 times with back-off (~3.5 min); data.download_retries=2 ends it within seconds, with
+    the one-line error, and TFDS's own setting is given back afterwards."""
+    from tensorflow_datasets.core.download import downloader
+    saved = downloader.MAX_RETRIES
+    root = tmp_path / "tfds"
+    start = time.perf_counter()
+    with pytest.raises(data.DataError, match="downloading TFDS dataset 'cifar100' into"):
+        data.get_source(_cfg(name="cifar100_lt", tfds_data_dir=str(root), download=True,
+                             download_retries=2))
+    assert time.perf_counter() - start < 30
+    assert len(no_network) >= 3  # the first try and both retries were refused here
+    assert downloader.MAX_RETRIES == saved
+    assert not root.exists()
+
+
+def test_download_retries_must_be_a_count(tmp_path):
+    with pytest.raises(data.DataError, match=r"data.download_retries=-1 must be an integer >= 0"):
+        data.get_source(_cfg(name="cifar100_lt", tfds_data_dir=str(tmp_path), download=True,
+                             download_retries=-1))
+    assert list(tmp_path.iterdir()) == []

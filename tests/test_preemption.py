@@ -99,6 +99,35 @@ def test_ctrl_c_saves_like_sigterm_and_exits_130(straight):
     assert names and all(n.isdigit() for n in names), names  # no tmp folder left
 
 
+def _tree(path):
+    return {str(p.relative_to(path)): p.read_bytes() if p.is_file() else None
+            for p in sorted(Path(path).rglob("*"))}
+
+
+def test_sigterm_during_evaluation_says_so_and_leaves_the_workdir_as_found(straight):
+    """`--mode=eval` on a finished run, SIGTERM once evaluation has started: one line that
+    says what happened, exit 143, and the workdir exactly as before (no half-written
+    results)."""
+    tmp, _ = straight
+    workdir = tmp / "straight"
+    before = _tree(workdir)
+    proc = _cli(tmp, workdir, "--mode=eval")
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "evaluating phase 1 on the test split" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    else:
+        raise AssertionError("evaluation never started:\n" + "".join(seen)[-3000:])
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, out[-3000:]
+    assert "interrupted by SIGTERM outside the train loop" in out, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    assert "top-1 accuracy" not in out, "the signal came after the evaluation"
+    assert _tree(workdir) == before
+
+
 def test_sigkill_during_async_checkpoint_writes(straight):
     """Checkpoint every step and kill -9 while writes are in flight, twice; the restart uses the
     last complete checkpoint and still ends bit-identical to the uninterrupted run."""

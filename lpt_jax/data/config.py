@@ -31,6 +31,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.tfds_name = ""  # '' = the source's default TFDS name
     c.tfds_data_dir = ""  # '' = TFDS default (~/tensorflow_datasets or $TFDS_DATA_DIR)
     c.download = False  # never download unless asked
+    c.download_retries = 3  # HTTP retries per file (TFDS's own 10 take ~3.5 min offline)
     c.cache_dir = ""  # label-scan cache for big TFDS sources; '' = <tfds data dir>/lpt_jax_cache
     # Preprocessing
     c.image_size = 224
@@ -63,5 +64,8 @@ def check_config(cfg) -> None:
     if not 0 < cfg.image_size <= cfg.resize_size:
         raise DataError(
             f"data.image_size={cfg.image_size} must be in (0, data.resize_size={cfg.resize_size}]")
+    retries = cfg.get("download_retries", 0)
+    if not isinstance(retries, int) or retries < 0:
+        raise DataError(f"data.download_retries={retries!r} must be an integer >= 0")
     if cfg.cb_images_per_class < 1:
         raise DataError(f"data.cb_images_per_class={cfg.cb_images_per_class} must be >= 1")

@@ -96,6 +96,25 @@ def _remove_new(root: str, existed: bool, before: set) -> str:
             else "it left nothing behind")
 
 
+@contextlib.contextmanager
+def _http_retries(n: int):
+    """TFDS retries each failed HTTP request `downloader.MAX_RETRIES` (10) times with
+    exponential back-off: ~3.5 minutes of silence without network. The constant is read per
+    request, so setting it for the download gives data.download_retries its meaning."""
+    from tensorflow_datasets.core.download import downloader
+    if not isinstance(getattr(downloader, "MAX_RETRIES", None), int):
+        logging.getLogger(__name__).warning(
+            "this TFDS version has no downloader.MAX_RETRIES: data.download_retries=%d has no "
+            "effect", n)
+        yield
+        return
+    saved, downloader.MAX_RETRIES = downloader.MAX_RETRIES, n
+    try:
+        yield
+    finally:
+        downloader.MAX_RETRIES = saved
+
+
 def download(cfg, name: str) -> None:
     """`download_and_prepare` of a TFDS dataset (only called with data.download=True). On
     failure removes what the attempt created under the data dir and raises a DataError
@@ -110,7 +129,8 @@ def download(cfg, name: str) -> None:
     existed = files.exists(root)
     before = _listing(root) if existed else set()
     try:
-        builder.download_and_prepare()
+        with _http_retries(cfg.get("download_retries", 3)):
+            builder.download_and_prepare()
     except BaseException as e:  # noqa: BLE001 - Ctrl-C during the retries cleans up too
         cleaned = _remove_new(root, existed, before)
         if not isinstance(e, Exception):
