@@ -71,17 +71,55 @@ def check_class_names(path: str, theirs, ours) -> None:
                       "--config.eval.allow_other_class_names=True")
 
 
+# Model settings that change the outputs but no parameter's shape (a shape difference is
+# caught leaf by leaf): an export means something only with the values it was trained with.
+_SHAPELESS = ("backbone", "{backbone}.layernorm_epsilon", "{backbone}.gelu_approximate",
+              "{backbone}.pool_type", "lpt.top_k", "lpt.prompt_position", "lpt.shared_depth")
+
+
+def _field(section: Mapping, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(section, Mapping) or part not in section:
+            return None
+        section = section[part]
+    return section
+
+
+def check_model(path: str, meta: Mapping, model: Mapping) -> None:
+    """The export's model settings that no shape shows equal this run's `model` config
+    (an export without a recorded model section is judged by its shapes alone)."""
+    theirs = (meta.get("config") or {}).get("model")
+    if not isinstance(theirs, Mapping):
+        return
+    backbone = str(_field(model, "backbone") or "vit")
+    differ = []
+    for dotted in _SHAPELESS:
+        dotted = dotted.format(backbone=backbone)
+        a, b = _field(theirs, dotted), _field(model, dotted)
+        if a is not None and b is not None and a != b:
+            differ.append((dotted, a, b))
+    if differ:
+        was = ", ".join(f"model.{f}={a!r}" for f, a, _ in differ)
+        now = ", ".join(f"{b!r}" for _, _, b in differ)
+        flags = " ".join(f"--config.model.{f}={a}" for f, a, _ in differ)
+        raise ExportError(f"{path} was trained with {was}; this run has {now}: pass {flags}")
+
+
 def exported_subtree(params: Mapping, phase) -> dict:
     return tree.split(params, phase.exported_patterns())[0]
 
 
-def apply(params: Mapping, path: str, phase=None, class_names=None) -> tuple[dict, dict]:
+def apply(params: Mapping, path: str, phase=None, class_names=None,
+          model: Mapping | None = None) -> tuple[dict, dict]:
     """`params` with the leaves of an export put in, and its meta. The export must hold
     exactly what its phase (or `phase`, when given) exports, in this model's shapes, with
-    finite values, trained on `class_names` in this order (when given)."""
+    finite values, trained on `class_names` in this order and with the settings of the
+    `model` config section (when given)."""
     trained, meta = read(path)
     if class_names is not None and "class_names" in meta:
         check_class_names(path, meta["class_names"], class_names)
+    if model is not None:
+        check_model(path, meta, model)
     phase = phase or PHASES[meta["phase"]]
     expected = tree.flatten(exported_subtree(params, phase))
     got = tree.flatten(trained)

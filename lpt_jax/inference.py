@@ -116,7 +116,8 @@ def load_trained(ctx: Context, path: Optional[str] = None) -> tuple[dict, Phase]
         if path is None:
             raise ConfigError(f"no export.npz under {ctx.workdir}/phase<n>/: train first or "
                               "pass --export")
-    params, meta = exports.apply(ctx.params, path, class_names=expected_class_names(ctx))
+    params, meta = exports.apply(ctx.params, path, class_names=expected_class_names(ctx),
+                                 model=ctx.config.model.to_dict())
     theirs = meta.get("backbone") or {}
     if ctx.backbone_identity and theirs and (
             theirs.get("sha256_head_tail") != ctx.backbone_identity["sha256_head_tail"]):

@@ -386,6 +386,13 @@ def test_bad_input_table_is_current(inputs, cli):
         "docs/bad_inputs.md is stale: rerun with LPT_UPDATE_DOCS=1")
 
 
+def test_export_errors_name_the_export_flag_not_the_backbones(cli):
+    for name in ("export without its head", "export with NaN values",
+                 "export trained on another class order"):
+        line = error_line(cli[name])
+        assert "check --export" in line and "backbone" not in line, line
+
+
 def test_refused_workdir_was_a_real_run(cli):
     """The refusal above guarded something: a finished run's outputs, all still there."""
     for name in ("workdir of a different config",
