@@ -17,6 +17,10 @@ Every checkpoint is verified, not only readable:
 
 Every process runs the same code on the same files; with several processes the verdict on
 each step is agreed (all must succeed) and process 0 renames.
+
+On gs:// Orbax writes through etils.epath (folders, metadata) and tensorstore (arrays), which
+`files.configure_remote_libraries` points at the seam's endpoint (GCS or an emulator); the
+set-aside renames go through the seam itself.
 """
 
 from __future__ import annotations
@@ -62,6 +66,8 @@ class PhaseCheckpointer:
             max_to_keep=int(keep), save_interval_steps=max(1, every_steps), create=True,
             enable_async_checkpointing=asynchronous)
         self.directory = files.absolute(directory)  # Orbax wants absolute local paths
+        if files.is_remote(self.directory):
+            files.configure_remote_libraries()  # Orbax's gs:// traffic: the seam's endpoint
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def all_steps(self) -> list[int]:

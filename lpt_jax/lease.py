@@ -14,19 +14,20 @@ over with a warning:
 A holder that finds its lease taken over (it was stalled for longer than `stale_s`) logs an
 error; `check()` raises then.
 
-Local disk: <workdir>/lease.json. It is created complete and atomically: a temp file is
-hard-linked to that name, which fails if the name exists (O_CREAT|O_EXCL where hard links are
-not supported). Taking over a stale lease is serialised by a short-lived break lock
-(lease.json.break, O_EXCL), so of two runs that find the same stale lease exactly one wins.
+Local disks and gs:// buckets: <workdir>/lease.json, created complete and atomically only if
+no such file exists (files.create_new: a hard-linked temp file locally, the precondition
+ifGenerationMatch=0 on Cloud Storage, whose writes and listings Google documents as strongly
+consistent). Taking over a stale lease is serialised by a short-lived break lock
+(lease.json.break, created the same way), so of two runs that find the same stale lease
+exactly one wins. Tested on local disks and on a GCS emulator (fake-gcs-server).
 
-Remote (gs://, through tf.io.gfile): gfile has no exclusive create and no generation
-preconditions, so one file cannot be claimed atomically. Each run writes its own candidate
-<workdir>/lease/<token>.json, then lists lease/; if it sees another live candidate it deletes
-its own and is refused. Since the later of two writes is followed by that run's listing, the
-later run always sees the earlier candidate, so two runs never both proceed -- provided the
-store's writes and listings are strongly consistent, as Google documents GCS's to be (and
-gfile's listing is not cached). Two runs started within the same moment may both be refused
-(rerun one). Tested offline on TensorFlow's ram:// filesystem, not on GCS itself.
+Other remote stores (gfile schemes such as ram://) have no exclusive create, so one file
+cannot be claimed atomically. Each run writes its own candidate <workdir>/lease/<token>.json,
+then lists lease/; if it sees another live candidate it deletes its own and is refused. Since
+the later of two writes is followed by that run's listing, the later run always sees the
+earlier candidate, so two runs never both proceed -- provided the store's writes and listings
+are strongly consistent. Two runs started within the same moment may both be refused (rerun
+one). Tested on TensorFlow's ram:// filesystem.
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ from absl import logging
 from lpt_jax import files, process_identity
 from lpt_jax.errors import ConfigError
 
-LEASE_FILE = "lease.json"        # local disks
-LEASE_DIR = "lease"              # remote stores: one candidate file per run
+LEASE_FILE = "lease.json"        # stores with an exclusive create: local disks, gs://
+LEASE_DIR = "lease"              # other remote stores: one candidate file per run
 HEARTBEAT_S = 30.0
 STALE_S = 300.0
 _BREAK_STALE_S = 60.0            # a break lock older than this was left by a crashed run
@@ -77,11 +78,12 @@ class WorkdirLease:
                  stale_s: float = STALE_S):
         self.workdir = files.absolute(workdir)
         self.remote = files.is_remote(self.workdir)
+        self.candidates = not files.can_create_new(self.workdir)  # see the module docstring
         self.heartbeat_s, self.stale_s = float(heartbeat_s), float(stale_s)
         self.token = uuid.uuid4().hex
         self.machine = process_identity.machine_id()
-        self.path = (os.path.join(self.workdir, LEASE_DIR, f"{self.token}.json") if self.remote
-                     else os.path.join(self.workdir, LEASE_FILE))
+        self.path = (os.path.join(self.workdir, LEASE_DIR, f"{self.token}.json")
+                     if self.candidates else os.path.join(self.workdir, LEASE_FILE))
         self.held = False
         self._created = False
         self.lost: Optional[str] = None
@@ -102,7 +104,7 @@ class WorkdirLease:
         self._created = not files.isdir(self.workdir)
         files.makedirs(self.workdir)
         try:
-            self._acquire_remote() if self.remote else self._acquire_local()
+            self._acquire_candidate() if self.candidates else self._acquire_exclusive()
         except BaseException:
             self._remove_if_created_and_empty()
             raise
@@ -193,36 +195,11 @@ class WorkdirLease:
             f"{self.workdir} is in use by another run ({_describe(rec, time.time())}): wait for "
             f"it to end or use another --workdir; if that run is gone, delete {path}")
 
-    # -- local: atomic create ---------------------------------------------------------------
+    # -- local disks and gs://: atomic create ----------------------------------------------
 
-    def _create_local(self) -> bool:
-        """Creates the lease file complete, atomically; False if it exists."""
-        tmp = f"{self.path}.{self.token}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(self._encode())
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, self.path)
-            return True
-        except FileExistsError:
-            return False
-        except OSError:  # no hard links on this file system: exclusive create, then write
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                return False
-            with os.fdopen(fd, "wb") as f:
-                f.write(self._encode())
-                f.flush()
-                os.fsync(f.fileno())
-            return True
-        finally:
-            os.remove(tmp)
-
-    def _acquire_local(self) -> None:
+    def _acquire_exclusive(self) -> None:
         deadline = time.time() + _ACQUIRE_TIMEOUT_S
-        while not self._create_local():
+        while not files.create_new(self.path, self._encode()):
             if time.time() > deadline:
                 raise LeaseError(f"could not take the lease {self.path} within "
                                  f"{_ACQUIRE_TIMEOUT_S:.0f} s (other runs keep taking it): "
@@ -230,34 +207,34 @@ class WorkdirLease:
             rec = self._read(self.path)
             if rec is None:  # given back meanwhile: try again
                 continue
+            if rec.get("token") == self.token:  # a retried upload whose first try had landed
+                return
             why = self._stale(rec)
             if why is None:
                 raise self._refuse(rec, self.path)
-            self._break_local(rec, why)
+            self._break(rec, why)
 
-    def _break_local(self, stale: dict, why: str) -> None:
+    def _break(self, stale: dict, why: str) -> None:
         """Removes the stale lease `stale` if it is still the one there, under the break
         lock (if another run holds that lock, it is breaking it: wait a moment)."""
         lock = f"{self.path}.break"
-        try:
-            os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-        except FileExistsError:
+        if not files.create_new(lock, b""):
             with contextlib.suppress(FileNotFoundError):
-                if time.time() - os.path.getmtime(lock) > _BREAK_STALE_S:
-                    os.remove(lock)  # left by a run that crashed while breaking
+                if time.time() - files.mtime(lock) > _BREAK_STALE_S:
+                    files.remove(lock)  # left by a run that crashed while breaking
             time.sleep(0.05)
             return
         try:
             current = self._read(self.path)
             if current is not None and current.get("token") == stale.get("token"):
-                os.remove(self.path)
+                files.remove(self.path)
                 self._warn_gone(stale, why)
         finally:
-            os.remove(lock)
+            files.remove(lock)
 
-    # -- remote: candidates -----------------------------------------------------------------
+    # -- other remote stores: candidates ---------------------------------------------------
 
-    def _acquire_remote(self) -> None:
+    def _acquire_candidate(self) -> None:
         folder = os.path.dirname(self.path)
         files.makedirs(folder)
         files.write_bytes(self.path, self._encode())

@@ -2,6 +2,7 @@
 the undo of an invocation that failed before it saved anything.
 
     config.json                 the run-defining config (a different one refuses to resume)
+    lease.json                  while a run is live: its host, pid, start, heartbeat (lease.py)
     phase<n>/checkpoints/<step> Orbax: {trainable, opt_state, step, rng} + metadata
     phase<n>/export.npz         the phase's trained prompts/pool/keys/head + meta
     phase<n>/events.out...      TensorBoard curves
@@ -143,13 +144,28 @@ class Snapshot:
     (and restores config.json) unless it saved a checkpoint or an export to resume from."""
 
     def __init__(self, workdir: str):
-        self.workdir = workdir
-        self.entries = _entries(workdir)
-        config = os.path.join(workdir, CONFIG_FILE)
-        self.config_json = (files.read_bytes(config) if self.entries is not None
-                            and files.exists(config) else None)
+        self.workdir, self.readable = workdir, True
+        try:
+            self.entries = _entries(workdir)
+            config = os.path.join(workdir, CONFIG_FILE)
+            self.config_json = (files.read_bytes(config) if self.entries is not None
+                                and files.exists(config) else None)
+        except OSError as e:  # an unreachable or forbidden bucket: the run reports it itself
+            logging.debug("cannot list %s (%s): nothing will be undone", workdir, e)
+            self.readable, self.entries, self.config_json = False, None, None
 
     def undo(self) -> list[str]:
+        """What was removed or restored (never raises: it runs while an error is reported)."""
+        if not self.readable:
+            return []
+        try:
+            return self._undo()
+        except OSError as e:
+            logging.warning("could not undo this run's partial output in %s (%s)",
+                            self.workdir, e)
+            return []
+
+    def _undo(self) -> list[str]:
         after = _entries(self.workdir)
         if after is None:
             return []
