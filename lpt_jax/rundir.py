@@ -31,7 +31,10 @@ RUN_DEFINING_SECTIONS = ("seed", "model", "backbone", "data", "loss", "optim", "
 # (the backbone file's size and hash, the training data's counts and class names) instead.
 LOCATION_FIELDS = ("backbone.checkpoint", "data.root", "data.split_dir", "data.train_list",
                    "data.val_list", "data.test_list", "data.class_names_file",
-                   "data.tfds_data_dir", "data.cache_dir")
+                   "data.tfds_data_dir", "data.cache_dir", "model.text.tokenizer",
+                   "model.text.checkpoint")
+# Fields that cannot change what a run computes (how hard to try a download).
+NOT_RUN_DEFINING = ("data.download_retries",)
 # Entries that mean an invocation made progress worth resuming from (never undone).
 _PROGRESS = re.compile(r"phase\d+/(checkpoints/\d+(\.damaged-[\w-]+)?|export\.npz)")
 
@@ -75,9 +78,13 @@ def run_defining(config) -> dict:
     """The config sections that define a run, without the location-only fields."""
     full = json.loads(config.to_json_best_effort())
     out = {k: full[k] for k in RUN_DEFINING_SECTIONS if k in full}
-    for field in LOCATION_FIELDS:
-        section, name = field.split(".")
-        out.get(section, {}).pop(name, None)
+    for field in LOCATION_FIELDS + NOT_RUN_DEFINING:
+        *parents, name = field.split(".")
+        section = out
+        for part in parents:
+            section = section.get(part) if isinstance(section, dict) else None
+        if isinstance(section, dict):
+            section.pop(name, None)
     return out
 
 
