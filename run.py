@@ -115,6 +115,12 @@ def main(argv):
                 rows = inference.predict_files(config, workdir, files, _EXPORT.value)
             else:  # several tasks on one backbone, every export and request checked first
                 from lpt_jax import serving
+                stray = cli.overrides_outside(sys.argv, serving.CLI_SETTINGS)
+                if stray:  # it would be ignored: each task's settings come from its export
+                    raise ConfigError(
+                        f"{stray[0]}: with several exports every setting comes from each "
+                        "export; the command line sets only "
+                        + ", ".join(f"--config.{f}" for f in serving.CLI_SETTINGS))
                 rows = serving.predict_requests(config, *plan)
             out = open(_OUTPUT.value, "w") if _OUTPUT.value else sys.stdout
             for row in rows:

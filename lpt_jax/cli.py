@@ -193,6 +193,11 @@ def _overrides(argv):
     return out
 
 
+def overrides_outside(argv, allowed) -> list[str]:
+    """The --config.a.b=value arguments (as typed) that set no field of `allowed`."""
+    return [typed for path, typed in _overrides(argv) if path not in allowed]
+
+
 def _load_config(spec):
     """The config that --config=file[:arg] names, without the overrides, loaded by
     config_flags itself on a private flag set; None if that fails too."""

@@ -269,9 +269,11 @@ class MultiTaskPredictor:
                 shapes[lpt] = jax.eval_shape(lpt.init, jax.random.key(0), dummy)["params"]
             params, _ = exports.apply(shapes[lpt], task.path)  # keys, shapes, finite values
             trained.append(params)
+        subtree = config.backbone.get("subtree", "")  # a tower of a two-tower file (SigLIP)
         backbone_params = family.load_params(
             backbone_path, shapes[next(iter(shapes))]["backbone"],
-            dont_load=(), ignore=tuple(config.backbone.ignore), model=backbone)
+            dont_load=(), ignore=tuple(config.backbone.ignore), model=backbone,
+            **({"subtree": subtree} if subtree else {}))
         shared_depth = int(config.model.lpt.shared_depth)
         model = PromptedBackbone(backbone, shared_depth=shared_depth,
                                  prompt_position=config.model.lpt.prompt_position)
@@ -366,6 +368,10 @@ class MultiTaskPredictor:
             rows = self.predict(images, [t for t, _ in chunk], top_k, digits)
             for (_, file), row in zip(chunk, rows):
                 yield {"task": row["task"], "file": file, "top_k": row["top_k"]}
+
+
+# What the command line's --config still sets when every other setting comes from the exports.
+CLI_SETTINGS = ("backbone.checkpoint", "predict.batch_size", "predict.top_k")
 
 
 def predict_requests(config, exports_by_task: Mapping[str, str],

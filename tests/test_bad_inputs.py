@@ -204,6 +204,11 @@ def cli_cases(inputs, skip_workdir, copy_of_skip_workdir):
         "export trained on another class order": Case(
             ("--mode=predict", f"--export={reordered}", f"--files={inputs.good}/test"), 1,
             (f"{reordered}", "class", "--config.eval.allow_other_class_names=True")),
+        "several exports and a setting they decide": Case(
+            ("--mode=predict", f"--export=a={good_export},b={good_export}",
+             f"--files=a={inputs.good}/test", "--config.model.lpt.top_k=1"), 1,
+            ("--config.model.lpt.top_k=1: with several exports every setting comes from each "
+             "export; the command line sets only --config.backbone.checkpoint",)),
         "predict without --files": Case(
             ("--mode=predict", f"--export={good_export}"), 1,
             ("--mode=predict needs --files",)),
@@ -336,7 +341,8 @@ def error_line(outcome) -> str:
 
 CLI_CASES = ["config file with a syntax error", "workdir that is a file", "read-only workdir",
              "export without its head", "export with NaN values",
-             "export trained on another class order", "predict without --files",
+             "export trained on another class order",
+             "several exports and a setting they decide", "predict without --files",
              "predict --output in a missing folder",
              "unknown config field", "value of the wrong type",
              "all-corrupt image folder", "all-corrupt image folder, skip mode",

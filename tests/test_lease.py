@@ -116,8 +116,14 @@ def test_heartbeat_advances_and_a_lost_lease_is_noticed(tmp_path, caplog):
         assert json.loads(files.read_text(path))["heartbeat"] > first
         held.check()
         caplog.set_level(logging.ERROR)
-        _plant(path, machine="other-host|x|y")  # another run took it over
-        time.sleep(0.5)
+        # Another run takes it over. A heartbeat that read the record just before may write
+        # it back once (read, then write: no compare-and-swap on a plain file); plant again
+        # until the other run's record stands.
+        for _ in range(50):
+            planted = _plant(path, machine="other-host|x|y")
+            time.sleep(0.2)
+            if json.loads(files.read_text(path))["token"] == planted["token"]:
+                break
         with pytest.raises(LeaseError, match="taken over by another run"):
             held.check()
     finally:
