@@ -127,6 +127,7 @@ def main(argv):
                 out.write(json.dumps(row) + "\n")
             if out is not sys.stdout:
                 out.close()
+        preemption.raise_if_interrupted()  # a signal whose exception a finalizer swallowed
     except LeaseError as e:  # another run holds the workdir: what changed there is its own
         logging.error("%s: %s", type(e).__name__, e)
         print(f"error: {cli.one_line(e)}", file=sys.stderr)

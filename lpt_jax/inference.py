@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from lpt_jax import data, exports, parallel, reports, rundir
+from lpt_jax import data, exports, parallel, preemption, reports, rundir
 from lpt_jax.context import Context, build_context, expected_class_names
 from lpt_jax.errors import ConfigError
 from lpt_jax.phases import PHASES, Phase
@@ -87,7 +87,9 @@ def accuracy(ctx: Context, params, phase: Phase, split: str) -> dict:
 
 def evaluate(ctx: Context, params, phase: Phase, split: str, outdir: str, title: str) -> dict:
     """`accuracy`, with its table, JSON, CSV and plot written to `outdir` (process 0)."""
+    preemption.raise_if_interrupted()
     report = accuracy(ctx, params, phase, split)
+    preemption.raise_if_interrupted()  # before anything is written
     if jax.process_index() == 0:
         paths = reports.write_reports(outdir, report, title=title, plot=ctx.config.eval.plot)
         print(reports.markdown_table(report, title), flush=True)  # the result: stdout

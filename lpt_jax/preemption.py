@@ -25,6 +25,8 @@ class PreemptionWatch:
         self._multi = jax.process_count() > 1
 
     def __enter__(self):
+        if _received:  # a signal came before the loop and its exception was lost
+            self.signum = _received[0]
         for signum in SIGNALS:
             if self._multi and signum == signal.SIGTERM:
                 continue  # JAX's preemption sync manager owns SIGTERM
@@ -51,10 +53,24 @@ class PreemptionWatch:
             signal.signal(signum, previous)
 
 
+# Signals received outside the train loop. The handler's exception is lost when the signal
+# lands while Python runs a finalizer (`__del__`: "Exception ignored in ..."), so the signal
+# is also kept here, and `raise_if_interrupted` (at every phase and evaluation boundary, and
+# before run.py exits) raises it again.
+_received: list[int] = []
+
+
 def raise_on_signals() -> None:
     """Outside the train loop a signal stops the run at once, as `Interrupted` (run.py words
     it as one line and keeps what was saved)."""
     def handle(signum, frame):
+        _received.append(signum)
         raise Interrupted(signum)
     for signum in SIGNALS:
         signal.signal(signum, handle)
+
+
+def raise_if_interrupted() -> None:
+    """`Interrupted` for a signal whose exception was swallowed on its way."""
+    if _received:
+        raise Interrupted(_received[0])

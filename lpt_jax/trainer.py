@@ -20,7 +20,8 @@ import signal
 import jax
 from absl import logging
 
-from lpt_jax import data, exports, files, inference, lease, parallel, rundir, steps, tree
+from lpt_jax import (data, exports, files, inference, lease, parallel, preemption, rundir,
+                     steps, tree)
 from lpt_jax.checkpoint import PhaseCheckpointer
 from lpt_jax.context import Context, build_context, expected_class_names
 from lpt_jax.errors import ConfigError, Preempted
@@ -50,6 +51,7 @@ def _train(config, workdir: str) -> dict:
     params = ctx.params
     for phase in phases:
         params = run_phase(ctx, phase, params)
+        preemption.raise_if_interrupted()
         if "val" in ctx.source.splits:  # model selection looks at val, never at test
             inference.evaluate(ctx, params, phase, "val", rundir.val_dir(workdir, phase),
                                f"phase {phase.number}, val")

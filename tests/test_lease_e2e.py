@@ -41,11 +41,11 @@ def test_damaged_newest_checkpoint_resumes_from_the_previous_one(tmp_path, caplo
     assert any(n.startswith("7.damaged-") for n in os.listdir(ckdir))
 
 
-def _cli(tmp, workdir, *overrides):
+def _cli(tmp, workdir, *overrides, epochs=12):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     return subprocess.Popen(
         [sys.executable, str(REPO / "run.py"), f"--config={REPO}/tests/tiny_cli_config.py:{tmp}",
-         f"--workdir={workdir}", "--config.train.phases=1", "--config.phase1.epochs=12",
+         f"--workdir={workdir}", "--config.train.phases=1", f"--config.phase1.epochs={epochs}",
          "--config.eval.plot=False", *overrides],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -53,13 +53,13 @@ def _cli(tmp, workdir, *overrides):
 def test_second_run_on_a_live_workdir_is_refused_and_touches_nothing(tmp_path):
     tiny_config(tmp_path)  # data and backbone
     workdir = tmp_path / "wd"
-    first = _cli(tmp_path, workdir)
+    first = _cli(tmp_path, workdir, epochs=400)  # long enough to be live when signalled
     t0 = time.time()
     while not (workdir / "config.json").exists():
         assert first.poll() is None, first.communicate()
         assert time.time() - t0 < 300
         time.sleep(0.2)
-    second = _cli(tmp_path, workdir, "--config.seed=1")
+    second = _cli(tmp_path, workdir, "--config.seed=1", epochs=400)
     _, err = second.communicate(timeout=300)
     assert second.returncode == 1, err
     line = err.strip().splitlines()[-1]
