@@ -106,3 +106,16 @@ def test_bad_value_table_is_current():
         path.write_text(_table())
     assert path.exists() and path.read_text() == _table(), (
         "docs/bad_config_values.md is stale: rerun with LPT_UPDATE_DOCS=1")
+
+
+def test_locations_and_retry_budgets_do_not_define_a_run():
+    """Where inputs live (at any depth: model.text.tokenizer) and how often a download is
+    retried leave a run's identity alone; a real setting beside them does not."""
+    from lpt_jax import rundir
+    a, b = base_config(), base_config()
+    b.backbone.checkpoint, b.data.root = "/elsewhere/vit.npz", "/elsewhere/data"
+    b.model.text.tokenizer, b.model.text.checkpoint = "/elsewhere/spm.model", "/x/two.npz"
+    b.data.download_retries = 9
+    assert rundir.run_defining(a) == rundir.run_defining(b)
+    b.model.text.subtree = "text"
+    assert rundir.run_defining(a) != rundir.run_defining(b)
