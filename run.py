@@ -75,6 +75,12 @@ def main(argv):
     logging.get_absl_handler().addFilter(cli.QuietLibraries())
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    misplaced = cli.flag_outside_its_modes(_MODE.value, {
+        "--export": _EXPORT.value, "--files": _FILES.value, "--requests": _REQUESTS.value,
+        "--output": _OUTPUT.value})
+    if misplaced:  # it would be ignored
+        print(f"error: {misplaced}", file=sys.stderr)
+        sys.exit(2)
     from lpt_jax import parallel, preemption
     parallel.maybe_initialize_distributed()
     preemption.raise_on_signals()

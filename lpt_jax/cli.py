@@ -193,6 +193,21 @@ def _overrides(argv):
     return out
 
 
+# The modes each of run.py's mode-specific flags is read in.
+FLAG_MODES = {"--export": ("eval", "predict"), "--files": ("predict",),
+              "--requests": ("predict",), "--output": ("predict",)}
+
+
+def flag_outside_its_modes(mode: str, given: dict) -> "str | None":
+    """The line for a flag given a value in a mode that would ignore it (None if none)."""
+    for flag, value in given.items():
+        modes = FLAG_MODES[flag]
+        if value and mode not in modes:
+            return (f"{flag} has no effect with --mode={mode}: it is read by "
+                    + " and ".join(f"--mode={m}" for m in modes))
+    return None
+
+
 def overrides_outside(argv, allowed) -> list[str]:
     """The --config.a.b=value arguments (as typed) that set no field of `allowed`."""
     return [typed for path, typed in _overrides(argv) if path not in allowed]

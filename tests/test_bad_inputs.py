@@ -210,6 +210,9 @@ def cli_cases(inputs, skip_workdir, copy_of_skip_workdir):
              f"--files=a={inputs.good}/test", "--config.model.lpt.top_k=1"), 1,
             ("--config.model.lpt.top_k=1: with several exports every setting comes from each "
              "export; the command line sets only --config.backbone.checkpoint",)),
+        "--files with --mode=train": Case(
+            (f"--files={inputs.good}/test",), 2,
+            ("--files has no effect with --mode=train: it is read by --mode=predict",)),
         "predict without --files": Case(
             ("--mode=predict", f"--export={good_export}"), 1,
             ("--mode=predict needs --files",)),
@@ -343,7 +346,8 @@ def error_line(outcome) -> str:
 CLI_CASES = ["config file with a syntax error", "workdir that is a file", "read-only workdir",
              "export without its head", "export with NaN values",
              "export trained on another class order",
-             "several exports and a setting they decide", "predict without --files",
+             "several exports and a setting they decide", "--files with --mode=train",
+             "predict without --files",
              "predict --output in a missing folder",
              "unknown config field", "value of the wrong type",
              "all-corrupt image folder", "all-corrupt image folder, skip mode",
