@@ -12,7 +12,8 @@ over with a warning:
   * another machine: its heartbeat (rewritten every `heartbeat_s` by a daemon thread, clock of
     the holder) is older than `stale_s` (default 300 s; clocks must agree to well within that).
 A holder that finds its lease taken over (it was stalled for longer than `stale_s`) logs an
-error; `check()` raises then.
+error, and its train loop stops at the next step with a LeaseError (`check_held`; with several
+processes only the error is logged, since process 0 alone cannot leave a collective).
 
 Local disks and gs:// buckets: <workdir>/lease.json, created complete and atomically only if
 no such file exists (files.create_new: a hard-linked temp file locally, the precondition
@@ -294,6 +295,14 @@ class WorkdirLease:
 
 
 # ------------------------------------------------------------------------------------------
+
+def check_held(workdir: str) -> None:
+    """Raises LeaseError if this process holds `workdir`'s lease and another run has taken it
+    over meanwhile (the train loop asks before every step, so it writes nothing more)."""
+    held = _HELD.get(files.absolute(workdir))
+    if held is not None:
+        held.check()
+
 
 @contextlib.contextmanager
 def hold(workdir: str, **kwargs) -> Iterator[Optional[WorkdirLease]]:

@@ -115,6 +115,8 @@ def run_phase(ctx: Context, phase: Phase, params: dict) -> dict:
                 preempted = preemption.reached(step)
                 stop = preempted or bool(stop_after and step - start >= stop_after)
                 progress.add(step, metrics, force=last or stop)
+                if jax.process_count() == 1:  # (with several, process 0 alone would stop)
+                    lease.check_held(workdir)  # taken over by another run: write no more
                 if validate_every and step % validate_every == 0 and not last:
                     writer.write_scalars(step, inference.validation_scalars(
                         ctx, tree.merge(state["trainable"], frozen), phase))

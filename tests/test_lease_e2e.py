@@ -71,3 +71,45 @@ def test_second_run_on_a_live_workdir_is_refused_and_touches_nothing(tmp_path):
     assert first.returncode == 143, err[-3000:]
     assert not (workdir / "lease.json").exists()
     assert '"seed": 0' in (workdir / "config.json").read_text()
+
+
+def test_a_run_whose_lease_is_taken_over_stops_before_writing_more(tmp_path, monkeypatch):
+    """Another run takes the lease over mid-training (as after a stall longer than stale_s):
+    the heartbeat notices, the loop stops at the next step with one line, no export is
+    written, and the other run's lease is left in place."""
+    import functools
+    import json
+    import threading
+    import uuid
+
+    from lpt_jax import files, lease
+    from lpt_jax.lease import LeaseError
+    monkeypatch.setattr(lease, "WorkdirLease",
+                        functools.partial(lease.WorkdirLease, heartbeat_s=0.05))
+    config = tiny_config(tmp_path, epochs=400)  # far longer than the test lets it run
+    config.train.phases, config.eval.plot = "1", False
+    workdir = tmp_path / "wd"
+    path = str(workdir / "lease.json")
+    other = {"host": "elsewhere", "pid": 4242, "started": "2020-01-02 03:04:05 UTC",
+             "heartbeat": time.time(), "machine": "other-host|x|y", "pid_start": None,
+             "token": uuid.uuid4().hex, "command": "run.py"}
+    stop = threading.Event()
+
+    def take_over():
+        while not (workdir / "phase1" / "checkpoints").exists():  # training has started
+            if stop.wait(0.1):
+                return
+        while not stop.is_set():  # until it stands (a heartbeat may write over it once)
+            files.write_text(path, json.dumps(other))
+            stop.wait(0.3)
+
+    thread = threading.Thread(target=take_over, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(LeaseError, match="taken over by another run"):
+            trainer.train(config, str(workdir))
+    finally:
+        stop.set()
+        thread.join()
+    assert not (workdir / "phase1" / "export.npz").exists()
+    assert json.loads((workdir / "lease.json").read_text())["token"] == other["token"]
