@@ -338,6 +338,9 @@ def output_problem(workdir: str, output) -> "str | None":
     from lpt_jax import files
     if not files.is_remote(workdir) and os.path.exists(workdir) and not os.path.isdir(workdir):
         return f"--workdir={workdir} is a file, not a folder: choose another --workdir"
+    if output and files.is_remote(output):
+        return (f"--output={output}: predictions are written to a local file; give a local "
+                "path (and copy it to the bucket afterwards)")
     if output:
         parent = os.path.dirname(os.path.abspath(output))
         if not os.path.isdir(parent):

@@ -226,6 +226,9 @@ def cli_cases(inputs, skip_workdir, copy_of_skip_workdir):
             ("--mode=predict", f"--files={inputs.good}",
              f"--output={inputs.base / 'missing' / 'preds.jsonl'}"), 1,
             (f"the folder {inputs.base / 'missing'} does not exist; create it first",)),
+        "predict --output in a bucket": Case(
+            ("--mode=predict", f"--files={inputs.good}", "--output=gs://bucket/preds.jsonl"), 1,
+            ("--output=gs://bucket/preds.jsonl: predictions are written to a local file",)),
         "unknown config field": Case(
             ("--config.phase1.epoch=3",), 2,
             ("--config.phase1.epoch=3", "config.phase1 has no field 'epoch'",
@@ -348,7 +351,7 @@ CLI_CASES = ["config file with a syntax error", "workdir that is a file", "read-
              "export trained on another class order",
              "several exports and a setting they decide", "--files with --mode=train",
              "predict without --files",
-             "predict --output in a missing folder",
+             "predict --output in a missing folder", "predict --output in a bucket",
              "unknown config field", "value of the wrong type",
              "all-corrupt image folder", "all-corrupt image folder, skip mode",
              "corrupt JPEG among good ones, fail mode", "checkpoint of another model size",
