@@ -26,11 +26,9 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import datetime
 import gc
 import json
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -44,6 +42,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import host  # noqa: E402
+from host import hwm_bytes, reset_hwm, rss_bytes  # noqa: E402
 
 MiB = 2 ** 20
 HEAD_CLASSES = 21843
@@ -62,28 +64,6 @@ CASES = {
 
 # ------------------------------------------------------------------------------------------
 # Memory counters (Linux).
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def rss_bytes() -> int:
-    return _status_kib("VmRSS") * 1024
-
-
-def hwm_bytes() -> int:
-    return _status_kib("VmHWM") * 1024
-
-
-def reset_hwm() -> None:
-    """Resets the RSS high-water mark (VmHWM and ru_maxrss) to the current RSS (Linux >= 4.0)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
 
 def ru_maxrss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
@@ -265,18 +245,7 @@ def run_case(case: str, ckpt: Path) -> dict:
 
 def machine_info() -> dict:
     import jax
-    import numpy as np
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return dict(cpu=cpu, cores=os.cpu_count(), memory_gib=round(mem / 2 ** 30, 1),
-                kernel=platform.release(), python=platform.python_version(),
-                numpy=np.__version__, jax=jax.__version__,
-                date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"))
+    return dict(host.describe(), jax=jax.__version__)
 
 
 def format_results(results: list[dict], info: dict) -> str:

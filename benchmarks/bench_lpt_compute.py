@@ -57,6 +57,7 @@ sys.path.insert(0, str(HERE.parent))
 
 import jax  # noqa: E402
 
+import host  # noqa: E402
 import shipped  # noqa: E402
 
 ALIASES = {"tiny": "Ti/16"}
@@ -167,7 +168,7 @@ def with_ratios(rows: list[dict]) -> list[dict]:
 def machine() -> dict:
     import flax
     dev = jax.devices()[0]
-    return dict(cpu=shipped.cpu_model(), cores=shipped.cores(),
+    return dict(cpu=host.cpu_model(), cores=host.cores(),
                 device=f"{dev.platform}: {dev.device_kind}", jax=jax.__version__,
                 flax=flax.__version__, python=sys.version.split()[0],
                 date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),

@@ -36,6 +36,7 @@ sys.path.insert(0, str(HERE.parent))
 
 import jax  # noqa: E402
 
+import host  # noqa: E402
 import shipped  # noqa: E402
 from lpt_jax.models.vit import decode_variant  # noqa: E402
 
@@ -146,8 +147,8 @@ def main(argv=None):
         print(msg, flush=True)
 
     t0 = time.perf_counter()
-    info = dict(when=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), cpu=shipped.cpu_model(),
-                cores=shipped.cores(), device=str(jax.devices()[0].device_kind),
+    info = dict(when=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), cpu=host.cpu_model(),
+                cores=host.cores(), device=str(jax.devices()[0].device_kind),
                 load_before=shipped.loadavg()[0])
     rows = run(args, log)
     info.update(load_after=shipped.loadavg()[0], total_s=time.perf_counter() - t0)

@@ -48,6 +48,7 @@ sys.path.insert(0, str(HERE.parent))
 import jax  # noqa: E402
 
 import gpu_h100 as g  # noqa: E402  (the analytic FLOP count only)
+import host  # noqa: E402
 import shipped  # noqa: E402
 from lpt_jax import parallel  # noqa: E402
 
@@ -204,7 +205,7 @@ def main(argv=None):
             log(f"memory {name} remat={remat}: {mem[-1]['peak_mib']:.0f} MiB")
 
     info = dict(date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
-                cpu=shipped.cpu_model(), cores=shipped.cores(), jax=jax.__version__,
+                cpu=host.cpu_model(), cores=host.cores(), jax=jax.__version__,
                 xla_flags=os.environ.get("XLA_FLAGS", ""), ram_gib=ram / 2**30,
                 load_before=load_before, load_after=os.getloadavg()[0],
                 total_s=time.perf_counter() - t_start)

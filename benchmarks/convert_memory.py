@@ -28,10 +28,8 @@ reruns). Temporary files are deleted. Linux only (/proc).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -40,6 +38,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import host  # noqa: E402
+
 MiB = 2 ** 20
 NOTES_HEADING = "## Analysis"
 CASES = ("convert_release", "convert_release_warm", "load_release", "backbone_npz")
@@ -83,14 +85,6 @@ def write_release(path: str) -> None:
 # ------------------------------------------------------------------------------------------
 # Step 2, in fresh main-venv processes.
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(field)
-
-
 def measure(case: str, path: str, workdir: str) -> dict:
     import ctypes
     import gc
@@ -114,9 +108,8 @@ def measure(case: str, path: str, workdir: str) -> dict:
         abstract = abstract_params(model)["backbone"]
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
-    baseline = _status_kib("VmRSS") * 1024
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    baseline = host.rss_bytes()
+    host.reset_hwm()
     cpu0, t0 = time.process_time(), time.perf_counter()
     if case.startswith("convert_release"):
         convert.convert_release(path, workdir, overwrite=True)
@@ -126,9 +119,9 @@ def measure(case: str, path: str, workdir: str) -> dict:
     else:
         result = backbone.load_params(os.path.join(workdir, "backbone.npz"), abstract)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-    peak = _status_kib("VmHWM") * 1024 - baseline
+    peak = host.hwm_bytes() - baseline
     out = dict(case=case, seconds=seconds, cpu_seconds=cpu, peak_extra=peak,
-               retained_extra=_status_kib("VmRSS") * 1024 - baseline,
+               retained_extra=host.rss_bytes() - baseline,
                file_bytes=os.path.getsize(path), jax=jax.__version__)
     if case.startswith("convert_release"):
         out["outputs"] = {n: os.path.getsize(os.path.join(workdir, n))
@@ -143,21 +136,6 @@ def _child(case: str, path: Path, workdir: Path) -> dict:
     if proc.returncode:
         raise RuntimeError(f"{case} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def machine() -> dict:
-    import numpy as np
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return dict(cpu=cpu, cores=os.cpu_count(), memory_gib=round(mem / 2 ** 30, 1),
-                kernel=platform.release(), python=platform.python_version(),
-                numpy=np.__version__, load=os.getloadavg()[0],
-                date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"))
 
 
 def format_results(results: list[dict], info: dict, write_seconds: float) -> str:
@@ -216,7 +194,7 @@ def main(argv=None) -> None:
             results.append(r)
             print(f"{case:16s} {r['seconds']:5.1f} s  peak extra {r['peak_extra'] / MiB:4.0f} MiB"
                   f"  ratio {r['peak_extra'] / r['file_bytes']:.2f}", flush=True)
-        info = machine()
+        info = host.describe()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     text = format_results(results, info, write_seconds)

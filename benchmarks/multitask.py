@@ -56,6 +56,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+import host  # noqa: E402
+
 MiB = 2 ** 20
 NUM_CLASSES = 365
 BATCH = 8
@@ -63,21 +65,7 @@ NOTES_HEADING = "## Analysis"
 
 
 # ------------------------------------------------------------------------------------------
-# Memory counters (Linux).
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def reset_hwm() -> None:
-    """Resets the RSS high-water mark (VmHWM) to the current RSS (Linux >= 4.0)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
+# Memory held.
 
 def nbytes(tree) -> int:
     import jax
@@ -161,8 +149,8 @@ def memory_case(kind: str, n: int, inputs: dict) -> dict:
     shapes = abstract(model)
     batch = images(BATCH)
     gc.collect()
-    base = _status_kib("VmRSS") * 1024
-    reset_hwm()
+    base = host.rss_bytes()
+    host.reset_hwm()
     t0 = time.perf_counter()
     paths = inputs["phase2"][:n]
     if kind == "shared":
@@ -187,7 +175,7 @@ def memory_case(kind: str, n: int, inputs: dict) -> dict:
                  for m in {id(held_models[0]): held_models[0],
                            id(held_models[-1]): held_models[-1]}.values())
     seconds = time.perf_counter() - t0
-    peak = _status_kib("VmHWM") * 1024
+    peak = host.hwm_bytes()
     return {"kind": kind, "tasks": n, "held_bytes": held, "baseline_rss": base,
             "peak_rss": peak, "peak_extra": peak - base, "seconds": round(seconds, 1),
             "finite": bool(ok)}
@@ -287,10 +275,9 @@ def throughput(inputs: dict, repeats: int) -> dict:
 
 def machine() -> str:
     import jax
-    from shipped import cores, cpu_model
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return (f"{cpu_model()}, {cores()} cores, {mem:.1f} GiB RAM, {platform.system()} "
+    return (f"{host.cpu_model()}, {host.cores()} cores, {mem:.1f} GiB RAM, {platform.system()} "
             f"{platform.release()}; Python {platform.python_version()}, jax {jax.__version__}; "
             f"load average at the end {load}. Date: "
             f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}.")

@@ -23,9 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import platform
 import time
-from pathlib import Path
 from typing import Callable, Optional
 
 import jax
@@ -243,20 +241,6 @@ def prepare_predict(model: LPT, phase: Phase, params: dict, *, batch: int, image
 
 
 # ------------------------------------------------------------------------------- machine
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def loadavg() -> tuple[float, float, float]:

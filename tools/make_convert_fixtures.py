@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import io
 import json
 import os
@@ -59,26 +58,10 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 
-def import_timm():
-    """timm, with torchvision's C++ op schemas stubbed when the PyPI torchvision wheel cannot
-    load them beside the CPU torch build (the ViT never calls them)."""
-    try:
-        importlib.import_module("torchvision")
-    except RuntimeError as err:
-        if "torchvision::" not in str(err):
-            raise
-        for name in [m for m in sys.modules if m.split(".")[0] == "torchvision"]:
-            del sys.modules[name]
-        stub = torch.library.Library("torchvision", "DEF")
-        stub.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        stub.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        import_timm.stub = stub  # keep the registration alive
-    import timm
-    from timm.models.vision_transformer import VisionTransformer
-    return timm, VisionTransformer
-
-
-timm, VisionTransformer = import_timm()
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+# timm (with torchvision's C++ op schemas stubbed where the PyPI wheel cannot load them), as
+# every oracle script imports it.
+from make_vit_goldens import VisionTransformer, timm  # noqa: E402
 import safetensors  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
