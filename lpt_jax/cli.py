@@ -245,13 +245,6 @@ def _unknown_field(config, path):
     return None
 
 
-def _field(config, path):
-    node = config
-    for part in path.split("."):
-        node = node[part]
-    return node
-
-
 def _expected(value):
     if isinstance(value, bool):
         return "True or False"
@@ -291,7 +284,8 @@ def flag_error(err, argv) -> str:
         if m:
             path, value, why = m.groups()
             try:
-                default = _field(config, path)
+                from lpt_jax import tree  # flax: only once a flag error is being worded
+                default = tree.lookup(config, path)
                 return (f"--config.{path}={value}: expected {_expected(default)}, like the "
                         f"config's {default!r} ({why.strip('()')})")
             except (KeyError, AttributeError):

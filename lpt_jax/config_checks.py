@@ -5,20 +5,13 @@ from __future__ import annotations
 
 import math
 
-from lpt_jax import files, losses
+from lpt_jax import files, losses, tree
 from lpt_jax.errors import ConfigError
 from lpt_jax.models.siglip_text import POOL_TYPES as TEXT_POOL_TYPES
 from lpt_jax.models.vit import POOL_TYPES
 from lpt_jax.phases import PHASES, parse_phases
 
 HEAD_INITS = ("random", "text")  # model.head_init: lpt_jax.text_head for 'text'
-
-
-def _get(config, field: str):
-    node = config
-    for part in field.split("."):
-        node = node[part]
-    return node
 
 
 def _finite(v) -> bool:
@@ -72,7 +65,7 @@ for _branch in ("cb", "ib"):
 def check(config) -> None:
     """Raises ConfigError for the first value that cannot work."""
     for field, (ok, accepts) in _RULES.items():
-        value = _get(config, field)
+        value = tree.lookup(config, field)
         if not ok(value):
             raise ConfigError(f"{field}={value!r}: expected {accepts}")
     parse_phases(config.train.phases)

@@ -77,25 +77,17 @@ _SHAPELESS = ("backbone", "{backbone}.layernorm_epsilon", "{backbone}.gelu_appro
               "{backbone}.pool_type", "lpt.top_k", "lpt.prompt_position", "lpt.shared_depth")
 
 
-def _field(section: Mapping, dotted: str):
-    for part in dotted.split("."):
-        if not isinstance(section, Mapping) or part not in section:
-            return None
-        section = section[part]
-    return section
-
-
 def check_model(path: str, meta: Mapping, model: Mapping) -> None:
     """The export's model settings that no shape shows equal this run's `model` config
     (an export without a recorded model section is judged by its shapes alone)."""
     theirs = (meta.get("config") or {}).get("model")
     if not isinstance(theirs, Mapping):
         return
-    backbone = str(_field(model, "backbone") or "vit")
+    backbone = str(tree.lookup(model, "backbone", None) or "vit")
     differ = []
     for dotted in _SHAPELESS:
         dotted = dotted.format(backbone=backbone)
-        a, b = _field(theirs, dotted), _field(model, dotted)
+        a, b = tree.lookup(theirs, dotted, None), tree.lookup(model, dotted, None)
         if a is not None and b is not None and a != b:
             differ.append((dotted, a, b))
     if differ:

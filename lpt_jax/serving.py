@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from lpt_jax import exports, models
+from lpt_jax import exports, models, tree
 from lpt_jax.backbone import file_fingerprint
 from lpt_jax.errors import ConfigError
 from lpt_jax.exports import ExportError
@@ -82,14 +82,11 @@ class Scores:
 
 
 def _field(config, dotted: str, task: str, path: str):
-    node = config
-    for part in dotted.split("."):
-        try:
-            node = node[part]
-        except (KeyError, TypeError, AttributeError):
-            raise ExportError(f"{path} (task {task!r}): the config in its meta has no "
-                              f"{dotted}; export it again with this lpt_jax") from None
-    return node
+    try:
+        return tree.lookup(config, dotted)
+    except KeyError:
+        raise ExportError(f"{path} (task {task!r}): the config in its meta has no "
+                          f"{dotted}; export it again with this lpt_jax") from None
 
 
 def _check_backbone(task: str, path: str, recorded, backbone_path: str, ours: dict) -> None:
@@ -211,10 +208,10 @@ def _stack(tasks: Sequence[Task], trained: Sequence[Mapping], shared_depth: int)
     keys = np.zeros((len(tasks), m, width), np.float32)
     valid = np.zeros((len(tasks), m), bool)
     weights = np.zeros((len(tasks), k), np.float32)
-    for i, (task, tree) in enumerate(zip(tasks, trained)):
+    for i, (task, params) in enumerate(zip(tasks, trained)):
         if task.phase == 2:
-            pools[i, :task.pool_size] = tree["pool_prompts"]
-            keys[i, :task.pool_size] = tree["pool_keys"]
+            pools[i, :task.pool_size] = params["pool_prompts"]
+            keys[i, :task.pool_size] = params["pool_keys"]
             valid[i, :task.pool_size] = True
             weights[i, :task.top_k] = 1.0 / task.top_k
     heads = [np.asarray(l2_normalize(jnp.asarray(t["head"]["kernel"], jnp.float32), axis=0))

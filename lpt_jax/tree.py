@@ -52,3 +52,19 @@ def labels(params: Mapping, trainable_patterns: Iterable[str]) -> dict:
     patterns = tuple(trainable_patterns)
     return unflatten({k: "trainable" if matches(k, patterns) else "frozen"
                       for k in flatten(params)})
+
+
+_REQUIRED = object()
+
+
+def lookup(node, dotted: str, default=_REQUIRED):
+    """node['a']['b'] for 'a.b' in nested dicts or ConfigDicts (configs, export meta); a missing
+    part gives `default`, or KeyError(dotted) when none is given."""
+    for part in dotted.split("."):
+        try:
+            node = node[part]
+        except (KeyError, TypeError, IndexError):
+            if default is _REQUIRED:
+                raise KeyError(dotted) from None
+            return default
+    return node
