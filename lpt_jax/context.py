@@ -28,8 +28,11 @@ class Context:
     backbone_identity: dict   # size + hash of the backbone file, recorded in exports
 
 
-def build_context(config, workdir: str, *, load_backbone: bool = True) -> Context:
-    """Validates config, data and checkpoint, and builds the model and its parameters."""
+def build_context(config, workdir: str, *, load_backbone: bool = True,
+                  trained_head: bool = False) -> Context:
+    """Validates config, data and checkpoint, and builds the model and its parameters.
+    `trained_head`: an export will supply the head (eval, predict), so model.head_init='text'
+    need not run the text tower."""
     config_checks.check(config)
     n = config.train.num_devices
     if n and n > jax.device_count():
@@ -63,7 +66,7 @@ def build_context(config, workdir: str, *, load_backbone: bool = True) -> Contex
             ignore=config.backbone.ignore, model=model.backbone,
             **({"subtree": subtree} if subtree else {}))
         identity = file_fingerprint(config.backbone.checkpoint)
-        if config.model.get("head_init", "random") == "text":
+        if config.model.get("head_init", "random") == "text" and not trained_head:
             params["head"] = _text_head(config, source, params["head"])
     return Context(config, workdir, mesh, source, model, params, identity)
 

@@ -129,7 +129,7 @@ def load_trained(ctx: Context, path: Optional[str] = None) -> tuple[dict, Phase]
 
 
 def evaluate_workdir(config, workdir: str, export: Optional[str] = None) -> dict:
-    ctx = build_context(config, workdir)
+    ctx = build_context(config, workdir, trained_head=True)  # the head is the export's
     params, phase = load_trained(ctx, export)
     split = config.eval.final_split
     return evaluate(ctx, params, phase, split, rundir.eval_dir(workdir),
@@ -141,7 +141,7 @@ def predict_files(config, workdir: str, files: Sequence[str],
     """One dict per image: file, and the top-k classes with label, name, `probability`
     (softmax of the cosines times the loss scale, config.loss.cb.scale, as in training) and
     `score` (the cosine similarity to the class weight, in [-1, 1])."""
-    ctx = build_context(config, workdir)
+    ctx = build_context(config, workdir, trained_head=True)  # the head is the export's
     params, phase = load_trained(ctx, export)
     predict = make_predict_fn(ctx.model, phase, parallel.make_mesh(jax.devices()[:1]))
     k = min(config.predict.top_k, ctx.source.num_classes)  # every class, at most

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from helpers import DATA, TINY_BLOCK
-from lpt_jax import backbone, config_checks, exports, text_head, trainer
+from lpt_jax import backbone, config_checks, exports, inference, text_head, trainer
 from lpt_jax.backbone import CheckpointError
 from lpt_jax.errors import ConfigError
 from lpt_jax.models import siglip_text
@@ -219,7 +219,8 @@ def _expected_text_head(config, class_names):
     return (mean / np.linalg.norm(mean, axis=-1, keepdims=True)).T
 
 
-def test_lpt_runs_both_phases_on_a_siglip_tower_with_a_text_head(siglip_run_config, tmp_path):
+def test_lpt_runs_both_phases_on_a_siglip_tower_with_a_text_head(siglip_run_config, tmp_path,
+                                                                 monkeypatch):
     config = siglip_run_config
     report = trainer.train(config, str(tmp_path / "wd"))
     assert 0.0 <= report["overall"] <= 100.0
@@ -234,6 +235,13 @@ def test_lpt_runs_both_phases_on_a_siglip_tower_with_a_text_head(siglip_run_conf
     # The text tower did not stay on the devices: no array has its token embedding's shape.
     text_shape = (TEXT_TINY["vocab_size"], TEXT_TINY["width"])
     assert not [a for a in jax.live_arrays() if a.shape == text_shape]
+
+    # Evaluating the run takes the head from the export: the text tower is not run again.
+    def not_again(*args, **kwargs):
+        raise AssertionError("the text tower ran for an evaluation")
+    monkeypatch.setattr(text_head, "text_head_kernel", not_again)
+    assert inference.evaluate_workdir(config, str(tmp_path / "wd"))["overall"] == report["overall"]
+
 
 
 def test_text_head_errors_are_one_line(siglip_run_config, tmp_path):
