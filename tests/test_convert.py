@@ -112,7 +112,8 @@ def test_release_command_writes_backbone_and_export_that_eval_loads(tmp_path, ca
         str(out_dir / "backbone.npz"), abstract["backbone"], ignore=config.backbone.ignore,
         grid=model.backbone.grid)
     params, _ = exports.apply(params, str(out_dir / "export.npz"),
-                              class_names=RELEASE["class_names"])
+                              class_names=RELEASE["class_names"],
+                              model=config.model.to_dict())  # as inference.load_trained
     assert_matches_oracle(run_phase2(model, params, golden["images"]), golden)
 
     # Existing outputs are not replaced unless asked.
