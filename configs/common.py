@@ -69,7 +69,11 @@ def base_config() -> ml_collections.ConfigDict:
         variant="B/16", width=placeholder(int), depth=placeholder(int),
         num_heads=placeholder(int), mlp_dim=placeholder(int), patch_size=placeholder(int),
         image_size=224, pool_type="tok", representation_size=0, layernorm_epsilon=1e-5,
-        gelu_approximate=False, dtype="float32", remat=False))
+        gelu_approximate=False, dtype="float32", remat=False,
+        # How attention is computed (the same function; only float rounding differs): 'einsum'
+        # (explicit softmax, heads leading: fastest on CPU), 'xla' or 'cudnn'
+        # (jax.nn.dot_product_attention); 'auto' = 'einsum' on CPU, 'xla' elsewhere.
+        attention="auto"))
     # Prompts, pool and head (§2).
     c.model.lpt = ConfigDict(dict(
         prompt_length=10, pool_size=20, shared_depth=6, top_k=2, head_dropout=0.1,

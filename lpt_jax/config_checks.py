@@ -8,7 +8,7 @@ import math
 from lpt_jax import files, losses, tree
 from lpt_jax.errors import ConfigError
 from lpt_jax.models.siglip_text import POOL_TYPES as TEXT_POOL_TYPES
-from lpt_jax.models.vit import POOL_TYPES
+from lpt_jax.models.vit import ATTENTION_IMPLEMENTATIONS, POOL_TYPES
 from lpt_jax.phases import PHASES, parse_phases
 
 HEAD_INITS = ("random", "text")  # model.head_init: lpt_jax.text_head for 'text'
@@ -79,6 +79,11 @@ def check(config) -> None:
         raise ConfigError(f"model.{name}.image_size={size} but data.image_size="
                           f"{config.data.image_size}: the backbone is built for the training "
                           "crop size")
+    attention = config.model[name].get("attention")
+    if attention is not None and attention not in ATTENTION_IMPLEMENTATIONS:
+        raise ConfigError(f"model.{name}.attention={attention!r}: expected one of "
+                          f"{ATTENTION_IMPLEMENTATIONS} ('auto': 'einsum' on CPU, 'xla' on "
+                          "accelerators)")
     pool = config.model[name].get("pool_type")
     if pool is not None and pool not in POOL_TYPES:
         raise ConfigError(f"model.{name}.pool_type={pool!r}: expected one of {POOL_TYPES} "

@@ -17,6 +17,7 @@ from absl import logging
 from lpt_jax import data, exports, parallel, preemption, reports, rundir
 from lpt_jax.context import Context, build_context, expected_class_names
 from lpt_jax.errors import ConfigError
+from lpt_jax.models.lpt import backbone_in_compute_dtype
 from lpt_jax.phases import PHASES, Phase
 
 
@@ -48,7 +49,8 @@ def predict_split(ctx: Context, params, phase: Phase, split: str):
     """(predicted labels, true labels, unreadable images skipped) over one pass of a split,
     padding removed."""
     predict = make_predict_fn(ctx.model, phase, ctx.mesh)
-    params = jax.device_put(params, parallel.replicated(ctx.mesh))
+    params = jax.device_put(backbone_in_compute_dtype(params, ctx.model),
+                            parallel.replicated(ctx.mesh))
     limit = ctx.config.eval.max_examples
     stream = data.make_eval_stream(ctx.source, ctx.config.data, split=split,
                                    batch_size=ctx.config.eval.batch_size,
@@ -143,7 +145,11 @@ def predict_files(config, workdir: str, files: Sequence[str],
     `score` (the cosine similarity to the class weight, in [-1, 1])."""
     ctx = build_context(config, workdir, trained_head=True)  # the head is the export's
     params, phase = load_trained(ctx, export)
-    predict = make_predict_fn(ctx.model, phase, parallel.make_mesh(jax.devices()[:1]))
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    predict = make_predict_fn(ctx.model, phase, mesh)
+    # On the device once, not with every chunk of files.
+    params = jax.device_put(backbone_in_compute_dtype(params, ctx.model),
+                            parallel.replicated(mesh))
     k = min(config.predict.top_k, ctx.source.num_classes)  # every class, at most
     scale = float(config.loss.cb.scale)
     for i in range(0, len(files), config.predict.batch_size):

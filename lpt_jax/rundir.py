@@ -33,8 +33,9 @@ LOCATION_FIELDS = ("backbone.checkpoint", "data.root", "data.split_dir", "data.t
                    "data.val_list", "data.test_list", "data.class_names_file",
                    "data.tfds_data_dir", "data.cache_dir", "model.text.tokenizer",
                    "model.text.checkpoint")
-# Fields that cannot change what a run computes (how hard to try a download).
-NOT_RUN_DEFINING = ("data.download_retries",)
+# Fields that cannot change what a run computes (how hard to try a download), or only its
+# float rounding (which attention kernel runs: a run trained on CPU resumes on a GPU).
+NOT_RUN_DEFINING = ("data.download_retries", "model.vit.attention")
 # Entries that mean an invocation made progress worth resuming from (never undone).
 _PROGRESS = re.compile(r"phase\d+/(checkpoints/\d+(\.damaged-[\w-]+)?|export\.npz)")
 

@@ -41,14 +41,15 @@ from lpt_jax import exports, models, tree
 from lpt_jax.backbone import file_fingerprint
 from lpt_jax.errors import ConfigError
 from lpt_jax.exports import ExportError
-from lpt_jax.models.lpt import (LPT, PromptedBackbone, average_selected, l2_normalize,
-                                lpt_from_config, select_per_example)
+from lpt_jax.models.lpt import (LPT, PromptedBackbone, average_selected,
+                                backbone_in_compute_dtype, l2_normalize, lpt_from_config,
+                                select_per_example)
 
 # Config fields that must agree between tasks served together (they shape the token sequence).
 STACKED_FIELDS = ("model.backbone", "model.lpt.prompt_length", "model.lpt.shared_depth",
                   "model.lpt.prompt_position", "data.image_size")
-# Backbone fields that cannot change what a forward computes.
-_RUN_ONLY_FIELDS = frozenset({"remat"})
+# Backbone fields that cannot change what a forward computes (beyond float rounding).
+_RUN_ONLY_FIELDS = frozenset({"remat", "attention"})
 
 
 class RequestError(ConfigError):
@@ -234,7 +235,8 @@ class MultiTaskPredictor:
         self._order = list(self.tasks)
         self._phase2 = np.array([t.phase == 2 for t in tasks])
         self.image_shape = tuple(model.backbone.image_size) + (3,)
-        self._params = jax.device_put({"params": {"backbone": backbone_params}})
+        self._params = jax.device_put({"params": backbone_in_compute_dtype(
+            {"backbone": backbone_params}, model)})
         self._stack = jax.device_put(dict(stack))
         self._forward = jax.jit(functools.partial(
             _forward, model, max(t.num_classes for t in tasks)))

@@ -24,6 +24,7 @@ import numpy as np
 import optax
 
 from lpt_jax import losses, optim, parallel, tree
+from lpt_jax.models.lpt import backbone_in_compute_dtype
 from lpt_jax.phases import Phase
 
 
@@ -36,10 +37,14 @@ class TrainStep:
     tx: optax.GradientTransformation
     schedule: optax.Schedule
     seed: int
+    model: Any = None
 
     def init(self, params: Mapping) -> tuple[dict, dict]:
-        """(state, frozen): the state holds what is trained plus what resuming needs."""
+        """(state, frozen): the state holds what is trained plus what resuming needs; the
+        frozen backbone is stored in the model's compute dtype (`backbone_in_compute_dtype`)."""
         trainable, frozen = tree.split(params, self.patterns)
+        if self.model is not None:
+            frozen = backbone_in_compute_dtype(frozen, self.model)
         state = {"trainable": trainable, "opt_state": self.tx.init(trainable),
                  "step": jnp.int32(0), "rng": jax.random.PRNGKey(self.seed)}
         return state, frozen
@@ -115,4 +120,4 @@ def make_train_step(model, phase: Phase, config, *, class_counts: np.ndarray,
         return new_state, metrics
 
     return TrainStep(step, phase, phase.trainable_patterns(config), tx, schedule,
-                     phase.seed(config))
+                     phase.seed(config), model)

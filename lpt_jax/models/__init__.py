@@ -25,11 +25,15 @@ The module it builds is what `LPT` runs (`lpt_jax.models.lpt`); LPT uses exactly
     embed(images) -> x           NHWC images in [-1, 1] -> tokens (B, T, D)
     encode(x, start, stop, extras, extra_position) -> x
                                  blocks start..stop-1; `extras` maps a block index i to
-                                 tokens (P, D) or (B, P, D) that are inserted for block i only
-                                 ('append' at the end, or 'after_cls' after the first token)
-                                 and dropped after it, so the sequence length is unchanged
+                                 tokens (P, D) or (B, P, D) that block i's tokens attend over
+                                 as well ('append': after them, or 'after_cls': after the
+                                 first); they are not carried to the next block, so the
+                                 sequence length is unchanged
     features(x) -> (B, D)        encoded tokens -> the normed, pooled feature (its width must
                                  be D: the prompt keys are matched against it)
+    encode_features(x, start, extras, extra_position) -> (B, D)
+                                 features(encode(x, start, depth, ...)), free to skip work
+                                 whose outputs the pooling discards
 
 Its parameters live under `params['backbone']` of the LPT tree and are frozen in both phases.
 """

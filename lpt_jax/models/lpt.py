@@ -62,7 +62,7 @@ class CosineHead(nn.Module):
 
 
 class LPT(nn.Module):
-    backbone: nn.Module            # depth, width, embed, encode, features (lpt_jax.models)
+    backbone: nn.Module            # depth, width, embed, encode, encode_features (lpt_jax.models)
     num_classes: int
     prompt_length: int = 10
     pool_size: int = 20
@@ -96,8 +96,12 @@ class LPT(nn.Module):
         extras = {i: extra_for_block(i) for i in range(start, stop)}
         return self.backbone.encode(x, start, stop, extras, self.prompt_position)
 
-    def _classify(self, x, train: bool):
-        feature = self.backbone.features(x)
+    def _feature(self, x, start, extra_for_block):
+        """Blocks start..L-1, then the backbone's pooled feature (B, D)."""
+        extras = {i: extra_for_block(i) for i in range(start, self.backbone.depth)}
+        return self.backbone.encode_features(x, start, extras, self.prompt_position)
+
+    def _classify(self, feature, train: bool):
         feature = self.dropout(feature, deterministic=not train)
         return self.head(feature)
 
@@ -108,8 +112,7 @@ class LPT(nn.Module):
 
     def query_from_trunk(self, x):
         """Blocks K..L-1 with the shared prompt only -> CLS feature, gradient stopped."""
-        x = self._run(x, self.shared_depth, self.backbone.depth, self._shared)
-        return jax.lax.stop_gradient(self.backbone.features(x))
+        return jax.lax.stop_gradient(self._feature(x, self.shared_depth, self._shared))
 
     def select(self, query):
         """Per-sample cosine top-k of the keys. Returns (indices (B,k), cosines (B,k))."""
@@ -127,14 +130,12 @@ class LPT(nn.Module):
             shared = jnp.broadcast_to(self._shared(i), (b,) + self._shared(i).shape)
             return jnp.concatenate([shared, group[:, i - self.shared_depth]], axis=1)
 
-        x = self._run(x, self.shared_depth, self.backbone.depth, extra)
-        return self._classify(x, train)
+        return self._classify(self._feature(x, self.shared_depth, extra), train)
 
     # ---- forward functions ----------------------------------------------------------------
     def phase1(self, images, train: bool = False):
         """Phase 1: the shared prompt at every block -> cosine logits (B, C)."""
-        x = self._run(self.backbone.embed(images), 0, self.backbone.depth, self._shared)
-        return self._classify(x, train)
+        return self._classify(self._feature(self.backbone.embed(images), 0, self._shared), train)
 
     def phase2(self, images, train: bool = False, stop_trunk_gradient: bool = True):
         """Phase 2 on the exact shared trunk (L + (L-K) block evaluations instead of 2L).
@@ -156,17 +157,17 @@ class LPT(nn.Module):
 
         Both passes start from the same embedding, so XLA's common-subexpression elimination
         merges their identical blocks 0..K-1 into one trunk by itself. `distinct_passes`
-        (default) puts an optimization barrier on the embedding before the main pass so the
-        compiled program really evaluates all 2L blocks, as the release does (only the cheap
-        patch embedding is shared); False leaves the merge to XLA. (A barrier on the images
-        instead was seen to let XLA merge one of two such calls in one program.)
+        (default) starts the main pass from the embedding plus a zero that XLA cannot see is
+        zero (0 * x is not folded for floats), so the compiled program really evaluates all 2L
+        blocks, as the release does (only the cheap patch embedding is shared); False leaves
+        the merge to XLA. (An optimization barrier is not enough: XLA removes it after its
+        first CSE pass, and later passes were seen to merge one of two calls in a program.)
         """
         x0 = self.backbone.embed(images)
-        query = jax.lax.stop_gradient(self.backbone.features(
-            self._run(x0, 0, self.backbone.depth, self._shared)))
+        query = jax.lax.stop_gradient(self._feature(x0, 0, self._shared))
         idx, cos = self.select(query)
         if distinct_passes:
-            x0 = jax.lax.optimization_barrier(x0)
+            x0 = x0 + 0.0 * jax.lax.stop_gradient(x0[:, :1, :1])
         x = self._run(x0, 0, self.shared_depth, self._shared)
         logits = self.main_from_trunk(x, idx, train)
         return dict(logits=logits, match=jnp.mean(jnp.sum(cos, axis=1)), indices=idx,
@@ -201,15 +202,16 @@ class PromptedBackbone(nn.Module):
 
     def query(self, x, shared):
         """Trunk tokens -> blocks K..L-1 with the shared prompt -> feature (B, D)."""
-        x = self._run(x, self.shared_depth, self.backbone.depth, lambda i: shared[:, i])
-        return self.backbone.features(x)
+        extras = {i: shared[:, i] for i in range(self.shared_depth, self.backbone.depth)}
+        return self.backbone.encode_features(x, self.shared_depth, extras,
+                                             self.prompt_position)
 
     def main(self, x, shared, group):
         """Trunk tokens, group (B, L-K, P, D) -> blocks K..L-1 with [shared_i ; group_i]."""
         k = self.shared_depth
-        x = self._run(x, k, self.backbone.depth,
-                      lambda i: jnp.concatenate([shared[:, i], group[:, i - k]], axis=1))
-        return self.backbone.features(x)
+        extras = {i: jnp.concatenate([shared[:, i], group[:, i - k]], axis=1)
+                  for i in range(k, self.backbone.depth)}
+        return self.backbone.encode_features(x, k, extras, self.prompt_position)
 
 
 def select_per_example(query, keys, valid, top_k: int):
@@ -229,6 +231,25 @@ def average_selected(pools, task, idx, weights):
     rounding (exactly, for k <= 2)."""
     picked = pools[task[:, None], idx]                     # (B, k, L-K, P, D)
     return jnp.sum(picked * weights[:, :, None, None, None], axis=1)
+
+
+def backbone_in_compute_dtype(params, model: LPT):
+    """`params` with the frozen backbone's weights stored in the backbone's compute dtype
+    (`model.vit.dtype`), as the layers read them: a bfloat16 model then holds no float32
+    copy of the frozen weights and converts none per step. Numerically a no-op: Flax's
+    Dense / DenseGeneral / Conv cast kernel and bias to the compute dtype before use, and the
+    ViT casts its position embedding, class token and MAP probe; LayerNorm scales and biases,
+    which Flax multiplies in float32, keep their dtype."""
+    dtype = jnp.dtype(getattr(model.backbone, "dtype", jnp.float32))
+    if "backbone" not in params or dtype == jnp.float32:
+        return params
+
+    def cast(path, leaf):
+        names = [str(getattr(k, "key", k)) for k in path]
+        if any("LayerNorm" in n or n == "encoder_norm" for n in names):
+            return leaf
+        return leaf.astype(dtype) if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf
+    return {**params, "backbone": jax.tree_util.tree_map_with_path(cast, params["backbone"])}
 
 
 def lpt_from_config(model_cfg, num_classes: int, backbone: Optional[nn.Module] = None) -> LPT:

@@ -20,9 +20,11 @@ Pooling (`pool_type`): 'tok' the class token, 'gap' the mean of the tokens, 'map
 multihead attention pooling (a learned probe attends over the tokens, then LayerNorm + MLP
 with a residual; no class token). All three pool after the final encoder norm, as big_vision.
 
-Extra tokens (the mechanism that prompts use): `encode(..., extras={i: tokens})` appends
-`tokens` (T, D) or (B, T, D) to the sequence for block i only and drops the T outputs after
-it, so the next block sees the original sequence length again.
+Extra tokens (the mechanism that prompts use): `encode(..., extras={i: tokens})` adds
+`tokens` (T, D) or (B, T, D) to the sequence of block i only: the block's tokens attend over
+them, and their own outputs, which the next block would not see, are never computed (the
+sequence length is unchanged). `encode_features` also skips the last block's rows that
+class-token pooling discards.
 """
 
 from __future__ import annotations
@@ -87,14 +89,52 @@ class MlpBlock(nn.Module):
         return dense(width, "Dense_1")(x)
 
 
+ATTENTION_IMPLEMENTATIONS = ("auto", "einsum", "xla", "cudnn")
+
+
+def attention_implementation(name: str) -> str:
+    """'auto' -> 'einsum' on CPU (measured fastest there: benchmarks/results/cpu_step.md),
+    'xla' (`jax.nn.dot_product_attention`) on accelerators; other names are kept."""
+    if name not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {name!r}")
+    if name == "auto":
+        return "einsum" if jax.default_backend() == "cpu" else "xla"
+    return name
+
+
+def attend(q, k, v, implementation: str):
+    """softmax(q k^T / sqrt(d)) v for q (B, N, H, d) over k, v (B, S, H, d) -> (B, N, H, d).
+
+    'einsum' runs both products with batch and heads leading (B, H, ., d), which XLA's CPU
+    dot kernels take without transposing each head's operand; the logits and the softmax are
+    float32 whatever the dtype, as in `jax.nn.dot_product_attention`, which 'xla' and
+    'cudnn' call."""
+    if implementation in ("xla", "cudnn"):
+        return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+    scale = q.shape[-1] ** -0.5
+    heads_first = lambda t: jnp.swapaxes(t, 1, 2)  # noqa: E731  (B, T, H, d) -> (B, H, T, d)
+    logits = jnp.einsum("bhnd,bhsd->bhns", heads_first(q), heads_first(k),
+                        preferred_element_type=jnp.float32) * scale
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhns,bhsd->bnhd", weights, heads_first(v))
+
+
 class MultiHeadDotProductAttention(nn.Module):
-    """Attention with Flax's parameter names (query/key/value/out as DenseGeneral): self-
-    attention, or queries from `x` attending over `kv` (the MAP head's probe)."""
+    """Attention with Flax's parameter names (query/key/value/out as DenseGeneral).
+
+    `x` (B, N, D) are the queries; they attend over `kv` (B, S, D) (default: `x`, self-
+    attention; the MAP head passes its probe as `x`) and over `extra` tokens (P, D) or
+    (B, P, D), which give keys and values only. Unbatched extras (a prompt shared by all
+    images) are projected once per call, not once per image. `extra_position` places their
+    keys ('append': last; 'after_cls': after the first key); attention does not depend on
+    the order of its keys, so both give the same result up to float rounding.
+    """
     num_heads: int
     dtype: jnp.dtype = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
-    def __call__(self, x, kv=None):
+    def __call__(self, x, kv=None, extra=None, extra_position: str = "append"):
         kv = x if kv is None else kv
         width = x.shape[-1]
         if width % self.num_heads:
@@ -103,9 +143,13 @@ class MultiHeadDotProductAttention(nn.Module):
         proj = lambda name: nn.DenseGeneral(  # noqa: E731
             (self.num_heads, head_dim), dtype=self.dtype, name=name,
             kernel_init=nn.initializers.xavier_uniform())
-        q, k, v = proj("query")(x), proj("key")(kv), proj("value")(kv)  # (B, T, H, hd)
-        # Scale 1/sqrt(head_dim); XLA fuses this, and on GPU it may pick a fused kernel.
-        y = jax.nn.dot_product_attention(q, k, v)
+        query, key, value = proj("query"), proj("key"), proj("value")
+        q, k, v = query(x), key(kv), value(kv)  # (B, ., H, hd)
+        if extra is not None:
+            extra = jnp.asarray(extra, kv.dtype)
+            k = _with_extra_tokens(k, key(extra), extra_position)
+            v = _with_extra_tokens(v, value(extra), extra_position)
+        y = attend(q, k, v, attention_implementation(self.attention))
         return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, name="out",
                                kernel_init=nn.initializers.xavier_uniform())(y)
 
@@ -118,13 +162,14 @@ class MAPHead(nn.Module):
     layernorm_epsilon: float = 1e-6
     gelu_approximate: bool = False
     dtype: jnp.dtype = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x):
         b, _, d = x.shape
         probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, d))
         probe = jnp.broadcast_to(probe.astype(self.dtype), (b, 1, d))
-        x = MultiHeadDotProductAttention(self.num_heads, self.dtype,
+        x = MultiHeadDotProductAttention(self.num_heads, self.dtype, self.attention,
                                          name="MultiHeadDotProductAttention_0")(probe, x)
         y = nn.LayerNorm(epsilon=self.layernorm_epsilon, dtype=self.dtype, name="LayerNorm_0")(x)
         x = x + MlpBlock(self.mlp_dim, self.gelu_approximate, self.dtype, name="MlpBlock_0")(y)
@@ -132,9 +177,9 @@ class MAPHead(nn.Module):
 
 
 def _with_extra_tokens(x, extra, position):
-    """Insert `extra` (T, D) or (B, T, D) into x (B, S, D); returns the new sequence."""
-    extra = jnp.asarray(extra, x.dtype)
-    if extra.ndim == 2:
+    """Insert `extra` (P, ...) or (B, P, ...) into x (B, S, ...) along axis 1."""
+    extra = extra.astype(x.dtype)
+    if extra.ndim == x.ndim - 1:
         extra = jnp.broadcast_to(extra[None], (x.shape[0],) + extra.shape)
     if position == "append":
         return jnp.concatenate([x, extra], axis=1)
@@ -143,36 +188,38 @@ def _with_extra_tokens(x, extra, position):
     raise ValueError(f"extra token position must be 'append' or 'after_cls', got {position!r}")
 
 
-def _without_extra_tokens(y, num_extra, position):
-    if position == "append":
-        return y[:, : y.shape[1] - num_extra]
-    return jnp.concatenate([y[:, :1], y[:, 1 + num_extra:]], axis=1)
-
-
 class Encoder1DBlock(nn.Module):
-    """Pre-norm transformer block; optional extra tokens live for this block only."""
+    """Pre-norm transformer block.
+
+    Extra tokens (prompts) live for this block only: the block's tokens attend over them, but
+    their own outputs would be dropped after it, so they are never computed (no query,
+    attention output or MLP for them: with 10-20 prompts on 197 tokens, 4-9 % of the block).
+    `rows` keeps only the first `rows` tokens of the output: the last block before class-token
+    pooling needs the class token's row alone (its keys and values still come from all)."""
     mlp_dim: int
     num_heads: int
     layernorm_epsilon: float = 1e-6
     gelu_approximate: bool = False
     dtype: jnp.dtype = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
-    def __call__(self, x, extra=None, extra_position: str = "append"):
-        if extra is not None:
-            x = _with_extra_tokens(x, extra, extra_position)
+    def __call__(self, x, extra=None, extra_position: str = "append",
+                 rows: Optional[int] = None):
         norm = lambda name: nn.LayerNorm(  # noqa: E731
             epsilon=self.layernorm_epsilon, dtype=self.dtype, name=name)
-        y = norm("LayerNorm_0")(x)
-        y = MultiHeadDotProductAttention(self.num_heads, self.dtype,
-                                         name="MultiHeadDotProductAttention_0")(y)
+        norm_0 = norm("LayerNorm_0")
+        y = norm_0(x)
+        y_extra = None if extra is None else norm_0(jnp.asarray(extra, x.dtype))
+        queries = y if rows is None else y[:, :rows]
+        x = x if rows is None else x[:, :rows]
+        y = MultiHeadDotProductAttention(self.num_heads, self.dtype, self.attention,
+                                         name="MultiHeadDotProductAttention_0")(
+            queries, y, y_extra, extra_position)
         x = x + y
         y = norm("LayerNorm_1")(x)
         y = MlpBlock(self.mlp_dim, self.gelu_approximate, self.dtype, name="MlpBlock_0")(y)
-        x = x + y
-        if extra is not None:
-            x = _without_extra_tokens(x, extra.shape[-2], extra_position)
-        return x
+        return x + y
 
 
 class Encoder(nn.Module):
@@ -183,26 +230,30 @@ class Encoder(nn.Module):
     gelu_approximate: bool = False
     dtype: jnp.dtype = jnp.float32
     remat: bool = False
+    attention: str = "auto"
 
     def setup(self):
         block_cls = Encoder1DBlock
         if self.remat:  # recompute activations in backward: memory for FLOPs
-            block_cls = nn.remat(Encoder1DBlock, static_argnums=(3,))
+            block_cls = nn.remat(Encoder1DBlock, static_argnums=(3, 4))
         self.blocks = [
             block_cls(self.mlp_dim, self.num_heads, self.layernorm_epsilon,
-                      self.gelu_approximate, self.dtype, name=f"encoderblock_{i}")
+                      self.gelu_approximate, self.dtype, self.attention,
+                      name=f"encoderblock_{i}")
             for i in range(self.depth)]
         self.encoder_norm = nn.LayerNorm(epsilon=self.layernorm_epsilon, dtype=self.dtype,
                                          name="encoder_norm")
 
     def __call__(self, x, start: int = 0, stop: Optional[int] = None,
                  extras: Optional[Mapping[int, jax.Array]] = None,
-                 extra_position: str = "append"):
-        """Runs blocks [start, stop); `extras[i]` are tokens appended for block i only."""
+                 extra_position: str = "append", last_rows: Optional[int] = None):
+        """Runs blocks [start, stop); `extras[i]` are tokens block i attends over as well;
+        the last block outputs only its first `last_rows` tokens (all when None)."""
         stop = self.depth if stop is None else stop
         extras = extras or {}
         for i in range(start, stop):
-            x = self.blocks[i](x, extras.get(i), extra_position)
+            rows = last_rows if i == stop - 1 else None
+            x = self.blocks[i](x, extras.get(i), extra_position, rows)
         return x
 
     def norm(self, x):
@@ -229,6 +280,7 @@ class ViT(nn.Module):
     gelu_approximate: bool = False
     dtype: jnp.dtype = jnp.float32
     remat: bool = False
+    attention: str = "auto"          # see `attention_implementation`
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -257,10 +309,11 @@ class ViT(nn.Module):
             self.cls = self.param("cls", nn.initializers.zeros, (1, 1, self.width))
         self.Transformer = Encoder(
             self.depth, self.mlp_dim or 4 * self.width, self.num_heads, self.layernorm_epsilon,
-            self.gelu_approximate, self.dtype, self.remat, name="Transformer")
+            self.gelu_approximate, self.dtype, self.remat, self.attention, name="Transformer")
         if self.pool_type == "map":
             self.MAPHead_0 = MAPHead(self.mlp_dim or 4 * self.width, self.num_heads,
-                                     self.layernorm_epsilon, self.gelu_approximate, self.dtype)
+                                     self.layernorm_epsilon, self.gelu_approximate, self.dtype,
+                                     self.attention)
         if self.representation_size:
             self.pre_logits = nn.Dense(self.representation_size, dtype=self.dtype,
                                        name="pre_logits")
@@ -284,6 +337,13 @@ class ViT(nn.Module):
     def encode(self, x, start: int = 0, stop: Optional[int] = None, extras=None,
                extra_position: str = "append"):
         return self.Transformer(x, start, stop, extras, extra_position)
+
+    def encode_features(self, x, start: int = 0, extras=None, extra_position: str = "append"):
+        """Blocks start..depth-1, then `features`. With class-token pooling the last block
+        computes the class token's row only: the other rows' outputs would be discarded."""
+        rows = 1 if self.pool_type == "tok" else None
+        return self.features(self.Transformer(x, start, self.depth, extras, extra_position,
+                                              last_rows=rows))
 
     def features(self, x):
         """Encoded tokens -> the pooled, normed (pre-logits) feature (B, D')."""

@@ -1,0 +1,154 @@
+"""Work the ViT skips because LPT discards its result, and the ways attention can be computed.
+
+Each saving is checked twice: the output equals the full computation's (written here with the
+sequence built by hand), and the compiled program really does less (XLA's FLOP count), so a
+change that silently brings the work back fails here.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs.common import base_config
+from lpt_jax import config_checks, steps
+from lpt_jax.errors import ConfigError
+from lpt_jax.models.lpt import LPT, backbone_in_compute_dtype, lpt_from_config
+from lpt_jax.models.vit import Encoder1DBlock, ViT
+from lpt_jax.phases import PHASES
+
+from helpers import TINY_VIT, vit_kwargs
+
+B, N, D, HEADS, MLP, P = 3, 9, 32, 2, 64, 4
+
+
+@pytest.fixture(autouse=True)
+def _fp32_matmuls():
+    with jax.default_matmul_precision("float32"):
+        yield
+
+
+def _flops(fn, *args) -> float:
+    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost["flops"])
+
+
+def _block_and_inputs(attention="auto"):
+    block = Encoder1DBlock(MLP, HEADS, attention=attention)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((B, N, D)), jnp.float32)
+    batched = jnp.asarray(rng.standard_normal((B, P, D)), jnp.float32)
+    shared = jnp.asarray(rng.standard_normal((P, D)), jnp.float32)
+    variables = block.init(jax.random.key(0), x)
+    variables = jax.tree.map(  # away from init's zero biases, so that every term counts
+        lambda a: a + 0.1 * jax.random.normal(jax.random.key(1), a.shape), variables)
+    return block, variables, x, batched, shared
+
+
+@pytest.mark.parametrize("position", ["append", "after_cls"])
+@pytest.mark.parametrize("which", ["batched", "shared"])
+def test_extra_tokens_are_attended_over_but_not_computed(position, which):
+    """A block given extras == the block run on the sequence with the extras inserted, their
+    outputs then dropped; and it costs less than that (no query, output projection or MLP
+    rows for the extras)."""
+    block, variables, x, batched, shared = _block_and_inputs()
+    extra = batched if which == "batched" else shared
+    tokens = jnp.broadcast_to(extra, (B, P, D)) if extra.ndim == 2 else extra
+    full_seq = (jnp.concatenate([x, tokens], 1) if position == "append"
+                else jnp.concatenate([x[:, :1], tokens, x[:, 1:]], 1))
+
+    def full(v, s):
+        y = block.apply(v, s)
+        return y[:, :N] if position == "append" else jnp.concatenate([y[:, :1], y[:, 1 + P:]], 1)
+
+    def ours(v, x, e):
+        return block.apply(v, x, e, position)
+
+    np.testing.assert_allclose(ours(variables, x, extra), full(variables, full_seq),
+                               rtol=1e-5, atol=1e-5)
+    assert _flops(ours, variables, x, extra) < 0.95 * _flops(full, variables, full_seq)
+
+
+def test_last_block_before_class_token_pooling_computes_one_row():
+    vit = ViT(**vit_kwargs(TINY_VIT))
+    images = jax.random.uniform(jax.random.key(2), (B, 32, 32, 3), minval=-1, maxval=1)
+    variables = vit.init(jax.random.key(0), images)
+    variables = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(3), a.shape),
+                             variables)
+    x = vit.apply(variables, images, method=ViT.embed)
+    extras = {i: jnp.full((P, D), 0.1 * i) for i in range(vit.depth)}
+
+    def full(v, x):
+        return vit.apply(v, vit.apply(v, x, 0, None, extras, method=ViT.encode),
+                         method=ViT.features)
+
+    def short(v, x):
+        return vit.apply(v, x, 0, extras, method=ViT.encode_features)
+
+    np.testing.assert_allclose(short(variables, x), full(variables, x), rtol=1e-5, atol=1e-5)
+    # The last of 4 blocks costs almost nothing: well under 3/4 + a margin of the full count.
+    assert _flops(short, variables, x) < 0.85 * _flops(full, variables, x)
+
+
+def test_attention_implementations_give_the_same_lpt_outputs():
+    """'einsum' (the CPU default) and 'xla' (jax.nn.dot_product_attention) agree."""
+    c = base_config()
+    c.model.vit.update({k: v for k, v in TINY_VIT.items()})
+    c.model.lpt.update(dict(prompt_length=3, pool_size=5, shared_depth=2))
+    images = jax.random.uniform(jax.random.key(4), (B, 32, 32, 3), minval=-1, maxval=1)
+    outs = {}
+    for name in ("einsum", "xla"):
+        c.model.vit.attention = name
+        model = lpt_from_config(c.model, 7)
+        params = jax.jit(model.init)(jax.random.key(0), images)["params"]
+        outs[name] = jax.jit(lambda p, x: model.apply({"params": p}, x, method=LPT.phase2))(
+            params, images)
+    np.testing.assert_allclose(outs["einsum"]["logits"], outs["xla"]["logits"],
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(outs["einsum"]["indices"], outs["xla"]["indices"])
+
+
+def test_an_unknown_attention_implementation_is_refused_by_the_config_check():
+    c = base_config()
+    c.model.vit.attention = "flash"
+    with pytest.raises(ConfigError, match=r"model\.vit\.attention='flash': expected one of"):
+        config_checks.check(c)
+
+
+def test_a_bfloat16_model_stores_its_frozen_backbone_in_bfloat16_with_the_same_outputs():
+    """TrainStep.init keeps no float32 copy of the frozen weights of a bf16 model (LayerNorm
+    parameters excepted), and the model computes exactly what it computes from float32
+    weights: the layers cast them to bf16 anyway."""
+    c = base_config()
+    c.model.vit.update({k: v for k, v in TINY_VIT.items()})
+    c.model.vit.update(dict(dtype="bfloat16", depth=2))
+    c.model.lpt.update(dict(prompt_length=3, pool_size=5, shared_depth=1))
+    model = lpt_from_config(c.model, 4)
+    images = jax.random.uniform(jax.random.key(5), (B, 32, 32, 3), minval=-1, maxval=1)
+    params = jax.jit(model.init)(jax.random.key(0), images)["params"]
+    ts = steps.make_train_step(model, PHASES[2], c, class_counts=np.array([8, 4, 2, 1]),
+                               steps_per_epoch=2, batch_size=B)
+    state, frozen = ts.init(params)
+    dtypes = {jax.tree_util.keystr(k): v.dtype
+              for k, v in jax.tree_util.tree_leaves_with_path(frozen["backbone"])}
+    assert dtypes["['Transformer']['encoderblock_0']['MlpBlock_0']['Dense_0']['kernel']"] \
+        == jnp.bfloat16
+    assert dtypes["['pos_embedding']"] == jnp.bfloat16
+    assert dtypes["['Transformer']['encoder_norm']['scale']"] == jnp.float32
+    assert frozen["shared_prompt"].dtype == jnp.float32
+    forward = jax.jit(lambda p: model.apply({"params": p}, images, method=LPT.phase2))
+    cast = forward({**params, "backbone": frozen["backbone"]})
+    plain = forward(params)
+    np.testing.assert_array_equal(cast["logits"], plain["logits"])
+    np.testing.assert_array_equal(cast["query"], plain["query"])
+
+
+def test_a_float32_model_is_left_as_it_is():
+    c = base_config()
+    c.model.vit.update({k: v for k, v in TINY_VIT.items()})
+    model = lpt_from_config(c.model, 4)
+    params = {"backbone": {"w": jnp.ones(3)}, "head": {"kernel": jnp.ones(2)}}
+    assert backbone_in_compute_dtype(params, model) is params
