@@ -7,8 +7,8 @@ Times the library's code, not a copy: every train step is `lpt_jax.steps.make_tr
 compiled by `TrainStep.jit(mesh)` (what `lpt_jax.trainer.run_phase` runs), every inference
 `lpt_jax.inference.make_predict_fn`; both are set up by benchmarks/shipped.py from
 configs/common.py's base config with `model.vit.dtype='bfloat16'` (bf16 activations; the
-frozen backbone as `TrainStep.init` returns it, in the compute dtype, and for inference
-`backbone_in_compute_dtype(params)` as eval / predict / serving do; the trainable subtree
+frozen backbone as `TrainStep.init` returns it, in the compute dtype, and for inference as
+shipped.prepare_predict places it, like eval / predict / serving; the trainable subtree
 float32) and, for the remat cases, `model.vit.remat=True`. The release's way of phase 2 is
 the same factory given `dataclasses.replace(PHASES[2], forward_method=LPT.phase2_reference)`.
 Needs jax (with CUDA), flax, optax, numpy and ml-collections (lpt_jax imports no TF on this
@@ -81,11 +81,6 @@ import shipped  # noqa: E402
 from lpt_jax import parallel  # noqa: E402
 from lpt_jax.models.lpt import LPT, lpt_from_config  # noqa: E402
 
-try:  # inference gets the backbone in the compute dtype, as eval / predict / serving do
-    from lpt_jax.models.lpt import backbone_in_compute_dtype
-except ImportError:  # an lpt_jax from before issue 15
-    def backbone_in_compute_dtype(params, model):
-        return params
 from lpt_jax.models.vit import ViT  # noqa: E402
 from lpt_jax.phases import Phase  # noqa: E402
 
@@ -418,8 +413,7 @@ class Case:
                                               name=self.name)
             return shipped.prepare_step(self.model, self.phase, cfg, self.params, batch=batch,
                                         mesh=b.mesh, name=self.name)
-        return shipped.prepare_predict(self.model, self.phase,
-                                       backbone_in_compute_dtype(self.params, self.model),
+        return shipped.prepare_predict(self.model, self.phase, self.params,
                                        batch=batch, image_size=self.image_size, mesh=b.mesh,
                                        name=self.name)
 
@@ -517,9 +511,7 @@ def numerics(bench: Bench, size: str, batch: int, tolerance: float, log: Callabl
             step = None
             for name, phase in (("p1_logits", shipped.PHASE1),
                                 ("p2_logits", shipped.SHARED_TRUNK)):
-                pred = shipped.prepare_predict(model, phase,
-                                               backbone_in_compute_dtype(params, model),
-                                               batch=batch,
+                pred = shipped.prepare_predict(model, phase, params, batch=batch,
                                                image_size=bench.sizes[size][1], mesh=mesh)
                 pred.call()
                 res[dtype][name] = np.asarray(pred.last[0], np.float32)
