@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 
+import jax
+
 from lpt_jax import files, losses, tree
 from lpt_jax.errors import ConfigError
 from lpt_jax.models.siglip_text import POOL_TYPES as TEXT_POOL_TYPES
@@ -84,6 +86,9 @@ def check(config) -> None:
         raise ConfigError(f"model.{name}.attention={attention!r}: expected one of "
                           f"{ATTENTION_IMPLEMENTATIONS} ('auto': 'einsum' on CPU, 'xla' on "
                           "accelerators)")
+    if attention == "cudnn" and jax.default_backend() != "gpu":
+        raise ConfigError(f"model.{name}.attention='cudnn' needs an NVIDIA GPU (cuDNN), but "
+                          f"JAX runs on {jax.default_backend()}: use 'auto'")
     pool = config.model[name].get("pool_type")
     if pool is not None and pool not in POOL_TYPES:
         raise ConfigError(f"model.{name}.pool_type={pool!r}: expected one of {POOL_TYPES} "

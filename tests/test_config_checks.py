@@ -35,6 +35,7 @@ CONFIG_ONLY = [
     ("model.lpt.prompt_length", 0, "model.lpt.prompt_length=0: expected an integer >= 1"),
     ("model.lpt.pool_size", 0, "model.lpt.pool_size=0: expected an integer >= 1"),
     ("model.vit.attention", "flash", "model.vit.attention='flash': expected one of"),
+    ("model.vit.attention", "cudnn", "model.vit.attention='cudnn' needs an NVIDIA GPU"),
     ("model.lpt.top_k", 0, "model.lpt.top_k=0"),
     ("model.lpt.top_k", 21, "model.lpt.top_k=21: expected an integer in [1, model.lpt.pool_size=20]"),
     ("model.lpt.shared_depth", -1, "model.lpt.shared_depth=-1"),
