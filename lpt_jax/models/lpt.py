@@ -61,7 +61,22 @@ class CosineHead(nn.Module):
         return f @ l2_normalize(w, axis=0)
 
 
-class LPT(nn.Module):
+class _PromptedBlocks:
+    """The block runs of `LPT` and `PromptedBackbone`: a module with `backbone` and
+    `prompt_position`, whose prompts for block i come from `extra_for_block(i)`."""
+
+    def _run(self, x, start, stop, extra_for_block):
+        """Blocks start..stop-1 -> tokens."""
+        extras = {i: extra_for_block(i) for i in range(start, stop)}
+        return self.backbone.encode(x, start, stop, extras, self.prompt_position)
+
+    def _feature(self, x, start, extra_for_block):
+        """Blocks start..L-1, then the backbone's pooled feature (B, D)."""
+        extras = {i: extra_for_block(i) for i in range(start, self.backbone.depth)}
+        return self.backbone.encode_features(x, start, extras, self.prompt_position)
+
+
+class LPT(_PromptedBlocks, nn.Module):
     backbone: nn.Module            # depth, width, embed, encode, encode_features (lpt_jax.models)
     num_classes: int
     prompt_length: int = 10
@@ -91,15 +106,6 @@ class LPT(nn.Module):
     # ---- building blocks ------------------------------------------------------------------
     def _shared(self, i):
         return self.shared_prompt[i]
-
-    def _run(self, x, start, stop, extra_for_block):
-        extras = {i: extra_for_block(i) for i in range(start, stop)}
-        return self.backbone.encode(x, start, stop, extras, self.prompt_position)
-
-    def _feature(self, x, start, extra_for_block):
-        """Blocks start..L-1, then the backbone's pooled feature (B, D)."""
-        extras = {i: extra_for_block(i) for i in range(start, self.backbone.depth)}
-        return self.backbone.encode_features(x, start, extras, self.prompt_position)
 
     def _classify(self, feature, train: bool):
         feature = self.dropout(feature, deterministic=not train)
@@ -178,7 +184,7 @@ class LPT(nn.Module):
         return self.phase2(images, train)
 
 
-class PromptedBackbone(nn.Module):
+class PromptedBackbone(_PromptedBlocks, nn.Module):
     """LPT's blocks with the prompts passed in per example (B leading), not read from params.
 
     Its only parameters are `backbone/...`, named as in `LPT`. The methods are LPT's paths
@@ -191,10 +197,6 @@ class PromptedBackbone(nn.Module):
     shared_depth: int
     prompt_position: str = "append"
 
-    def _run(self, x, start, stop, extra_for_block):
-        extras = {i: extra_for_block(i) for i in range(start, stop)}
-        return self.backbone.encode(x, start, stop, extras, self.prompt_position)
-
     def trunk(self, images, shared):
         """shared (B, L, P, D) -> tokens after blocks 0..K-1."""
         return self._run(self.backbone.embed(images), 0, self.shared_depth,
@@ -202,16 +204,13 @@ class PromptedBackbone(nn.Module):
 
     def query(self, x, shared):
         """Trunk tokens -> blocks K..L-1 with the shared prompt -> feature (B, D)."""
-        extras = {i: shared[:, i] for i in range(self.shared_depth, self.backbone.depth)}
-        return self.backbone.encode_features(x, self.shared_depth, extras,
-                                             self.prompt_position)
+        return self._feature(x, self.shared_depth, lambda i: shared[:, i])
 
     def main(self, x, shared, group):
         """Trunk tokens, group (B, L-K, P, D) -> blocks K..L-1 with [shared_i ; group_i]."""
         k = self.shared_depth
-        extras = {i: jnp.concatenate([shared[:, i], group[:, i - k]], axis=1)
-                  for i in range(k, self.backbone.depth)}
-        return self.backbone.encode_features(x, k, extras, self.prompt_position)
+        return self._feature(
+            x, k, lambda i: jnp.concatenate([shared[:, i], group[:, i - k]], axis=1))
 
 
 def select_per_example(query, keys, valid, top_k: int):

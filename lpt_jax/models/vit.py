@@ -151,8 +151,7 @@ class MultiHeadDotProductAttention(nn.Module):
             kernel_init=nn.initializers.xavier_uniform())
         query, key, value = proj("query"), proj("key"), proj("value")
         q, k, v = query(x), key(kv), value(kv)  # (B, ., H, hd)
-        if extra is not None:
-            extra = jnp.asarray(extra, kv.dtype)
+        if extra is not None:  # (DenseGeneral casts it to the compute dtype)
             k = _with_extra_tokens(k, key(extra), extra_position)
             v = _with_extra_tokens(v, value(extra), extra_position)
         y = attend(q, k, v, attention_implementation(self.attention))
