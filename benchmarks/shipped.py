@@ -32,7 +32,7 @@ import numpy as np
 
 from configs.common import base_config
 from lpt_jax import context, inference, parallel, steps
-from lpt_jax.models.lpt import LPT, backbone_in_compute_dtype, lpt_from_config
+from lpt_jax.models.lpt import LPT, lpt_from_config
 from lpt_jax.phases import PHASES, Phase
 
 NUM_CLASSES = 365        # Places-LT
@@ -232,9 +232,7 @@ def prepare_predict(model: LPT, phase: Phase, params: dict, *, batch: int, image
                     mesh, name: str = "") -> Prepared:
     """`inference.make_predict_fn(model, phase, mesh)`, compiled for B images."""
     predict = inference.make_predict_fn(model, phase, mesh)
-    # As evaluation and prediction place them (a bf16 model's backbone in bf16).
-    device_params = jax.device_put(backbone_in_compute_dtype(params, model),
-                                   parallel.replicated(mesh))
+    device_params = inference.place_params(model, params, mesh)  # as evaluation places them
     images = synthetic_batch(batch, image_size, mesh)["ib"]["image"]
     t0 = time.perf_counter()
     compiled = predict.lower(device_params, images).compile()

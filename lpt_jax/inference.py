@@ -38,6 +38,12 @@ def make_predict_fn(model, phase: Phase, mesh) -> Callable:
                    out_shardings=rep)
 
 
+def place_params(model, params, mesh):
+    """`params` on `mesh` as the predict function reads them: replicated, and a bfloat16
+    model's frozen backbone in bfloat16 (`backbone_in_compute_dtype`)."""
+    return jax.device_put(backbone_in_compute_dtype(params, model), parallel.replicated(mesh))
+
+
 def _gather(x):
     if jax.process_count() == 1:
         return x
@@ -49,8 +55,7 @@ def predict_split(ctx: Context, params, phase: Phase, split: str):
     """(predicted labels, true labels, unreadable images skipped) over one pass of a split,
     padding removed."""
     predict = make_predict_fn(ctx.model, phase, ctx.mesh)
-    params = jax.device_put(backbone_in_compute_dtype(params, ctx.model),
-                            parallel.replicated(ctx.mesh))
+    params = place_params(ctx.model, params, ctx.mesh)
     limit = ctx.config.eval.max_examples
     stream = data.make_eval_stream(ctx.source, ctx.config.data, split=split,
                                    batch_size=ctx.config.eval.batch_size,
@@ -147,9 +152,7 @@ def predict_files(config, workdir: str, files: Sequence[str],
     params, phase = load_trained(ctx, export)
     mesh = parallel.make_mesh(jax.devices()[:1])
     predict = make_predict_fn(ctx.model, phase, mesh)
-    # On the device once, not with every chunk of files.
-    params = jax.device_put(backbone_in_compute_dtype(params, ctx.model),
-                            parallel.replicated(mesh))
+    params = place_params(ctx.model, params, mesh)  # once, not with every chunk of files
     k = min(config.predict.top_k, ctx.source.num_classes)  # every class, at most
     scale = float(config.loss.cb.scale)
     for i in range(0, len(files), config.predict.batch_size):
