@@ -97,19 +97,25 @@ def test_last_block_before_class_token_pooling_computes_one_row():
 
 
 def test_attention_implementations_give_the_same_lpt_outputs():
-    """'einsum' (the CPU default) and 'xla' (jax.nn.dot_product_attention) agree."""
+    """'einsum' (the CPU default) and 'xla' (jax.nn.dot_product_attention) agree, and the
+    setting reaches the compiled program (each lowers to its own attention products)."""
     c = base_config()
     c.model.vit.update({k: v for k, v in TINY_VIT.items()})
     c.model.lpt.update(dict(prompt_length=3, pool_size=5, shared_depth=2))
     images = jax.random.uniform(jax.random.key(4), (B, 32, 32, 3), minval=-1, maxval=1)
-    outs, params = {}, None
+    outs, texts, params = {}, {}, None
     for name in ("einsum", "xla"):
         c.model.vit.attention = name
         model = lpt_from_config(c.model, 7)
         if params is None:  # the same parameter tree for both
             params = jax.jit(model.init)(jax.random.key(0), images)["params"]
-        outs[name] = jax.jit(lambda p, x: model.apply({"params": p}, x, method=LPT.phase2))(
+        lowered = jax.jit(lambda p, x: model.apply({"params": p}, x, method=LPT.phase2)).lower(
             params, images)
+        texts[name] = lowered.as_text(debug_info=True)
+        outs[name] = lowered.compile()(params, images)
+    # The heads-leading products of 'einsum'; the (B, T, H, d) ones of dot_product_attention.
+    assert "bhnd,bhsd->bhns" in texts["einsum"] and "bhnd,bhsd->bhns" not in texts["xla"]
+    assert "BTNH,BSNH->BNTS" in texts["xla"] and "BTNH,BSNH->BNTS" not in texts["einsum"]
     np.testing.assert_allclose(outs["einsum"]["logits"], outs["xla"]["logits"],
                                rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(outs["einsum"]["indices"], outs["xla"]["indices"])
