@@ -81,16 +81,23 @@ def main(argv):
     if misplaced:  # it would be ignored
         print(f"error: {misplaced}", file=sys.stderr)
         sys.exit(2)
-    from lpt_jax import parallel, preemption
+    from lpt_jax import parallel
+    from lpt_jax.run import preemption
     parallel.maybe_initialize_distributed()
     preemption.raise_on_signals()
     import jax
 
-    from lpt_jax import inference, rundir, trainer  # imports TF (hidden from accelerators)
-    from lpt_jax.backbone import CheckpointError
-    from lpt_jax.data import DataError
-    from lpt_jax.errors import ConfigError, Interrupted, NonFiniteError, Preempted
-    from lpt_jax.lease import LeaseError
+    from lpt_jax.errors import (
+        CheckpointError,
+        ConfigError,
+        DataError,
+        Interrupted,
+        LeaseError,
+        NonFiniteError,
+        Preempted,
+        Stopped,
+    )
+    from lpt_jax.run import inference, rundir, trainer  # imports TF (hidden from accelerators)
 
     config, workdir = _CONFIG.value, _WORKDIR.value
     problem = cli.output_problem(workdir, _OUTPUT.value if _MODE.value == "predict" else None)
@@ -147,7 +154,10 @@ def main(argv):
     except Preempted as e:
         logging.warning("%s", e)
         print(f"preempted: {e}", file=sys.stderr)
-        sys.exit(128 + e.signum if e.signum else 143)
+        sys.exit(128 + e.signum)
+    except Stopped as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(3)
     except (KeyboardInterrupt, Interrupted) as e:
         signum = getattr(e, "signum", signal.SIGINT)
         fail(f"interrupted by {signal.Signals(signum).name} outside the train loop: saved "

@@ -1,4 +1,4 @@
-"""Peak host memory of `lpt_jax.backbone.load_params` on a ViT-B/16-sized checkpoint (issue 2).
+"""Peak host memory of `lpt_jax.vit_weights.load_params` on a ViT-B/16-sized checkpoint (issue 2).
 
 Writes random ViT-B/16 checkpoints (21843-way head, ~391 MiB in float32) to a temporary
 folder in three layouts (vit_jax/AugReg, big_vision, big_vision scan), then measures each
@@ -82,7 +82,7 @@ def release_free_heap() -> None:
 # Writing random checkpoints (parent process).
 
 def vit_b16(num_classes=None):
-    from lpt_jax.models.vit import ViT, decode_variant
+    from lpt_jax.backbones.vit import ViT, decode_variant
     return ViT(num_classes=num_classes, image_size=(224, 224), layernorm_epsilon=1e-5,
                **decode_variant("B/16"))
 
@@ -141,13 +141,15 @@ def write_random_checkpoint(path: Path, layout: str, seed: int = 0) -> int:
 # ------------------------------------------------------------------------------------------
 # The proposed remote read (issue 2): hand the TF file object to np.load instead of reading
 # the whole file into a bytes object first. Measured here as `ram_augreg_streamed` until
-# `lpt_jax.backbone.read_arrays` adopts it.
+# `lpt_jax.vit_weights.read_arrays` adopts it.
 
 def streamed_read_arrays(path: str):
     import numpy as np
-    from lpt_jax import backbone, files
+
+    from lpt_jax.storage import files
+    from lpt_jax.weights.npz import fix_dtype
     with files.open_read(path) as f, np.load(f, allow_pickle=False) as loaded:
-        return {k: backbone._fix_dtype(loaded[k]) for k in loaded.files}
+        return {k: fix_dtype(loaded[k]) for k in loaded.files}
 
 
 # ------------------------------------------------------------------------------------------
@@ -168,7 +170,7 @@ class StageMeter:
 
 def _wrap_stages(meter: StageMeter) -> None:
     """Marks the end of each stage of load_params by wrapping the functions it calls."""
-    from lpt_jax import backbone
+    from lpt_jax.backbones import vit_weights
 
     def wrap(fn, name):
         def wrapped(*args, **kwargs):
@@ -177,13 +179,14 @@ def _wrap_stages(meter: StageMeter) -> None:
             return out
         return wrapped
 
-    backbone.read_arrays = wrap(backbone.read_arrays, "read_arrays")
-    backbone.to_big_vision_layout = wrap(backbone.to_big_vision_layout, "to_big_vision_layout")
+    vit_weights.read_arrays = wrap(vit_weights.read_arrays, "read_arrays")
+    vit_weights.to_big_vision_layout = wrap(vit_weights.to_big_vision_layout, "to_big_vision_layout")
 
 
 def measure(case: str, path: str, stages: bool) -> dict:
     import jax
-    from lpt_jax import backbone
+
+    from lpt_jax.backbones import vit_weights
 
     _, ram, reader, device_put = CASES[case]
     size = os.path.getsize(path)
@@ -195,7 +198,7 @@ def measure(case: str, path: str, stages: bool) -> dict:
         tf.io.gfile.copy(path, remote, overwrite=True)
         path = remote
     if reader == "streamed":
-        backbone.read_arrays = streamed_read_arrays
+        vit_weights.read_arrays = streamed_read_arrays
     release_free_heap()
 
     ru_lifetime_before = ru_maxrss_bytes()
@@ -205,7 +208,7 @@ def measure(case: str, path: str, stages: bool) -> dict:
         _wrap_stages(meter)
     reset_hwm()
     t0 = time.perf_counter()
-    params = backbone.load_params(path, abstract, ignore=["head/.*"])
+    params = vit_weights.load_params(path, abstract, ignore=["head/.*"])
     if device_put:
         if stages:
             meter.mark("load_params")
@@ -250,7 +253,7 @@ def machine_info() -> dict:
 
 def format_results(results: list[dict], info: dict) -> str:
     lines = [
-        "# Host memory of loading a ViT-B/16 checkpoint (`lpt_jax.backbone.load_params`)",
+        "# Host memory of loading a ViT-B/16 checkpoint (`lpt_jax.vit_weights.load_params`)",
         "",
         f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB RAM, Linux "
         f"{info['kernel']}; Python {info['python']}, numpy {info['numpy']}, jax {info['jax']}. "

@@ -36,9 +36,10 @@ sys.path.insert(0, str(HERE.parent))
 
 import jax  # noqa: E402
 
+from lpt_jax.backbones.vit import decode_variant  # noqa: E402
+
 import host  # noqa: E402
 import shipped  # noqa: E402
-from lpt_jax.models.vit import decode_variant  # noqa: E402
 
 RESULTS = HERE / "results" / "siglip_compute.md"
 VARIANTS = {"release way (LPT.phase2_reference, 2L blocks)": shipped.RELEASE_WAY,

@@ -45,12 +45,13 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
+import gpu_h100 as g  # noqa: E402  (the analytic FLOP count only)
 import jax  # noqa: E402
 
-import gpu_h100 as g  # noqa: E402  (the analytic FLOP count only)
+from lpt_jax import parallel  # noqa: E402
+
 import host  # noqa: E402
 import shipped  # noqa: E402
-from lpt_jax import parallel  # noqa: E402
 
 RESULTS = HERE / "results" / "train_throughput.md"
 TORCH = HERE / "results" / "torch_reference.json"
@@ -65,6 +66,7 @@ def real_stream(batch: int, workdir: Path):
     if not TARBALL.exists():
         return None
     from bench_input_pipeline import make_tree
+
     from lpt_jax import data
     from lpt_jax.data import testing
     root = make_tree(workdir, (256, 256), testing.long_tail_counts(10, 120, 8))

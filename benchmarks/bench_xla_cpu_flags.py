@@ -72,8 +72,9 @@ def worker(out_prefix: str, repeats: int, batch: int) -> None:
     import jax
     import numpy as np
 
-    import shipped
     from lpt_jax import parallel, tree
+
+    import shipped
 
     config = shipped.bench_config(
         image_size=224, batch=batch, shared_depth=3,

@@ -16,7 +16,7 @@ Cases:
                     init, before the baseline): the part of the peak that is JAX's one-time
                     tracing, not the file;
   load_release      `lpt_jax.convert.load_release`: (model, params) in memory;
-  backbone_npz      `lpt_jax.backbone.load_params` of the converted backbone.npz (the loader
+  backbone_npz      `lpt_jax.vit_weights.load_params` of the converted backbone.npz (the loader
                     eval uses), for comparison with issue 2's 1.00x.
 
     .venv/bin/python benchmarks/convert_memory.py [--oracle-python /work/oracle_venv/bin/python]
@@ -90,12 +90,13 @@ def measure(case: str, path: str, workdir: str) -> dict:
     import gc
 
     import jax
-
     import ml_collections
 
-    from lpt_jax import backbone, convert, exports
+    from lpt_jax import convert
+    from lpt_jax.backbones import vit_weights
     from lpt_jax.convert.fit import abstract_params
-    from lpt_jax.models.lpt import lpt_from_config
+    from lpt_jax.method.lpt import lpt_from_config
+    from lpt_jax.run import exports
     abstract = None
     if case == "convert_release_warm":  # JAX's one-time tracing out of the measured call
         release = convert.read_release(path)
@@ -117,7 +118,7 @@ def measure(case: str, path: str, workdir: str) -> dict:
     elif case == "load_release":
         result = convert.load_release(path)
     else:
-        result = backbone.load_params(os.path.join(workdir, "backbone.npz"), abstract)
+        result = vit_weights.load_params(os.path.join(workdir, "backbone.npz"), abstract)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     peak = host.hwm_bytes() - baseline
     out = dict(case=case, seconds=seconds, cpu_seconds=cpu, peak_extra=peak,

@@ -76,13 +76,13 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lpt_jax import parallel  # noqa: E402
+from lpt_jax.backbones.vit import ViT  # noqa: E402
+from lpt_jax.method.lpt import LPT, lpt_from_config  # noqa: E402
+from lpt_jax.method.phases import Phase  # noqa: E402
+
 import host  # noqa: E402
 import shipped  # noqa: E402
-from lpt_jax import parallel  # noqa: E402
-from lpt_jax.models.lpt import LPT, lpt_from_config  # noqa: E402
-
-from lpt_jax.models.vit import ViT  # noqa: E402
-from lpt_jax.phases import Phase  # noqa: E402
 
 NUM_CLASSES = shipped.NUM_CLASSES  # Places-LT
 # Dense bf16 data-sheet peaks (TFLOP/s), matched as substrings of `device_kind` (longest key
@@ -253,9 +253,9 @@ def attention_field() -> bool:
 
 
 def resolved_attention(name: str) -> str:
-    """What `name` runs as on this backend (lpt_jax.models.vit.attention_implementation)."""
+    """What `name` runs as on this backend (lpt_jax.backbones.vit.attention_implementation)."""
     try:
-        from lpt_jax.models.vit import attention_implementation
+        from lpt_jax.backbones.vit import attention_implementation
     except ImportError:
         return name
     return attention_implementation(name)
@@ -723,7 +723,7 @@ def main(argv=None):
     info["memory_limit_gib"] = limit / 2**30 if limit else None
     log(json.dumps(info))
     if not info["attention_field"]:
-        log("NOTE: lpt_jax.models.vit.ViT has no 'attention' field: the +einsum/+xla/+cudnn "
+        log("NOTE: lpt_jax.backbones.vit.ViT has no 'attention' field: the +einsum/+xla/+cudnn "
             "rows are skipped")
 
     log("1. bf16 matmul rate")
@@ -794,7 +794,7 @@ def main(argv=None):
             prepared, name = None, label
             try:
                 if spec.attention and not attention_field():
-                    raise RuntimeError("lpt_jax.models.vit.ViT has no 'attention' field yet")
+                    raise RuntimeError("lpt_jax.backbones.vit.ViT has no 'attention' field yet")
                 c = Case(spec, bench)
                 name = c.name
                 batches = train_batches if c.train else infer_batches

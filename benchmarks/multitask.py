@@ -106,17 +106,19 @@ def draw(shapes, seed: int):
 
 def write_inputs(folder: Path, phase2: int, phase1: int) -> dict:
     """backbone.npz and exports p2_<i>.npz / p1_<i>.npz in `folder`; returns their paths."""
-    from lpt_jax import backbone, exports
-    from lpt_jax.models.lpt import lpt_from_config
-    from lpt_jax.phases import PHASES
+    from lpt_jax.backbones import vit_weights
+    from lpt_jax.method.lpt import lpt_from_config
+    from lpt_jax.method.phases import PHASES
+    from lpt_jax.run import exports
+    from lpt_jax.weights import npz
     config = bench_config()
     model = lpt_from_config(config.model, NUM_CLASSES)
     shapes = abstract(model)
     path = str(folder / "backbone.npz")
-    backbone.save_big_vision_npz(path, draw(shapes["backbone"], seed=0))
+    vit_weights.save_big_vision_npz(path, draw(shapes["backbone"], seed=0))
     config.backbone.checkpoint = path
     meta = {"step": 1, "config": json.loads(config.to_json_best_effort()),
-            "backbone": backbone.file_fingerprint(path), "num_classes": NUM_CLASSES,
+            "backbone": npz.file_fingerprint(path), "num_classes": NUM_CLASSES,
             "class_names": [f"class_{c}" for c in range(NUM_CLASSES)]}
     prompts = {k: v for k, v in shapes.items() if k != "backbone"}
     out = {"backbone": path, "phase2": [], "phase1": []}
@@ -140,10 +142,12 @@ def images(n: int, seed: int = 1):
 def memory_case(kind: str, n: int, inputs: dict) -> dict:
     import jax
     import numpy as np
-    from lpt_jax import exports, inference, parallel, serving  # noqa: F401 - same imports
-    from lpt_jax.models import vit
-    from lpt_jax.models.lpt import lpt_from_config
-    from lpt_jax.phases import PHASES
+
+    from lpt_jax import parallel, serving
+    from lpt_jax.backbones import vit
+    from lpt_jax.method.lpt import lpt_from_config
+    from lpt_jax.method.phases import PHASES
+    from lpt_jax.run import exports, inference  # noqa: F401 - same imports
     config = bench_config()
     model = lpt_from_config(config.model, NUM_CLASSES)
     shapes = abstract(model)
@@ -203,10 +207,12 @@ def throughput(inputs: dict, repeats: int) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from lpt_jax import exports, inference, parallel, serving
-    from lpt_jax.models import vit
-    from lpt_jax.models.lpt import lpt_from_config
-    from lpt_jax.phases import PHASES
+
+    from lpt_jax import parallel, serving
+    from lpt_jax.backbones import vit
+    from lpt_jax.method.lpt import lpt_from_config
+    from lpt_jax.method.phases import PHASES
+    from lpt_jax.run import exports, inference
     config = bench_config()
     model = lpt_from_config(config.model, NUM_CLASSES)
     shapes = abstract(model)

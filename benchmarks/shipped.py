@@ -31,9 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs.common import base_config
-from lpt_jax import context, inference, parallel, steps
-from lpt_jax.models.lpt import LPT, lpt_from_config
-from lpt_jax.phases import PHASES, Phase
+from lpt_jax import parallel
+from lpt_jax.method import steps
+from lpt_jax.method.lpt import LPT, lpt_from_config
+from lpt_jax.method.phases import PHASES, Phase
+from lpt_jax.run import context, inference
 
 NUM_CLASSES = 365        # Places-LT
 STEPS_PER_EPOCH = 1000   # the schedule's clock only: every timed step is in epoch 0

@@ -58,6 +58,7 @@ def worker(repo: Path, batch: int, repeats: int, bf16: bool) -> dict:
     """Times the shipped steps of the checkout at `repo` (run in a fresh process)."""
     sys.path[:0] = [str(repo), str(repo / "benchmarks")]
     import jax
+
     import shipped
 
     mesh = shipped.make_mesh()

@@ -11,10 +11,10 @@ come from the TF-free `lpt_jax.data.config`, the loss and trainable-parameter de
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from lpt_jax.backbones.vit import VARIANTS as VIT_VARIANTS
 from lpt_jax.data.config import default_config as data_defaults
-from lpt_jax.losses import agcl_branch_defaults
-from lpt_jax.models.lpt import TRAINABLE
-from lpt_jax.models.vit import VARIANTS as VIT_VARIANTS
+from lpt_jax.method.losses import agcl_branch_defaults
+from lpt_jax.method.lpt import TRAINABLE
 
 ConfigDict = ml_collections.ConfigDict
 

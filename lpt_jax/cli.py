@@ -15,7 +15,7 @@ import traceback
 from absl import flags
 from ml_collections import ConfigDict, config_flags
 
-from lpt_jax.errors import ConfigError
+from lpt_jax.errors import ConfigError, Error
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 
@@ -52,7 +52,7 @@ def split_named(entry: str):
 def default_task_name(path: str) -> str:
     """The task an unnamed export serves: the file's stem, or for `export.npz` its folder's
     name (the workdir's, for `<workdir>/phase<n>/export.npz`)."""
-    from lpt_jax import files
+    from lpt_jax.storage import files
     full = path if files.is_remote(path) else os.path.abspath(path)
     parts = full.rstrip("/").split("/")
     stem = parts[-1].rsplit(".", 1)[0]
@@ -86,7 +86,7 @@ def _known_task(name: str, tasks, where: str) -> str:
 
 
 def _existing_files(path: str, where: str) -> list:
-    from lpt_jax import files
+    from lpt_jax.storage import files
     if not files.is_remote(path) and not os.path.exists(path):
         raise ConfigError(f"{where}: {path} does not exist")
     found = expand_files([path])
@@ -314,7 +314,8 @@ _MAX_LINE = 600
 def one_line(err) -> str:
     """The error as one line: detail lines of the form 'what (n): a; b; ...' shrink to
     'what (n), e.g. a'; an overlong middle is cut, never the end (which says what to do)."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = err.text(cli=True) if isinstance(err, Error) else str(err)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     parts = lines[:1]
     for line in lines[1:]:
         m = re.match(r"(.+?\(\d+\)): (.*)", line)
@@ -329,7 +330,7 @@ def one_line(err) -> str:
 
 def output_problem(workdir: str, output) -> "str | None":
     """What makes --workdir or --output unusable, found before anything runs."""
-    from lpt_jax import files
+    from lpt_jax.storage import files
     if not files.is_remote(workdir) and os.path.exists(workdir) and not os.path.isdir(workdir):
         return f"--workdir={workdir} is a file, not a folder: choose another --workdir"
     if output and files.is_remote(output):

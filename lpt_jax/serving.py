@@ -37,23 +37,26 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from lpt_jax import exports, models, tree
-from lpt_jax.backbone import file_fingerprint
-from lpt_jax.errors import ConfigError
-from lpt_jax.exports import ExportError
-from lpt_jax.models.lpt import (LPT, PromptedBackbone, average_selected,
-                                backbone_in_compute_dtype, l2_normalize, lpt_from_config,
-                                select_per_example)
+from lpt_jax import backbones as models
+from lpt_jax import tree
+from lpt_jax.errors import ConfigError, ExportError, RequestError
+from lpt_jax.method.lpt import (
+    LPT,
+    PromptedBackbone,
+    average_selected,
+    backbone_in_compute_dtype,
+    l2_normalize,
+    lpt_from_config,
+    select_per_example,
+)
+from lpt_jax.run import exports
+from lpt_jax.weights.npz import file_fingerprint
 
 # Config fields that must agree between tasks served together (they shape the token sequence).
 STACKED_FIELDS = ("model.backbone", "model.lpt.prompt_length", "model.lpt.shared_depth",
                   "model.lpt.prompt_position", "data.image_size")
 # Backbone fields that cannot change what a forward computes (beyond float rounding).
 _RUN_ONLY_FIELDS = frozenset({"remat", "attention"})
-
-
-class RequestError(ConfigError):
-    """A request the predictor cannot answer (an unknown task, images of another shape)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -47,7 +47,7 @@ TINY_VIT = dict(variant=None, **TINY_BLOCK, depth=4, patch_size=8, image_size=32
 
 
 def vit_kwargs(spec: dict) -> dict:
-    """The sizes of a config.model.vit-form spec as keyword arguments of models.vit.ViT."""
+    """The sizes of a config.model.vit-form spec as keyword arguments of backbones.vit.ViT."""
     return dict(image_size=(spec["image_size"],) * 2, patch_size=(spec["patch_size"],) * 2,
                 width=spec["width"], depth=spec["depth"], mlp_dim=spec["mlp_dim"],
                 num_heads=spec["num_heads"], layernorm_epsilon=spec["layernorm_epsilon"])

@@ -24,8 +24,10 @@ def main():
                                       pathlib.Path(sys.argv[3]), sys.argv[4])
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
                                process_id=process_id)
-    from lpt_jax import data, trainer
+    from lpt_jax import data
     from lpt_jax.errors import Preempted
+    from lpt_jax.run import trainer
+
     from tiny_run import multiprocess_config
 
     # Record what this process's training stream hands over, to check it is only its share.

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import scipy.ndimage
 
-from lpt_jax import backbone
-from lpt_jax.backbone import CheckpointError
-from lpt_jax.models.vit import ViT
-from lpt_jax.tree import flatten
+from lpt_jax.backbones import vit_weights
+from lpt_jax.backbones.vit import ViT
+from lpt_jax.errors import CheckpointError
+from lpt_jax.tree import flatten, unflatten
+from lpt_jax.weights import npz
 
 
 def _vit(**kw):
@@ -68,23 +69,23 @@ def test_layouts_load_to_identical_params(tmp_path, pool_type):
     model = _vit(pool_type=pool_type)
     ref = _params(model)
     init = _params(model, seed=7)
-    bv = backbone.load_params(_save(tmp_path / "bv.npz", flatten(ref)), init)
+    bv = vit_weights.load_params(_save(tmp_path / "bv.npz", flatten(ref)), init)
     _same(bv, ref)
     prefixed = {f"params/{k}": v for k, v in flatten(ref).items()}
-    _same(backbone.load_params(_save(tmp_path / "pre.npz", prefixed), init), ref)
-    backbone.save_big_vision_npz(str(tmp_path / "scan.npz"), ref, scan=True)
+    _same(vit_weights.load_params(_save(tmp_path / "pre.npz", prefixed), init), ref)
+    vit_weights.save_big_vision_npz(str(tmp_path / "scan.npz"), ref, scan=True)
     with np.load(tmp_path / "scan.npz") as z:
         assert "Transformer/encoderblock/LayerNorm_0/scale" in z.files
         assert z["Transformer/encoderblock/LayerNorm_0/scale"].shape == (2, 16)
-    _same(backbone.load_params(str(tmp_path / "scan.npz"), init), ref)
-    old = backbone.load_params(_save(tmp_path / "old.npz", _to_vit_jax_layout(ref)), init)
+    _same(vit_weights.load_params(str(tmp_path / "scan.npz"), init), ref)
+    old = vit_weights.load_params(_save(tmp_path / "old.npz", _to_vit_jax_layout(ref)), init)
     _same(old, ref)
 
 
 def test_vit_jax_layout_gives_same_outputs(tmp_path):
     model = _vit()
     ref = _params(model)
-    loaded = backbone.load_params(_save(tmp_path / "old.npz", _to_vit_jax_layout(ref)),
+    loaded = vit_weights.load_params(_save(tmp_path / "old.npz", _to_vit_jax_layout(ref)),
                                   _params(model, 3))
     x = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3), minval=-1, maxval=1)
     a, _ = model.apply({"params": ref}, x)
@@ -99,7 +100,7 @@ def test_bf16_saved_as_void(tmp_path):
     np.savez(tmp_path / "bf16.npz", **flat)
     with np.load(tmp_path / "bf16.npz") as z:  # what numpy makes of bfloat16 on disk
         assert z["cls"].dtype.kind == "V" and z["cls"].dtype.itemsize == 2
-    loaded = backbone.load_params(str(tmp_path / "bf16.npz"), _params(model, 1))
+    loaded = vit_weights.load_params(str(tmp_path / "bf16.npz"), _params(model, 1))
     for k, v in flatten(loaded).items():
         want = np.asarray(jnp.asarray(flatten(ref)[k], jnp.bfloat16).astype(jnp.float32))
         np.testing.assert_array_equal(v, want, err_msg=k)
@@ -109,7 +110,7 @@ def test_bf16_saved_as_void(tmp_path):
 def test_posemb_resampling_matches_scipy_zoom(old, new):
     rng = np.random.default_rng(0)
     posemb = rng.normal(size=(1, old * old, 3)).astype(np.float32)
-    got = backbone.resample_posemb(posemb, (new, new))
+    got = vit_weights.resample_posemb(posemb, (new, new))
     grid = posemb.reshape(old, old, 3)
     want = scipy.ndimage.zoom(grid, (new / old, new / old, 1), order=1).reshape(1, -1, 3)
     np.testing.assert_allclose(got, want, atol=1e-5)
@@ -118,7 +119,7 @@ def test_posemb_resampling_matches_scipy_zoom(old, new):
 def test_loading_resamples_to_model_grid(tmp_path):
     small, big = _vit(image_size=(32, 32)), _vit(image_size=(48, 48))
     ref = _params(small)
-    loaded = backbone.load_params(_save(tmp_path / "c.npz", flatten(ref)), _params(big))
+    loaded = vit_weights.load_params(_save(tmp_path / "c.npz", flatten(ref)), _params(big))
     assert loaded["pos_embedding"].shape == (1, 36, 16)
     want = scipy.ndimage.zoom(np.asarray(ref["pos_embedding"]).reshape(4, 4, 16),
                               (1.5, 1.5, 1), order=1).reshape(1, 36, 16)
@@ -130,11 +131,11 @@ def test_dont_load_and_ignore(tmp_path):
     ref = _params(with_head)
     path = _save(tmp_path / "c.npz", flatten(ref))
     with pytest.raises(CheckpointError, match=r"unexpected.*head/bias \(5,\).*head/kernel"):
-        backbone.load_params(path, _params(headless))
-    loaded = backbone.load_params(path, _params(headless), ignore=[r"head/.*"])
+        vit_weights.load_params(path, _params(headless))
+    loaded = vit_weights.load_params(path, _params(headless), ignore=[r"head/.*"])
     assert "head" not in loaded
     init = _params(_vit(num_classes=9), seed=4)
-    kept = backbone.load_params(path, init, dont_load=[r"head/.*"])
+    kept = vit_weights.load_params(path, init, dont_load=[r"head/.*"])
     np.testing.assert_array_equal(kept["head"]["kernel"], init["head"]["kernel"])
     np.testing.assert_array_equal(kept["cls"], ref["cls"])
 
@@ -146,7 +147,7 @@ def test_strict_check_lists_every_problem(tmp_path):
     flat["Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel"] = np.zeros((16, 33))
     flat["extra/thing"] = np.zeros((2, 2))
     with pytest.raises(CheckpointError) as err:
-        backbone.load_params(_save(tmp_path / "bad.npz", flat), _params(model))
+        vit_weights.load_params(_save(tmp_path / "bad.npz", flat), _params(model))
     msg = str(err.value)
     assert "missing from checkpoint (1): Transformer/encoder_norm/scale (16,)" in msg
     assert "MlpBlock_0/Dense_0/kernel: checkpoint (16, 33) vs model (16, 32)" in msg
@@ -156,7 +157,7 @@ def test_strict_check_lists_every_problem(tmp_path):
 def test_checkpoint_of_another_size(tmp_path):
     path = _save(tmp_path / "wide.npz", flatten(_params(_vit(width=24, num_heads=2))))
     with pytest.raises(CheckpointError, match="shape mismatch"):
-        backbone.load_params(path, _params(_vit()))
+        vit_weights.load_params(path, _params(_vit()))
 
 
 @pytest.mark.parametrize("case", ["missing", "truncated", "text", "pickle", "plain_npy"])
@@ -175,7 +176,7 @@ def test_unreadable_files_give_one_line_errors(tmp_path, case):
         np.save(tmp_path / "ckpt.npy", np.zeros(3))
         path = tmp_path / "ckpt.npy"
     with pytest.raises(CheckpointError) as err:
-        backbone.load_params(str(path), _params(model))
+        vit_weights.load_params(str(path), _params(model))
     msg = str(err.value)
     assert str(path) in msg and "\n" not in msg
 
@@ -188,8 +189,8 @@ def test_structured_npy_loads(tmp_path):
     for k, v in ref.items():
         record[k] = v
     np.save(tmp_path / "c.npy", record)
-    _same(backbone.load_params(str(tmp_path / "c.npy"), _params(model, 2)),
-          backbone.unflatten(ref))
+    _same(vit_weights.load_params(str(tmp_path / "c.npy"), _params(model, 2)),
+          unflatten(ref))
 
 
 def test_remote_paths_go_through_gfile(tmp_path, monkeypatch):
@@ -203,9 +204,9 @@ def test_remote_paths_go_through_gfile(tmp_path, monkeypatch):
     path = "ram://ckpts/vit.npz"
     with tf.io.gfile.GFile(path, "wb") as f:
         f.write(buf.getvalue())
-    _same(backbone.load_params(path, _params(model, 5)), ref)
+    _same(vit_weights.load_params(path, _params(model, 5)), ref)
     with pytest.raises(CheckpointError, match="not found: ram://ckpts/nope.npz"):
-        backbone.load_params("ram://ckpts/nope.npz", _params(model))
+        vit_weights.load_params("ram://ckpts/nope.npz", _params(model))
     assert zipfile.is_zipfile(io.BytesIO(buf.getvalue()))
 
 
@@ -214,7 +215,7 @@ def test_representation_layer(tmp_path):
     with_rep = _vit(representation_size=12)
     ref = _params(with_rep)
     assert ref["pre_logits"]["kernel"].shape == (16, 12) and ref["head"]["kernel"].shape == (12, 5)
-    loaded = backbone.load_params(_save(tmp_path / "rep.npz", flatten(ref)), _params(with_rep, 3))
+    loaded = vit_weights.load_params(_save(tmp_path / "rep.npz", flatten(ref)), _params(with_rep, 3))
     x = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3), minval=-1, maxval=1)
     logits, out = with_rep.apply({"params": loaded}, x)
     tokens = with_rep.apply({"params": loaded}, x, method=with_rep.embed)
@@ -225,13 +226,13 @@ def test_representation_layer(tmp_path):
     np.testing.assert_allclose(out["pre_logits"], pre, atol=1e-5)
     np.testing.assert_allclose(logits, pre @ ref["head"]["kernel"] + ref["head"]["bias"], atol=1e-5)
     with pytest.raises(CheckpointError, match="missing from checkpoint.*pre_logits/kernel"):
-        backbone.load_params(_save(tmp_path / "norep.npz", flatten(_params(_vit()))),
+        vit_weights.load_params(_save(tmp_path / "norep.npz", flatten(_params(_vit()))),
                              _params(with_rep))
 
 
 def test_vit_backbone_module_resamples_to_the_model_grid(tmp_path):
-    """`models.get_backbone('vit').load_params` is backbone.load_params with the model's grid."""
-    from lpt_jax import models
+    """`models.get_backbone('vit').load_params` is vit_weights.load_params with the model's grid."""
+    from lpt_jax import backbones as models
     vit = models.get_backbone("vit")
     small, wide = _vit(image_size=(32, 32)), _vit(image_size=(32, 48))  # 4x4 -> 4x6 grid
     ref = _params(small)
@@ -252,7 +253,7 @@ def test_file_fingerprint_hashes_head_and_tail(tmp_path, size):
     mib = 1 << 20
     tail = data[-mib:] if size > 2 * mib else data[mib:]
     want = hashlib.sha256(data[:mib] + tail).hexdigest()
-    assert backbone.file_fingerprint(str(path)) == {
+    assert npz.file_fingerprint(str(path)) == {
         "path": str(path), "size": size, "sha256_head_tail": want}
     with pytest.raises(CheckpointError, match="checkpoint not found"):
-        backbone.file_fingerprint(str(tmp_path / "nope.npz"))
+        npz.file_fingerprint(str(tmp_path / "nope.npz"))

@@ -23,9 +23,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lpt_jax import trainer
-from lpt_jax.exports import META_KEY
-from lpt_jax.data import DataError, testing
+from lpt_jax.data import testing
+from lpt_jax.errors import DataError
+from lpt_jax.run import trainer
+from lpt_jax.run.exports import META_KEY
 
 from helpers import REPO, TESTS, load_config, make_image_folder, tb_scalars
 from tiny_run import make_backbone

@@ -14,9 +14,9 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from lpt_jax import checkpoint as ckpt_lib
-from lpt_jax.checkpoint import DamagedCheckpointError, PhaseCheckpointer
-from lpt_jax.errors import ConfigError, NonFiniteError
+from lpt_jax.errors import ConfigError, DamagedCheckpointError, NonFiniteError
+from lpt_jax.run import checkpoint as ckpt_lib
+from lpt_jax.run.checkpoint import PhaseCheckpointer
 
 META = {"phase": 2, "total_steps": 100, "steps_per_epoch": 10}
 

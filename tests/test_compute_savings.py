@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from configs.common import base_config
-from lpt_jax import steps
-from lpt_jax.models.lpt import LPT, backbone_in_compute_dtype, lpt_from_config
-from lpt_jax.models.vit import Encoder1DBlock, ViT
-from lpt_jax.phases import PHASES
+from lpt_jax.backbones.vit import Encoder1DBlock, ViT
+from lpt_jax.method import steps
+from lpt_jax.method.lpt import LPT, backbone_in_compute_dtype, lpt_from_config
+from lpt_jax.method.phases import PHASES
 
 from helpers import TINY_VIT, vit_kwargs
 

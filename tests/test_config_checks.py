@@ -9,9 +9,11 @@ import os
 import pytest
 
 from configs.common import base_config
-from helpers import REPO
-from lpt_jax import config_checks, trainer
+from lpt_jax.config import checks as config_checks
 from lpt_jax.errors import ConfigError
+from lpt_jax.run import trainer
+
+from helpers import REPO
 from tiny_run import tiny_config
 
 # (override, value, fragment of the message): judged from the config alone.
@@ -84,7 +86,7 @@ def test_bad_value_against_the_data_is_found_before_any_write(tmp_path, field, v
     config.train.max_steps = 1
     workdir = tmp_path / "wd"
     if says is None:
-        from lpt_jax import context
+        from lpt_jax.run import context
         context.build_context(config, str(workdir))  # accepted, and writes nothing itself
     else:
         with pytest.raises(ConfigError, match=says.replace("[", r"\[")):
@@ -113,7 +115,7 @@ def test_bad_value_table_is_current():
 def test_locations_and_retry_budgets_do_not_define_a_run():
     """Where inputs live (at any depth: model.text.tokenizer) and how often a download is
     retried leave a run's identity alone; a real setting beside them does not."""
-    from lpt_jax import rundir
+    from lpt_jax.run import rundir
     a, b = base_config(), base_config()
     b.backbone.checkpoint, b.data.root = "/elsewhere/vit.npz", "/elsewhere/data"
     b.model.text.tokenizer, b.model.text.checkpoint = "/elsewhere/spm.model", "/x/two.npz"

@@ -2,8 +2,9 @@
 
 import pytest
 
+from lpt_jax.method.optim import epoch_learning_rates
+
 from helpers import CONFIGS, load_config
-from lpt_jax.optim import epoch_learning_rates
 
 
 def _load(name, arg=None):

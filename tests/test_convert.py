@@ -14,15 +14,17 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import DATA
-from lpt_jax import backbone, convert, exports
-from lpt_jax.backbone import CheckpointError
+from lpt_jax import convert
+from lpt_jax.backbones import vit_weights
+from lpt_jax.backbones.vit import ViT, vit_from_config
 from lpt_jax.convert import __main__ as convert_cli
 from lpt_jax.convert.release import PLACES_RELEASE
-from lpt_jax.convert.torch_zip import UnsafeCheckpointError
-from lpt_jax.models.lpt import LPT, lpt_from_config
-from lpt_jax.models.vit import ViT, vit_from_config
+from lpt_jax.errors import CheckpointError, UnsafeCheckpointError
+from lpt_jax.method.lpt import LPT, lpt_from_config
+from lpt_jax.run import exports
 from lpt_jax.tree import flatten
+
+from helpers import DATA
 
 FIX = DATA / "convert"
 RELEASE = json.loads((FIX / "release.json").read_text())
@@ -108,7 +110,7 @@ def test_release_command_writes_backbone_and_export_that_eval_loads(tmp_path, ca
     assert model == release[0]
     abstract = jax.eval_shape(model.init, jax.random.key(0), golden["images"][:1])["params"]
     params = dict(abstract)
-    params["backbone"] = backbone.load_params(
+    params["backbone"] = vit_weights.load_params(
         str(out_dir / "backbone.npz"), abstract["backbone"], ignore=config.backbone.ignore,
         grid=model.backbone.grid)
     params, _ = exports.apply(params, str(out_dir / "export.npz"),
@@ -178,7 +180,7 @@ def timm_vit():
 @pytest.mark.parametrize("name", ["timm_vit.safetensors", "timm_vit.bin"])
 def test_timm_files_load_as_backbones_and_match_timm(timm_vit, name):
     model, abstract, golden = timm_vit
-    params = backbone.load_params(str(FIX / name), abstract)
+    params = vit_weights.load_params(str(FIX / name), abstract)
     with jax.default_matmul_precision("float32"):
         logits, out = jax.jit(model.apply)({"params": params}, golden["images"])
     d_logits = np.abs(np.asarray(logits) - golden["logits"]).max()
@@ -204,8 +206,8 @@ def test_backbone_command_round_trips_to_big_vision_npz(timm_vit, tmp_path, caps
                              f"--out={out}", "--num_heads=4")
     assert code == 0, err
     assert "32 wide, 2 blocks, 4 heads" in stdout and "head 5" in stdout
-    direct = flatten(backbone.load_params(str(FIX / "timm_vit.safetensors"), abstract))
-    again = flatten(backbone.load_params(str(out), abstract))
+    direct = flatten(vit_weights.load_params(str(FIX / "timm_vit.safetensors"), abstract))
+    again = flatten(vit_weights.load_params(str(out), abstract))
     assert sorted(direct) == sorted(again)
     for k in direct:
         np.testing.assert_array_equal(again[k], direct[k], err_msg=k)
@@ -246,7 +248,7 @@ def test_bad_files_are_one_clear_line(tmp_path, timm_vit):
     for name, cut in (("timm_vit.safetensors", 5000), ("timm_vit.bin", 5000)):
         bad = tmp_path / name
         bad.write_bytes((FIX / name).read_bytes()[:-cut])
-        _one_line_error(lambda: backbone.load_params(str(bad), abstract), str(bad))
+        _one_line_error(lambda: vit_weights.load_params(str(bad), abstract), str(bad))
     legacy = tmp_path / "old.pth"
     legacy.write_bytes(b"\x80\x02}q\x00.")
     _one_line_error(lambda: convert.read_state_dict(str(legacy)), "legacy serialization")

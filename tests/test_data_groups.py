@@ -11,6 +11,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from lpt_jax import data  # noqa: E402
 from lpt_jax.data import list_datasets, split_lists  # noqa: E402
+from lpt_jax.errors import DataError
 
 
 def _cfg(**kw):
@@ -41,7 +42,7 @@ def test_shot_group_boundaries():
     assert release["few"].tolist() == [3, 4, 5]
     assert oltr["medium"].tolist() == [1, 2, 3]
     assert oltr["few"].tolist() == [4, 5]
-    with pytest.raises(data.DataError):
+    with pytest.raises(DataError):
         data.shot_groups(counts, "other")
 
 
@@ -108,17 +109,17 @@ def test_places_lt_source_counts(tmp_path):
 
 
 def test_missing_root_messages(tmp_path):
-    with pytest.raises(data.DataError, match="data.root is empty"):
+    with pytest.raises(DataError, match="data.root is empty"):
         data.get_source(_cfg(root=""))
     missing = str(tmp_path / "nowhere")
-    with pytest.raises(data.DataError, match="does not exist.*places365_standard"):
+    with pytest.raises(DataError, match="does not exist.*places365_standard"):
         data.get_source(_cfg(root=missing))
-    with pytest.raises(data.DataError, match=r"train/airfield/00004851\.jpg.*first entry"):
+    with pytest.raises(DataError, match=r"train/airfield/00004851\.jpg.*first entry"):
         data.get_source(_cfg(root=str(tmp_path)))
 
 
 def test_imagenet_lt_train_list_missing_says_where(tmp_path):
-    with pytest.raises(data.DataError, match=r"ImageNet_LT_train\.txt not found.*data\.split_dir"):
+    with pytest.raises(DataError, match=r"ImageNet_LT_train\.txt not found.*data\.split_dir"):
         data.get_source(_cfg(name="imagenet_lt", root=str(tmp_path)))
 
 
@@ -145,7 +146,7 @@ def test_label_out_of_range_is_reported(tmp_path):
     train = _write_list(tmp_path / "train.txt", [("a.jpg", 0), ("b.jpg", 1), ("c.jpg", 3)])
     names = tmp_path / "names.txt"
     names.write_text("zero\none\ntwo\n")
-    with pytest.raises(data.DataError, match=r"label 3 of .*c\.jpg is outside \[0, 3\)"):
+    with pytest.raises(DataError, match=r"label 3 of .*c\.jpg is outside \[0, 3\)"):
         data.get_source(_cfg(name="image_folder", root=str(tmp_path), train_list=train,
                              class_names_file=str(names)))
 
@@ -153,7 +154,7 @@ def test_label_out_of_range_is_reported(tmp_path):
 def test_class_without_training_image_is_reported(tmp_path):
     (tmp_path / "a.jpg").write_bytes(b"x")
     train = _write_list(tmp_path / "train.txt", [("a.jpg", 0), ("b.jpg", 1), ("c.jpg", 3)])
-    with pytest.raises(data.DataError, match=r"1 classes have no training image: 2 \(class_2\)"):
+    with pytest.raises(DataError, match=r"1 classes have no training image: 2 \(class_2\)"):
         data.get_source(_cfg(name="image_folder", root=str(tmp_path), train_list=train))
 
 
@@ -161,14 +162,14 @@ def test_malformed_list_line_names_file_and_line(tmp_path):
     (tmp_path / "a.jpg").write_bytes(b"x")
     bad = tmp_path / "train.txt"
     bad.write_text("a.jpg 0\na.jpg zero\n")
-    with pytest.raises(data.DataError, match=r"train\.txt:2: expected"):
+    with pytest.raises(DataError, match=r"train\.txt:2: expected"):
         data.get_source(_cfg(name="image_folder", root=str(tmp_path), train_list=str(bad)))
 
 
 def test_config_checks():
-    with pytest.raises(data.DataError, match="data.name"):
+    with pytest.raises(DataError, match="data.name"):
         data.get_source(_cfg(name="mnist_lt"))
-    with pytest.raises(data.DataError, match="image_size"):
+    with pytest.raises(DataError, match="image_size"):
         data.get_source(_cfg(image_size=300))
-    with pytest.raises(data.DataError, match="corrupt_images"):
+    with pytest.raises(DataError, match="corrupt_images"):
         data.get_source(_cfg(corrupt_images="ignore"))

@@ -6,8 +6,9 @@ import textwrap
 
 import pytest
 
-from helpers import REPO
 from lpt_jax import data
+
+from helpers import REPO
 
 # Run in a fresh interpreter: the test process has loaded TensorFlow long ago.
 _CHECK = textwrap.dedent("""
@@ -17,7 +18,7 @@ _CHECK = textwrap.dedent("""
     lpt_jax.data.config.default_config()
     from lpt_jax import data
     cfg = data.default_config()
-    data.DataError, data.shot_groups, data.steps_per_epoch, data.cifar_lt_counts
+    data.shot_groups, data.steps_per_epoch, data.cifar_lt_counts
     loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "tensorflow_datasets"))
     assert not loaded, f"loading the data config imported {loaded[:5]}"
 

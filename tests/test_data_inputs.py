@@ -13,9 +13,11 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from helpers import TRAIN_COUNTS, make_image_folder  # noqa: E402
 from lpt_jax import data  # noqa: E402
 from lpt_jax.data import prepare, split_lists, testing  # noqa: E402
+from lpt_jax.errors import DataError
+
+from helpers import TRAIN_COUNTS, make_image_folder  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +56,7 @@ def _lists(root, tmp_path, extra_line=""):
 ])
 def test_list_path_outside_the_root_is_refused_with_its_line(folder, tmp_path, line, why):
     train = _lists(folder, tmp_path, line)
-    with pytest.raises(data.DataError) as err:
+    with pytest.raises(DataError) as err:
         data.get_source(_cfg(folder, train_list=str(train), check_files=False))
     msg = _one_line(err)
     assert msg.startswith(f"{train}:3: {line.rsplit(' ', 1)[0]!r} is ")
@@ -116,7 +118,7 @@ def test_files_of_other_types_are_refused_with_count_and_accepted_extensions(fol
     (root / "train" / "class_0" / "scan.tif").write_bytes(b"II*\0")
     (root / "train" / "class_2" / "notes.txt").write_text("photographer: me")
     (root / "train" / "class_2" / "nested").mkdir()  # a subfolder is not a file of the class
-    with pytest.raises(data.DataError) as err:
+    with pytest.raises(DataError) as err:
         data.get_source(_cfg(root))
     msg = _one_line(err)
     assert msg.startswith(f"image_folder: 2 files in the class folders of {root}/train are not "
@@ -158,26 +160,26 @@ def test_identity_names_the_training_data_not_its_path(folder, tmp_path):
 def test_damaged_list_files_are_one_line_errors(folder, tmp_path):
     binary = tmp_path / "train.txt"
     binary.write_bytes(b"train/class_0/0.png 0\ntrain/class_0/1.png 0\n\xff\xfe\x00junk 1\n")
-    with pytest.raises(data.DataError) as err:
+    with pytest.raises(DataError) as err:
         data.get_source(_cfg(folder, train_list=str(binary)))
     assert _one_line(err).startswith(f"{binary}:3: not UTF-8 text")
     bad_gz = tmp_path / "train.txt.gz"
     bad_gz.write_bytes(gzip.compress(b"train/class_0/0.png 0\n" * 50)[:40])
-    with pytest.raises(data.DataError) as err:
+    with pytest.raises(DataError) as err:
         data.get_source(_cfg(folder, train_list=str(bad_gz)))
     assert _one_line(err).startswith(f"{bad_gz} is not a readable gzip file")
-    with pytest.raises(data.DataError) as err:
+    with pytest.raises(DataError) as err:
         data.get_source(_cfg(folder, train_list=str(tmp_path)))
     assert _one_line(err) == f"{tmp_path} is a folder, not a text file"
 
 
 def test_unreadable_folder_is_a_one_line_error(folder, monkeypatch):
-    from lpt_jax import files
+    from lpt_jax.storage import files
 
     def denied(path):
         raise PermissionError(13, "Permission denied", path)
     monkeypatch.setattr(files, "listdir", denied)
-    with pytest.raises(data.DataError) as err:
+    with pytest.raises(DataError) as err:
         data.get_source(_cfg(folder))
     assert _one_line(err) == (f"image_folder: cannot read {folder}/train: Permission denied; "
                               "check the path and its permissions (or credentials, for a "
@@ -190,19 +192,19 @@ def test_damaged_prepared_directory_is_a_one_line_error(folder, tmp_path):
     manifest = out / "lpt_prepared.json"
     good = manifest.read_text()
     manifest.write_text(good[: len(good) // 2])  # half-written
-    with pytest.raises(data.DataError) as err:
+    with pytest.raises(DataError) as err:
         data.get_source(_cfg(out))
     assert _one_line(err).startswith(f"{manifest} is not readable JSON (")
     entry = json.loads(good)
     del entry["splits"]["train"]["labels"]
     manifest.write_text(json.dumps(entry))
-    with pytest.raises(data.DataError) as err:
+    with pytest.raises(DataError) as err:
         data.get_source(_cfg(out))
     assert _one_line(err) == f"{manifest} lacks splits.train.labels; prepare the directory again"
     manifest.write_text(good)
     shard = sorted(out.glob("train-*.tfrecord"))[0]
     shard.write_bytes(shard.read_bytes()[:100])  # truncated copy
-    with pytest.raises(data.DataError) as err:
+    with pytest.raises(DataError) as err:
         data.get_source(_cfg(out))
     assert _one_line(err).startswith(f"prepared split 'train' in {out}: a shard cannot be read (")
 

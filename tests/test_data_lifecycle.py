@@ -11,9 +11,10 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from helpers import make_image_folder  # noqa: E402
 from lpt_jax import data  # noqa: E402
 from lpt_jax.data import testing  # noqa: E402
+
+from helpers import make_image_folder  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import tensorflow as tf  # noqa: E402
 
 from lpt_jax import data  # noqa: E402
 from lpt_jax.data import prepare, testing  # noqa: E402
+from lpt_jax.errors import DataError
 
 COUNTS = testing.long_tail_counts(10, 24, 2)
 
@@ -50,7 +51,7 @@ def test_prepared_equals_files(tree, tmp_path):
     ev = [list(data.make_eval_stream(s, _cfg(tree), "val", 8)) for s in (files_src, prep_src)]
     for x, y in zip(_flat(ev[0]), _flat(ev[1])):
         np.testing.assert_array_equal(x, y)
-    with pytest.raises(data.DataError, match="holds prepared 'image_folder' data, not 'places_lt'"):
+    with pytest.raises(DataError, match="holds prepared 'image_folder' data, not 'places_lt'"):
         data.get_source(_cfg(out, name="places_lt"))
 
 
@@ -83,5 +84,5 @@ def test_missing_prepared_shard_is_named(tree, tmp_path):
     prepare.prepare(_cfg(tree), str(out), shard_mb=0.02)
     shard = sorted(out.glob("train-*.tfrecord"))[-1]
     shard.unlink()
-    with pytest.raises(data.DataError, match=f"shard {shard} .* is missing"):
+    with pytest.raises(DataError, match=f"shard {shard} .* is missing"):
         data.get_source(_cfg(out))

@@ -11,6 +11,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from lpt_jax import data  # noqa: E402
 from lpt_jax.data import list_datasets  # noqa: E402
 from lpt_jax.data.sampling import process_slice  # noqa: E402
+from lpt_jax.errors import DataError
 
 B, K = 256, 4
 
@@ -119,9 +120,9 @@ def test_process_slices_disjoint_and_groups_intact(places_labels):
     for sl in parts:
         g = places_labels[cb[sl]].reshape(-1, K)
         assert np.all(g == g[:, :1])
-    with pytest.raises(data.DataError, match="divisible by 4"):
+    with pytest.raises(DataError, match="divisible by 4"):
         process_slice(24, 0, 4, K)
-    with pytest.raises(data.DataError, match="not divisible by 3"):
+    with pytest.raises(DataError, match="not divisible by 3"):
         process_slice(256, 0, 3, K)
 
 
@@ -194,9 +195,9 @@ def test_default_ib_is_unchanged_epoch_permutation(places_labels):
 
 def test_ib_sampling_is_validated(tmp_path):
     from helpers import make_image_folder
-    with pytest.raises(data.DataError, match="ib_sampling='iid'.*epoch_permutation"):
+    with pytest.raises(DataError, match="ib_sampling='iid'.*epoch_permutation"):
         data.DualSampler(np.array([0, 1]), 2, 4, 0, 4, ib_sampling="iid")
     cfg = data.default_config()
     cfg.name, cfg.root, cfg.ib_sampling = "image_folder", str(make_image_folder(tmp_path)), "iid"
-    with pytest.raises(data.DataError, match=r"data.ib_sampling='iid'; expected one of"):
+    with pytest.raises(DataError, match=r"data.ib_sampling='iid'; expected one of"):
         data.get_source(cfg)

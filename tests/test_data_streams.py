@@ -13,6 +13,7 @@ import tensorflow as tf  # noqa: E402
 
 from lpt_jax import data  # noqa: E402
 from lpt_jax.data import preprocess, testing  # noqa: E402
+from lpt_jax.errors import DataError
 
 COUNTS = testing.long_tail_counts(10, 40, 4)  # 40 ... 4 training images per class
 EVAL_PER_CLASS = 5
@@ -96,7 +97,7 @@ def test_processes_draw_disjoint_shares_of_the_global_batch(tree, processes):
                                       process_count=processes) for p in range(processes)]
     ib = np.concatenate([s.local_indices(0)[1] for s in streams])
     assert len(set(ib.tolist())) == len(ib) == 16  # disjoint shares of one global batch
-    with pytest.raises(data.DataError, match="divisible by 4"):
+    with pytest.raises(DataError, match="divisible by 4"):
         data.make_train_stream(src, cfg, 24, process_count=4)
 
 
@@ -222,7 +223,7 @@ def test_unreadable_training_image_is_named(broken_tree):
     bad_index = _index_of(src, bad)
     step = _first_step_using(it, bad_index)
     _take(it, step)
-    with pytest.raises(data.DataError, match=f"cannot read image {bad}"):
+    with pytest.raises(DataError, match=f"cannot read image {bad}"):
         next(it)
 
 
@@ -243,7 +244,7 @@ def test_unreadable_training_image_skipped(broken_tree, caplog):
 
 def test_unreadable_eval_image(broken_tree):
     root, _, bad = broken_tree
-    with pytest.raises(data.DataError, match=f"cannot read image {bad} \\(test split"):
+    with pytest.raises(DataError, match=f"cannot read image {bad} \\(test split"):
         list(data.make_eval_stream(data.get_source(_cfg(root)), _cfg(root), "test", 16))
     cfg = _cfg(root, corrupt_images="skip")
     ev = data.make_eval_stream(data.get_source(cfg), cfg, "test", 16)
@@ -255,9 +256,9 @@ def test_load_image_files_names_bad_files(broken_tree, tmp_path):
     root, _, bad = broken_tree
     good = sorted((root / "test" / "cat").glob("*.jpg"))[:2]
     assert data.load_image_files(good, _cfg(root)).shape == (2, 32, 32, 3)
-    with pytest.raises(data.DataError, match=f"cannot read image {bad}"):
+    with pytest.raises(DataError, match=f"cannot read image {bad}"):
         data.load_image_files([good[0], bad], _cfg(root))
-    with pytest.raises(data.DataError, match="missing.jpg"):
+    with pytest.raises(DataError, match="missing.jpg"):
         data.load_image_files([tmp_path / "missing.jpg"], _cfg(root))
 
 
@@ -281,7 +282,7 @@ def test_image_folder_tree_errors(tree, tmp_path):
     root = tmp_path / "t"
     shutil.copytree(tree / "train", root / "train")
     (root / "val" / "unicorn").mkdir(parents=True)
-    with pytest.raises(data.DataError, match="unicorn has no counterpart"):
+    with pytest.raises(DataError, match="unicorn has no counterpart"):
         data.get_source(_cfg(root))
-    with pytest.raises(data.DataError, match=r"train does not exist"):
+    with pytest.raises(DataError, match=r"train does not exist"):
         data.get_source(_cfg(tmp_path))

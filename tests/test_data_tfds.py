@@ -13,6 +13,7 @@ import tensorflow_datasets as tfds  # noqa: E402
 
 from lpt_jax import data  # noqa: E402
 from lpt_jax.data import testing  # noqa: E402
+from lpt_jax.errors import DataError
 
 
 def _cfg(**kw):
@@ -85,7 +86,7 @@ def test_cifar100_lt_reproduces_reference_subset(ratio):
     assert src.num_classes == 100 and len(src.class_names) == 100  # names: TFDS metadata
     np.testing.assert_array_equal(_positions(src, "test"), np.arange(10_000))
     assert set(src.splits) == {"train", "test"}
-    with pytest.raises(data.DataError, match="no 'val' split.*eval.final_split=test"):
+    with pytest.raises(DataError, match="no 'val' split.*eval.final_split=test"):
         data.make_eval_stream(src, _cfg(), "val", 8)
 
 
@@ -108,7 +109,7 @@ def test_cifar10_lt_stream():
 
 def test_missing_tfds_data_fails_fast_without_download(tmp_path):
     start = time.perf_counter()
-    with pytest.raises(data.DataError, match=r"tfds build cifar100 .*data.download=True"):
+    with pytest.raises(DataError, match=r"tfds build cifar100 .*data.download=True"):
         data.get_source(_cfg(name="cifar100_lt", tfds_data_dir=str(tmp_path)))
     assert time.perf_counter() - start < 20
 
@@ -145,7 +146,7 @@ def _offline_download_and_prepare(self, *args, **kwargs):
 
 
 def test_missing_tfds_data_says_what_to_do_in_one_line(tmp_path, no_network, caplog):
-    with pytest.raises(data.DataError) as err:
+    with pytest.raises(DataError) as err:
         data.get_source(_cfg(name="cifar100_lt", tfds_data_dir=str(tmp_path)))
     msg = str(err.value)
     assert "\n" not in msg and len(msg) - len(str(tmp_path)) < 300
@@ -155,7 +156,7 @@ def test_missing_tfds_data_says_what_to_do_in_one_line(tmp_path, no_network, cap
     assert "download_and_prepare" not in msg and "tfds.load" not in msg  # TFDS's own advice
     assert "Variant folder" not in caplog.text  # TFDS's look-up noise before it
     assert not no_network and list(tmp_path.iterdir()) == []
-    with pytest.raises(data.DataError, match="TFDS has no dataset named 'cifar1000'"):
+    with pytest.raises(DataError, match="TFDS has no dataset named 'cifar1000'"):
         data.get_source(_cfg(name="cifar100_lt", tfds_name="cifar1000",
                              tfds_data_dir=str(tmp_path)))
 
@@ -170,7 +171,7 @@ def test_failed_download_removes_what_it_created(tmp_path, monkeypatch, no_netwo
         (root / "mnist" / "3.0.1").mkdir(parents=True)
         (root / "downloads" / "mnist.tar").mkdir(parents=True)
     start = time.perf_counter()
-    with pytest.raises(data.DataError) as err:
+    with pytest.raises(DataError) as err:
         data.get_source(_cfg(name="cifar100_lt", tfds_data_dir=str(root), download=True))
     assert time.perf_counter() - start < 20
     msg = str(err.value)
@@ -248,7 +249,7 @@ def test_tfrecord_only_tfds_copy_explains_conversion():
     def no_random_access(self, split, **kwargs):
         raise NotImplementedError("Random access data source for file format TFRECORD")
     with tfds.testing.mock_data(as_data_source_fn=no_random_access):
-        with pytest.raises(data.DataError, match="tfds convert_format"):
+        with pytest.raises(DataError, match="tfds convert_format"):
             data.get_source(_cfg(name="inaturalist2018"))
 
 
@@ -260,7 +261,7 @@ def test_offline_download_gives_up_after_the_retry_budget(tmp_path, no_network):
     saved = downloader.MAX_RETRIES
     root = tmp_path / "tfds"
     start = time.perf_counter()
-    with pytest.raises(data.DataError, match="downloading TFDS dataset 'cifar100' into"):
+    with pytest.raises(DataError, match="downloading TFDS dataset 'cifar100' into"):
         data.get_source(_cfg(name="cifar100_lt", tfds_data_dir=str(root), download=True,
                              download_retries=2))
     assert time.perf_counter() - start < 30
@@ -270,7 +271,7 @@ def test_offline_download_gives_up_after_the_retry_budget(tmp_path, no_network):
 
 
 def test_download_retries_must_be_a_count(tmp_path):
-    with pytest.raises(data.DataError, match=r"data.download_retries=-1 must be an integer >= 0"):
+    with pytest.raises(DataError, match=r"data.download_retries=-1 must be an integer >= 0"):
         data.get_source(_cfg(name="cifar100_lt", tfds_data_dir=str(tmp_path), download=True,
                              download_retries=-1))
     assert list(tmp_path.iterdir()) == []

@@ -106,8 +106,9 @@ def test_image_folder_source_reads_the_demo_dataset():
 
 
 def test_backbone_is_a_big_vision_npz_that_the_loader_accepts():
-    from lpt_jax import backbone, context
-    from lpt_jax.models.lpt import lpt_from_config
+    from lpt_jax.backbones import vit_weights
+    from lpt_jax.method.lpt import lpt_from_config
+    from lpt_jax.run import context
     assert BACKBONE.stat().st_size < MAX_ASSET_BYTES
     with np.load(BACKBONE) as z:
         names = set(z.files)
@@ -119,7 +120,7 @@ def test_backbone_is_a_big_vision_npz_that_the_loader_accepts():
     config = _demo_config()
     model = lpt_from_config(config.model, num_classes=6)
     abstract = context.init_params(model, config)["backbone"]
-    loaded = backbone.load_params(str(BACKBONE), abstract, ignore=config.backbone.ignore,
+    loaded = vit_weights.load_params(str(BACKBONE), abstract, ignore=config.backbone.ignore,
                                   grid=model.backbone.grid)
     flat_loaded = jax.tree_util.tree_leaves_with_path(loaded)
     flat_abstract = dict(jax.tree_util.tree_leaves_with_path(abstract))
@@ -134,8 +135,8 @@ def test_backbone_is_a_big_vision_npz_that_the_loader_accepts():
 def test_backbone_recognises_its_own_pretraining_classes(cifar10_tarball):
     """The shipped weights classify held-out CIFAR-10 test images of the 4 pretraining
     classes (from ../shared) far above chance (25 %)."""
-    from lpt_jax import backbone
-    from lpt_jax.models.vit import ViT
+    from lpt_jax.backbones import vit_weights
+    from lpt_jax.backbones.vit import ViT
     meta = json.loads(BACKBONE.with_suffix(".json").read_text())
     classes = meta["classes"]
     images, labels = [], []
@@ -155,14 +156,14 @@ def test_backbone_recognises_its_own_pretraining_classes(cifar10_tarball):
               layernorm_epsilon=m["layernorm_epsilon"])
     x = jnp.asarray(np.stack(images), jnp.float32) / 127.5 - 1
     abstract = jax.eval_shape(lambda: vit.init(jax.random.key(0), x[:1])["params"])
-    params = backbone.load_params(str(BACKBONE), abstract)
+    params = vit_weights.load_params(str(BACKBONE), abstract)
     logits, _ = jax.jit(vit.apply)({"params": params}, x)
     accuracy = float(np.mean(np.argmax(logits, -1) == np.array(labels)))
     assert accuracy > 0.6, accuracy
 
 
 def test_demo_config_runs_both_phases_for_a_few_steps(tmp_path):
-    from lpt_jax import trainer
+    from lpt_jax.run import trainer
     config = _demo_config()
     config.train.max_steps = 2
     config.phase1.batch_size = config.phase2.batch_size = 8

@@ -7,8 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from lpt_jax import exports, inference, rundir, trainer
-from lpt_jax.exports import ExportError
+from lpt_jax.errors import ExportError
+from lpt_jax.run import exports, inference, rundir, trainer
+
 from tiny_run import tiny_config
 
 
@@ -90,7 +91,7 @@ def test_another_class_order_is_allowed_when_asked(run, tmp_path):
 
 def test_a_failed_atomic_write_leaves_no_temp_file(tmp_path, monkeypatch):
     """Disk full in the middle of a write: the old file stays, no `.tmp` is left."""
-    from lpt_jax import files
+    from lpt_jax.storage import files
     target = tmp_path / "config.json"
     target.write_text("old")
 

@@ -22,10 +22,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lpt_jax import backbone, cli, exports, files, gcs, inference, rundir, trainer, tree
-from lpt_jax import checkpoint as ckpt_lib
-from lpt_jax.backbone import CheckpointError
-from lpt_jax.lease import LeaseError, WorkdirLease
+from lpt_jax import cli, tree
+from lpt_jax.backbones import vit_weights
+from lpt_jax.errors import CheckpointError, ExportError, LeaseError, RemoteError
+from lpt_jax.run import checkpoint as ckpt_lib
+from lpt_jax.run import exports, inference, rundir, trainer
+from lpt_jax.run.lease import WorkdirLease
+from lpt_jax.storage import files, gcs
 
 from gcs_emulator import Emulator, Refusing, free_port
 from helpers import REPO, tb_scalars
@@ -277,13 +280,13 @@ def test_bad_buckets_end_in_one_line_each(emulator, inputs, monkeypatch):
     line = _one_line(err.value)
     assert "gs://no-such-bucket/run" in line and "bucket gs://no-such-bucket does not exist" in line
     with pytest.raises(CheckpointError, match="checkpoint not found: gs://no-such-bucket/vit.npz"):
-        backbone.read_arrays("gs://no-such-bucket/vit.npz")
+        vit_weights.read_arrays("gs://no-such-bucket/vit.npz")
 
     # A missing object: the backbone and an export named by --export.
     with pytest.raises(CheckpointError) as err:
-        backbone.read_arrays(f"gs://{BUCKET}/missing/vit.npz")
+        vit_weights.read_arrays(f"gs://{BUCKET}/missing/vit.npz")
     assert "checkpoint not found: gs://bucket/missing/vit.npz" in _one_line(err.value)
-    with pytest.raises(exports.ExportError) as err:
+    with pytest.raises(ExportError) as err:
         exports.read(f"gs://{BUCKET}/missing/export.npz")
     assert "gs://bucket/missing/export.npz" in _one_line(err.value)
 
@@ -297,7 +300,7 @@ def test_bad_buckets_end_in_one_line_each(emulator, inputs, monkeypatch):
         line = _one_line(err.value)
         assert "gs://bucket/run-refused" in line and "access refused" in line, line
         with pytest.raises(CheckpointError) as err:
-            backbone.read_arrays(BACKBONE)
+            vit_weights.read_arrays(BACKBONE)
         assert "access refused" in _one_line(err.value)
     finally:
         refusing.stop()
@@ -309,13 +312,13 @@ def test_bad_buckets_end_in_one_line_each(emulator, inputs, monkeypatch):
     workdir = f"gs://{BUCKET}/run-unreachable"
     t0 = time.time()
     snapshot = rundir.Snapshot(workdir)  # what run.py takes first: never raises
-    with pytest.raises(files.RemoteError) as err:
+    with pytest.raises(RemoteError) as err:
         trainer.train(config, workdir)
     line = _one_line(err.value)
     assert time.time() - t0 < 5
     assert workdir in line and "cannot reach Cloud Storage" in line and gcs.RETRY_ENV in line
     assert snapshot.undo() == []
     with pytest.raises(CheckpointError) as err:
-        backbone.read_arrays(BACKBONE)
+        vit_weights.read_arrays(BACKBONE)
     assert "cannot reach" in _one_line(err.value) and "local copy" in err.value.args[0]
     assert time.time() - t0 < 5

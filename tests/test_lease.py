@@ -15,9 +15,10 @@ import uuid
 
 import pytest
 
-from lpt_jax import files, lease, process_identity
-from lpt_jax.errors import ConfigError, Preempted
-from lpt_jax.lease import LeaseError, WorkdirLease
+from lpt_jax.errors import ConfigError, LeaseError, Preempted
+from lpt_jax.run import lease, process_identity
+from lpt_jax.run.lease import WorkdirLease
+from lpt_jax.storage import files
 
 from helpers import REPO
 
@@ -90,7 +91,7 @@ def test_gone_holder_is_taken_over_with_a_warning(tmp_path, caplog, case):
         "no heartbeat for" in warned[0])
 
 
-@pytest.mark.parametrize("error", [RuntimeError("boom"), Preempted("stopped at step 3"),
+@pytest.mark.parametrize("error", [RuntimeError("boom"), Preempted("stopped at step 3", 15),
                                    KeyboardInterrupt()])
 def test_hold_gives_the_lease_back_on_errors(tmp_path, error):
     workdir = str(tmp_path / "w")
@@ -145,7 +146,8 @@ def test_unreadable_lease_file_is_refused_not_overwritten(tmp_path):
 
 _RACER = """
 import sys, time
-from lpt_jax.lease import LeaseError, WorkdirLease
+from lpt_jax.run.lease import WorkdirLease
+from lpt_jax.errors import LeaseError
 workdir, start = sys.argv[1], float(sys.argv[2])
 while time.time() < start:
     pass

@@ -10,8 +10,9 @@ import time
 import numpy as np
 import pytest
 
-from lpt_jax import exports, rundir, trainer, tree
-from lpt_jax.errors import Preempted
+from lpt_jax import tree
+from lpt_jax.errors import Stopped
+from lpt_jax.run import exports, rundir, trainer
 
 from helpers import REPO
 from tiny_run import tiny_config
@@ -23,7 +24,7 @@ def test_damaged_newest_checkpoint_resumes_from_the_previous_one(tmp_path, caplo
     config.eval.plot = False
     trainer.train(config, str(tmp_path / "straight"))
     config.train.stop_after_steps = 7
-    with pytest.raises(Preempted, match="step 7"):
+    with pytest.raises(Stopped, match="step 7"):
         trainer.train(config, str(tmp_path / "wd"))
     ckdir = tmp_path / "wd" / "phase1" / "checkpoints"
     assert sorted(int(p) for p in os.listdir(ckdir)) == [3, 6, 7]
@@ -82,8 +83,9 @@ def test_a_run_whose_lease_is_taken_over_stops_before_writing_more(tmp_path, mon
     import threading
     import uuid
 
-    from lpt_jax import files, lease
-    from lpt_jax.lease import LeaseError
+    from lpt_jax.errors import LeaseError
+    from lpt_jax.run import lease
+    from lpt_jax.storage import files
     monkeypatch.setattr(lease, "WorkdirLease",
                         functools.partial(lease.WorkdirLease, heartbeat_s=0.05))
     config = tiny_config(tmp_path, epochs=400)  # far longer than the test lets it run

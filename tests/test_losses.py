@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from scipy import integrate, stats
 
-from lpt_jax import losses
+from lpt_jax.method import losses
 
 CB = losses.agcl_branch_defaults()["cb"]  # gamma+ = 0, gamma- = 4
 IB = losses.agcl_branch_defaults()["ib"]  # gamma+ = 0.5, gamma- = 8

@@ -1,4 +1,4 @@
-"""Tests of lpt_jax.models.lpt (docs/spec.md §2) on a small random ViT.
+"""Tests of lpt_jax.method.lpt (docs/spec.md §2) on a small random ViT.
 
 The shared trunk is checked three ways: against LPT's own two-pass reference, and against an
 independent block-by-block computation written here (explicit concatenation of prompts, NumPy
@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from lpt_jax import tree
-from lpt_jax.models.lpt import LPT, TRAINABLE, lpt_from_config
-from lpt_jax.models.vit import ViT
+from lpt_jax.backbones.vit import ViT
+from lpt_jax.method.lpt import LPT, TRAINABLE, lpt_from_config
 
 from helpers import TINY_VIT, vit_kwargs
 
@@ -514,9 +514,9 @@ def test_invalid_constants_fail_early(bad):
 
 
 def test_backbone_registry_finds_vit_and_names_the_known_ones():
-    from lpt_jax import models
+    from lpt_jax import backbones as models
+    from lpt_jax.backbones import vit
     from lpt_jax.errors import ConfigError
-    from lpt_jax.models import vit
     assert models.get_backbone("vit") is vit
     assert "vit" in models.known_backbones() and "lpt" not in models.known_backbones()
     for bad in ("siglip", "lpt", "../vit", ""):

@@ -14,7 +14,8 @@ import time
 import numpy as np
 import pytest
 
-from lpt_jax import data, exports, rundir, trainer, tree
+from lpt_jax import data, tree
+from lpt_jax.run import exports, rundir, trainer
 
 from helpers import TESTS, make_image_folder
 from tiny_run import make_backbone, multiprocess_config

@@ -76,8 +76,8 @@ def wheel(tmp_path_factory) -> zipfile.ZipFile:
 
 def test_wheel_holds_the_package_and_its_split_lists(wheel):
     names = set(wheel.namelist())
-    for name in ("lpt_jax/__init__.py", "lpt_jax/trainer.py", "lpt_jax/losses.py",
-                 "lpt_jax/data/sampling.py", "lpt_jax/models/vit.py",
+    for name in ("lpt_jax/__init__.py", "lpt_jax/run/trainer.py", "lpt_jax/method/losses.py",
+                 "lpt_jax/data/sampling.py", "lpt_jax/backbones/vit.py",
                  "lpt_jax/data/splits/places_lt/Places_LT_train.txt.gz",
                  "lpt_jax/data/splits/places_lt/classnames.txt"):
         assert name in names, name

@@ -22,8 +22,9 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from lpt_jax import data, exports, rundir, trainer, tree  # noqa: E402
+from lpt_jax import data, tree
 from lpt_jax.data import list_datasets, testing  # noqa: E402
+from lpt_jax.run import exports, rundir, trainer  # noqa: E402
 
 from helpers import CONFIGS, REPO, TINY_BLOCK, load_config  # noqa: E402
 from tiny_run import make_backbone  # noqa: E402

@@ -13,9 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lpt_jax import checkpoint as ckpt_lib
+from lpt_jax import data, tree
 from lpt_jax.errors import NonFiniteError
-from lpt_jax import data, exports, losses, rundir, trainer, tree
+from lpt_jax.method import losses
+from lpt_jax.run import checkpoint as ckpt_lib
+from lpt_jax.run import exports, rundir, trainer
 
 from helpers import REPO, make_image_folder, tb_scalars
 from tiny_run import make_backbone, tiny_config
@@ -225,8 +227,8 @@ def test_nonfinite_steps_can_be_skipped_and_counted(straight, nan_loss):
 def test_a_signal_outside_the_train_loop_becomes_interrupted():
     """Outside the loop (startup, evaluation) run.py's handlers turn SIGTERM / SIGINT into
     `Interrupted`, which run.py words as one line (exit 128 + n) instead of dying silently."""
-    from lpt_jax import preemption
     from lpt_jax.errors import Interrupted
+    from lpt_jax.run import preemption
     previous = {s: signal.getsignal(s) for s in preemption.SIGNALS}
     try:
         preemption.raise_on_signals()
@@ -258,8 +260,8 @@ def test_a_signal_whose_exception_a_finalizer_swallowed_is_not_lost():
     """A signal that lands while Python runs a `__del__` raises there, and Python only prints
     "Exception ignored": the signal must still stop the run at the next boundary (seen: a
     SIGTERM just after the train loop, lost while TF freed a resource; the run went on)."""
-    from lpt_jax import preemption
     from lpt_jax.errors import Interrupted
+    from lpt_jax.run import preemption
     previous = {s: signal.getsignal(s) for s in preemption.SIGNALS}
     try:
         preemption.raise_on_signals()

@@ -20,14 +20,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import REPO, TINY_VIT, make_image_folder, vit_kwargs
-from lpt_jax import backbone, cli, data, exports, inference, parallel, tree
-from lpt_jax.errors import ConfigError
-from lpt_jax.exports import ExportError
-from lpt_jax.models import vit
-from lpt_jax.models.lpt import lpt_from_config
-from lpt_jax.phases import PHASES
+from lpt_jax import cli, data, parallel, tree
+from lpt_jax.backbones import vit, vit_weights
+from lpt_jax.errors import ConfigError, ExportError
+from lpt_jax.method.lpt import lpt_from_config
+from lpt_jax.method.phases import PHASES
+from lpt_jax.run import exports, inference
 from lpt_jax.serving import MultiTaskPredictor, RequestError
+from lpt_jax.weights import npz
+
+from helpers import REPO, TINY_VIT, make_image_folder, vit_kwargs
 from tiny_run import tiny_config
 
 # name: (phase, classes, pool size, top-k, seed); 2 test images per class: 6 + 8 + 4 rows
@@ -51,7 +53,7 @@ def write_backbone(path, seed):
         std = 0.1 if "bias" in name else 1 / np.sqrt(max(leaf.shape[0], 1))
         return std * rng.standard_normal(leaf.shape)
     shapes = _abstract(vit.ViT(num_classes=None, **vit_kwargs(TINY_VIT)), TINY_VIT["image_size"])
-    backbone.save_big_vision_npz(str(path), jax.tree_util.tree_map_with_path(draw, shapes))
+    vit_weights.save_big_vision_npz(str(path), jax.tree_util.tree_map_with_path(draw, shapes))
     return str(path)
 
 
@@ -63,7 +65,7 @@ def write_export(path, config, phase, num_classes, seed):
         jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32), shapes),
         PHASES[phase])
     meta = {"phase": phase, "step": 1, "config": json.loads(config.to_json_best_effort()),
-            "backbone": backbone.file_fingerprint(config.backbone.checkpoint),
+            "backbone": npz.file_fingerprint(config.backbone.checkpoint),
             "num_classes": num_classes,
             "class_names": [f"class_{c}" for c in range(num_classes)]}
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -11,13 +11,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import DATA, TINY_BLOCK
-from lpt_jax import backbone, config_checks, exports, inference, text_head, trainer
-from lpt_jax.backbone import CheckpointError
-from lpt_jax.errors import ConfigError
-from lpt_jax.models import siglip_text
-from lpt_jax.models.vit import ViT
+from lpt_jax.backbones import vit_weights
+from lpt_jax.backbones.vit import ViT
+from lpt_jax.config import checks as config_checks
+from lpt_jax.errors import CheckpointError, ConfigError
+from lpt_jax.run import exports, inference, trainer
+from lpt_jax.text import head as text_head
+from lpt_jax.text import tower as siglip_text
 from lpt_jax.tree import flatten
+
+from helpers import DATA, TINY_BLOCK
 from tiny_run import tiny_config
 
 GOLDEN = DATA / "siglip_tiny.npz"
@@ -50,7 +53,7 @@ def golden():
 
 def _image_features(model, golden, subtree="img"):
     init = jax.eval_shape(model.init, jax.random.key(0), golden["images"][:1])["params"]
-    params = backbone.load_params(str(GOLDEN), init, subtree=subtree)
+    params = vit_weights.load_params(str(GOLDEN), init, subtree=subtree)
     with jax.default_matmul_precision("float32"):
         _, out = model.apply({"params": params}, golden["images"])
     return np.asarray(out["pre_logits"])
@@ -99,7 +102,8 @@ def test_two_tower_file_needs_a_tower(golden):
     model = _image_tower()
     with pytest.raises(CheckpointError) as err:
         _image_features(model, golden, subtree="")
-    assert "two-tower" in _one_line(err) and "backbone.subtree=img" in str(err.value)
+    assert "two-tower" in _one_line(err) and "config.backbone.subtree='img'" in _one_line(err)
+    assert "--config.backbone.subtree=img" in err.value.text(cli=True)  # run.py's spelling
     with pytest.raises(CheckpointError) as err:
         _image_features(model, golden, subtree="image")
     assert "no subtree 'image'" in _one_line(err) and "['img', 'txt']" in str(err.value)
@@ -113,7 +117,7 @@ def test_pooling_mismatch_is_one_line(golden):
               num_heads=4, mlp_dim=128, pool_type="map")
     init = jax.eval_shape(tok.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
     with pytest.raises(CheckpointError) as err:  # a class-token checkpoint into a MAP model
-        backbone.load_params(str(DATA / "vit_tiny_tok.npz"), init, ignore=("head/.*",))
+        vit_weights.load_params(str(DATA / "vit_tiny_tok.npz"), init, ignore=("head/.*",))
     assert "class token" in _one_line(err) and "pool_type='tok'" in str(err.value)
 
 
@@ -281,8 +285,9 @@ def test_text_head_errors_are_one_line(siglip_run_config, tmp_path):
 # Sizes and configs.
 
 def test_so400m_shape_and_config():
+    from lpt_jax.backbones.vit import decode_variant
+
     from helpers import CONFIGS, load_config
-    from lpt_jax.models.vit import decode_variant
     assert decode_variant("So400m/14") == dict(width=1152, depth=27, mlp_dim=4304,
                                                num_heads=16, patch_size=(14, 14))
     # big_vision's VALID patch conv: 384 px at patch 14 is a 27 x 27 grid (6 px unused).

@@ -75,7 +75,7 @@ def test_replicate_ablation_imports_resolve():
             modules.update(f"{node.module}.{a.name}" for a in node.names)
         elif isinstance(node, ast.Import):
             modules.update(a.name for a in node.names if a.name.startswith("lpt_jax"))
-    assert "lpt_jax.trainer" in modules
+    assert "lpt_jax.run.trainer" in modules
     for name in modules:
         assert (REPO / (name.replace(".", "/") + ".py")).exists() or \
             (REPO / name.replace(".", "/") / "__init__.py").exists(), name

@@ -9,12 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lpt_jax import checkpoint as ckpt_lib
-from lpt_jax import context, data, exports, inference, optim, rundir, steps, trainer, tree
-from lpt_jax.errors import ConfigError, Preempted
-from lpt_jax.models.lpt import TRAINABLE, lpt_from_config
-from lpt_jax.phases import PHASES
-from lpt_jax.backbone import CheckpointError
+from lpt_jax import data, tree
+from lpt_jax.errors import CheckpointError, ConfigError, Stopped
+from lpt_jax.method import optim, steps
+from lpt_jax.method.lpt import TRAINABLE, lpt_from_config
+from lpt_jax.method.phases import PHASES
+from lpt_jax.run import checkpoint as ckpt_lib
+from lpt_jax.run import context, exports, inference, rundir, trainer
 
 from helpers import tb_scalars
 from tiny_run import tiny_config
@@ -206,7 +207,7 @@ def test_kill_and_resume_is_bitwise(tmp_path):
     config.train.phases = "1"
     trainer.train(config, str(tmp_path / "straight"))
     config.train.stop_after_steps = 5
-    with pytest.raises(Preempted, match="step 5"):
+    with pytest.raises(Stopped, match="step 5 .train.stop_after_steps."):
         trainer.train(config, str(tmp_path / "resumed"))
     assert 5 in [int(s) for s in os.listdir(tmp_path / "resumed/phase1/checkpoints")]
     config.train.stop_after_steps = 0

@@ -6,8 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from lpt_jax import backbone
-from lpt_jax.models.vit import ViT
+from lpt_jax.backbones import vit_weights
+from lpt_jax.backbones.vit import ViT
 from lpt_jax.tree import flatten
 
 from helpers import DATA
@@ -29,7 +29,7 @@ def _load(name, **overrides):
     model = _model(meta)
     golden = np.load(DATA / f"{name}_golden.npz")
     init = jax.eval_shape(model.init, jax.random.key(0), golden["images"][:1])["params"]
-    params = backbone.load_params(str(DATA / f"{name}.npz"), init)
+    params = vit_weights.load_params(str(DATA / f"{name}.npz"), init)
     return model, params, golden
 
 
@@ -62,7 +62,7 @@ def test_wrong_numerics_are_detected(name):
 def test_big_vision_layout_of_golden_loads_identically(tmp_path, scan):
     model, params, golden = _load(GOLDENS[0])
     path = str(tmp_path / "bv.npz")
-    backbone.save_big_vision_npz(path, params, scan=scan)
-    again = backbone.load_params(path, jax.eval_shape(lambda: params))
+    vit_weights.save_big_vision_npz(path, params, scan=scan)
+    again = vit_weights.load_params(path, jax.eval_shape(lambda: params))
     for k, v in flatten(params).items():
         np.testing.assert_array_equal(flatten(again)[k], v, err_msg=k)

@@ -5,9 +5,10 @@ import jax
 import jax.numpy as jnp
 
 from configs.common import base_config
+from lpt_jax.backbones import vit_weights
+from lpt_jax.backbones.vit import ViT
+
 from helpers import TINY_VIT, make_image_folder, vit_kwargs
-from lpt_jax import backbone
-from lpt_jax.models.vit import ViT
 
 
 def make_backbone(path, seed=0, **overrides):
@@ -16,7 +17,7 @@ def make_backbone(path, seed=0, **overrides):
     model = ViT(num_classes=None, **vit_kwargs(vit))
     size = vit["image_size"]
     params = model.init(jax.random.key(seed), jnp.zeros((1, size, size, 3)))["params"]
-    backbone.save_big_vision_npz(str(path), params)
+    vit_weights.save_big_vision_npz(str(path), params)
     return str(path)
 
 

@@ -57,12 +57,11 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # timm (with torchvision's C++ op schemas stubbed where the PyPI wheel cannot load them), as
 # every oracle script imports it.
-from make_vit_goldens import VisionTransformer, timm  # noqa: E402
 import safetensors  # noqa: E402
+from make_vit_goldens import VisionTransformer, timm  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 

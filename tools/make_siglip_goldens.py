@@ -46,10 +46,16 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # Sets HF_HUB_OFFLINE, imports torch and timm (stubbing torchvision's C++ ops if needed).
-from make_vit_goldens import (GELU_SHIFT, MLP_OUT_GAIN, STREAM_STD,  # noqa: E402
-                              save_npz_deterministic, timm, torch, VisionTransformer)
-
 import open_clip  # noqa: E402
+from make_vit_goldens import (  # noqa: E402
+    GELU_SHIFT,
+    MLP_OUT_GAIN,
+    STREAM_STD,
+    VisionTransformer,
+    save_npz_deterministic,
+    timm,
+    torch,
+)
 from open_clip.convert import load_big_vision_weights  # noqa: E402
 
 SEED = 13

@@ -43,8 +43,8 @@ import ml_dtypes  # noqa: E402
 import optax  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from lpt_jax.backbone import save_big_vision_npz  # noqa: E402
-from lpt_jax.models.vit import ViT  # noqa: E402
+from lpt_jax.backbones.vit import ViT  # noqa: E402
+from lpt_jax.backbones.vit_weights import save_big_vision_npz  # noqa: E402
 
 DEFAULT_ARCHIVE = REPO.parent / "shared" / "data" / "images" / "cifar10-jpg.tar.gz"
 DEFAULT_OUT = REPO / "demo" / "vit_cifar4_w128d6.npz"

@@ -109,7 +109,7 @@ def read_results(rdir: Path) -> dict | None:
 
 
 def run_variant(name: str, seed: int, workdir: Path, base_overrides: dict) -> dict:
-    from lpt_jax import trainer
+    from lpt_jax.run import trainer
     rdir = run_dir(workdir, name, seed)
     done = read_results(rdir)
     if done is not None:
@@ -291,7 +291,7 @@ def main(argv=None) -> None:
     if args.max_steps:
         base = {"train.max_steps": args.max_steps, "eval.max_examples": 64}
 
-    from lpt_jax import trainer  # noqa: F401  (imports TF and JAX once)
+    from lpt_jax.run import trainer  # noqa: F401  (imports TF and JAX once)
     results: dict[str, dict[int, dict]] = {n: {} for n in names}
     t0 = time.time()
     for seed in seeds:

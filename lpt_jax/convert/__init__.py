@@ -9,16 +9,16 @@ ViT state dicts, read without torch and without running anything from the file.
     python -m lpt_jax.convert backbone --checkpoint=model.safetensors --out=vit.npz
 
 `lpt_jax.backbone.load_params` reads `.safetensors` / `.pth` / `.pt` / `.bin` timm ViT state
-dicts through `read_timm_backbone`, so `--config.backbone.checkpoint=model.safetensors` works
+dicts (`backbones.vit_weights.read_arrays`), so `--config.backbone.checkpoint=model.safetensors` works
 like an `.npz`. Modules: `torch_zip` (restricted reader of torch.save archives),
 `safetensors_file`, `reading` (state dict out of either), `timm_names` (timm -> big_vision
 names), `fit` (the model the shapes describe, strict check), `release` (the release's layout
 and numerics), `writing` (the .npz outputs). See docs/convert.md.
 """
 
-from lpt_jax.convert.reading import SUFFIXES, is_torch_world, read_state_dict, read_timm_backbone
 from lpt_jax.convert.release import Release, load_release, read_release
 from lpt_jax.convert.writing import convert_backbone, convert_release
+from lpt_jax.weights.state_dict import SUFFIXES, is_torch_world, read_state_dict
 
 __all__ = ["SUFFIXES", "Release", "convert_backbone", "convert_release", "is_torch_world",
-           "load_release", "read_release", "read_state_dict", "read_timm_backbone"]
+           "load_release", "read_release", "read_state_dict"]

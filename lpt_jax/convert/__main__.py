@@ -76,7 +76,7 @@ def _backbone(args) -> None:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    from lpt_jax.backbone import CheckpointError
+    from lpt_jax.errors import CheckpointError
     try:
         (_release if args.command == "release" else _backbone)(args)
     except CheckpointError as e:

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lpt_jax.backbone import CheckpointError
+from lpt_jax.errors import CheckpointError
 
 _BLOCK = "Transformer/encoderblock_"
 

@@ -23,12 +23,12 @@ from typing import Optional
 import ml_collections
 import numpy as np
 
-from lpt_jax.backbone import CheckpointError
-from lpt_jax.convert.reading import read_state_dict
+from lpt_jax.backbones.vit_timm import heads_for_width, timm_to_big_vision, width_of
 from lpt_jax.convert.fit import abstract_params, check_fits, vit_shapes
-from lpt_jax.convert.timm_names import heads_for_width, timm_to_big_vision, width_of
-from lpt_jax.models.lpt import LPT, lpt_from_config
+from lpt_jax.errors import CheckpointError
+from lpt_jax.method.lpt import LPT, lpt_from_config
 from lpt_jax.tree import flatten, unflatten
+from lpt_jax.weights.state_dict import read_state_dict
 
 PREFIX = "prompt_learner."
 PROMPT_NAMES = {  # release name -> our parameter path

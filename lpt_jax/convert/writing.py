@@ -10,14 +10,16 @@ from typing import Optional
 
 import numpy as np
 
-from lpt_jax import exports, files
-from lpt_jax.backbone import CheckpointError, file_fingerprint
+from lpt_jax.backbones.vit import vit_from_config
+from lpt_jax.backbones.vit_timm import heads_for_width
+from lpt_jax.backbones.vit_weights import read_arrays
 from lpt_jax.convert.fit import abstract_params, check_fits, vit_shapes
-from lpt_jax.convert.reading import read_timm_backbone
 from lpt_jax.convert.release import PLACES_RELEASE, Release, read_release
-from lpt_jax.convert.timm_names import heads_for_width
-from lpt_jax.models.vit import vit_from_config
+from lpt_jax.errors import CheckpointError
+from lpt_jax.run import exports
+from lpt_jax.storage import files
 from lpt_jax.tree import flatten, unflatten
+from lpt_jax.weights.npz import file_fingerprint
 
 SHIPPED_CLASS_NAMES = {  # --class_names=<dataset>: the lists the data sources use
     name: os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data",
@@ -107,7 +109,7 @@ def convert_release(path: str, out_dir: str, *, num_heads: Optional[int] = None,
 def convert_backbone(path: str, out: str, *, num_heads: Optional[int] = None,
                      overwrite: bool = False) -> dict:
     """A timm ViT state dict (.safetensors/.pth/.bin) -> a big_vision .npz at `out`."""
-    arrays = read_timm_backbone(path, num_heads)
+    arrays = read_arrays(path, num_heads=num_heads)
     shapes = vit_shapes(arrays, path)
     shapes["num_heads"] = heads_for_width(shapes["width"], num_heads, path)
     check_fits(path, arrays, flatten(abstract_params(vit_from_config(shapes))),

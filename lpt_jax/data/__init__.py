@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 # Public name -> the submodule that defines it.
 _EXPORTS = {
     "default_config": "config",
-    "DataError": "errors",
+
     "GROUP_NAMES": "groups",
     "cifar_lt_counts": "groups",
     "shot_groups": "groups",
@@ -54,12 +54,13 @@ def __dir__():
 
 if TYPE_CHECKING:  # for type checkers and IDEs; never runs
     from lpt_jax.data.config import default_config  # noqa: F401
-    from lpt_jax.data.errors import DataError  # noqa: F401
-    from lpt_jax.data.groups import (GROUP_NAMES, cifar_lt_counts, shot_groups,  # noqa: F401
-                                     steps_per_epoch)
+    from lpt_jax.data.eval_stream import (  # noqa: F401
+        EvalStream,
+        load_image_files,
+        make_eval_stream,
+        num_eval_examples,
+    )
+    from lpt_jax.data.groups import GROUP_NAMES, cifar_lt_counts, shot_groups, steps_per_epoch  # noqa: F401
     from lpt_jax.data.sampling import DualSampler  # noqa: F401
-    from lpt_jax.data.source import (Source, SplitData, get_source,  # noqa: F401
-                                     registered_sources)
-    from lpt_jax.data.eval_stream import (EvalStream, load_image_files,  # noqa: F401
-                                          make_eval_stream, num_eval_examples)
+    from lpt_jax.data.source import Source, SplitData, get_source, registered_sources  # noqa: F401
     from lpt_jax.data.streams import TrainStream, make_train_stream  # noqa: F401

@@ -8,11 +8,11 @@ original position in `id` ('train_00042'), which restores the file order.
 
 import numpy as np
 
-from lpt_jax.data.errors import DataError
 from lpt_jax.data.groups import cifar_lt_counts
 from lpt_jax.data.source import Source, SplitData, register
 from lpt_jax.data.stores import PixelStore
 from lpt_jax.data.tfds_util import load_numpy
+from lpt_jax.errors import DataError
 
 
 def original_positions(ids) -> np.ndarray:

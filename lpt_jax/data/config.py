@@ -2,7 +2,7 @@
 
 import ml_collections
 
-from lpt_jax.data.errors import DataError
+from lpt_jax.errors import DataError
 
 CORRUPT_POLICIES = ("fail", "skip")
 FORMATS = ("auto", "files", "prepared")

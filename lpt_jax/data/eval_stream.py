@@ -9,8 +9,9 @@ import numpy as np
 
 from lpt_jax.data import pipeline, preprocess
 from lpt_jax.data._tf import tf
-from lpt_jax.data.errors import DataError, first_line
 from lpt_jax.data.sampling import process_slice
+from lpt_jax.data.tf_errors import first_line
+from lpt_jax.errors import DataError
 
 log = logging.getLogger(__name__)
 

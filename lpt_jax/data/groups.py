@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from lpt_jax.data.errors import DataError
+from lpt_jax.errors import DataError
 
 GROUP_NAMES = ("many", "medium", "few")
 

@@ -16,12 +16,17 @@ import os
 
 import numpy as np
 
-from lpt_jax import files
 from lpt_jax.data import split_lists
-from lpt_jax.data.errors import DataError
-from lpt_jax.data.list_datasets import (check_first_files, check_root, files_source,
-                                        prepared_source, use_prepared)
+from lpt_jax.data.list_datasets import (
+    check_first_files,
+    check_root,
+    files_source,
+    prepared_source,
+    use_prepared,
+)
 from lpt_jax.data.source import Source, register
+from lpt_jax.errors import DataError
+from lpt_jax.storage import files
 
 # What tf.io.decode_image (so preprocess.decode_rgb) reads; JPEG takes the fast crop path.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")

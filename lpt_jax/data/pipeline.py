@@ -7,7 +7,8 @@ reported here too."""
 import weakref
 
 from lpt_jax.data._tf import tf
-from lpt_jax.data.errors import DataError, first_line
+from lpt_jax.data.tf_errors import first_line
+from lpt_jax.errors import DataError
 
 
 def payload_signature(store, n: int):

@@ -15,13 +15,14 @@ import sys
 
 import numpy as np
 
-from lpt_jax import files
 from lpt_jax.data import preprocess
 from lpt_jax.data._tf import tf
 from lpt_jax.data.config import default_config
-from lpt_jax.data.errors import DataError, first_line
 from lpt_jax.data.prepared import FORMAT_VERSION, MANIFEST
 from lpt_jax.data.source import get_source
+from lpt_jax.data.tf_errors import first_line
+from lpt_jax.errors import DataError
+from lpt_jax.storage import files
 
 
 def _example(image: bytes, label: int, index: int, path: str) -> bytes:

@@ -18,11 +18,12 @@ import os
 
 import numpy as np
 
-from lpt_jax import files
 from lpt_jax.data._tf import tf
-from lpt_jax.data.errors import DataError, first_line
 from lpt_jax.data.source import SplitData
 from lpt_jax.data.stores import BytesStore
+from lpt_jax.data.tf_errors import first_line
+from lpt_jax.errors import DataError
+from lpt_jax.storage import files
 
 MANIFEST = "lpt_prepared.json"
 FORMAT_VERSION = "lpt_jax.prepared.v1"

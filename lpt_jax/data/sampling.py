@@ -25,7 +25,7 @@ import functools
 import numpy as np
 
 from lpt_jax.data.config import IB_SAMPLING
-from lpt_jax.data.errors import DataError
+from lpt_jax.errors import DataError
 
 # Generator tags, one per kind of draw.
 _CLASS_CYCLE, _MEMBER_CYCLE, _EPOCH, _IB_STEP = 1, 2, 3, 4

@@ -10,8 +10,8 @@ from typing import Callable
 import numpy as np
 
 from lpt_jax.data.config import check_config
-from lpt_jax.data.errors import DataError
 from lpt_jax.data.groups import shot_groups
+from lpt_jax.errors import DataError
 
 
 @dataclasses.dataclass(frozen=True)

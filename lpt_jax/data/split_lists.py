@@ -7,9 +7,9 @@ import zlib
 
 import numpy as np
 
-from lpt_jax import files
 from lpt_jax.data._tf import tf
-from lpt_jax.data.errors import DataError
+from lpt_jax.errors import DataError
+from lpt_jax.storage import files
 
 SHIPPED_SPLIT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "splits")
 

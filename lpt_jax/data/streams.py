@@ -8,8 +8,8 @@ import numpy as np
 
 from lpt_jax.data import pipeline, preprocess
 from lpt_jax.data._tf import tf
-from lpt_jax.data.errors import DataError
 from lpt_jax.data.sampling import DualSampler, process_slice
+from lpt_jax.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -91,10 +91,10 @@ def write_prepared_stub(out_dir: str, name: str, class_names, lists: dict, image
     prepared-format reader without writing 100k files. Returns the manifest.
     """
     # pylint: disable=import-outside-toplevel
-    from lpt_jax import files
     from lpt_jax.data._tf import tf
     from lpt_jax.data.prepare import _example
     from lpt_jax.data.prepared import FORMAT_VERSION, MANIFEST
+    from lpt_jax.storage import files
 
     files.makedirs(out_dir)
     manifest = {"format": FORMAT_VERSION, "name": name, "class_names": list(class_names),

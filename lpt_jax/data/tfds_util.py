@@ -8,12 +8,12 @@ import logging
 import os
 
 import numpy as np
-
-from lpt_jax import files
-from lpt_jax.data._tf import tf  # noqa: F401  (hides the accelerators before TFDS loads TF)
-from lpt_jax.data.errors import DataError, first_line
-
 import tensorflow_datasets as tfds  # noqa: E402  pylint: disable=wrong-import-order
+
+from lpt_jax.data._tf import tf  # noqa: F401  (hides the accelerators before TFDS loads TF)
+from lpt_jax.data.tf_errors import first_line
+from lpt_jax.errors import DataError
+from lpt_jax.storage import files
 
 _CAUSE_CHARS = 120  # of a library's error message quoted in ours
 _DEFAULT_DIR = "$TFDS_DATA_DIR or ~/tensorflow_datasets"

@@ -1,0 +1,411 @@
+"""A Linen ViT whose parameter tree uses big_vision's names, with per-block extra tokens.
+
+Parameter tree (what `ViT.init` creates and what `lpt_jax.backbone` loads):
+
+    embedding/{kernel (p, p, 3, D), bias}       patch embedding (a strided conv)
+    pos_embedding (1, N, D)                     learned, no CLS row (big_vision layout)
+    cls (1, 1, D)                               only with pool_type='tok'
+    Transformer/encoderblock_{i}/LayerNorm_0, MultiHeadDotProductAttention_0/{query,key,value,out},
+                                 LayerNorm_1, MlpBlock_0/{Dense_0,Dense_1}
+    Transformer/encoder_norm
+    MAPHead_0/{probe (1, 1, D), MultiHeadDotProductAttention_0, LayerNorm_0, MlpBlock_0}
+                                                only with pool_type='map' (SigLIP image towers)
+    pre_logits/{kernel,bias}                    only with representation_size
+    head/{kernel,bias}                          only with num_classes
+
+As a backbone module (see `lpt_jax.models`): `from_config(model.vit)` builds the ViT,
+`load_params(...)` reads a big_vision or vit_jax/AugReg checkpoint (`lpt_jax.backbone`).
+
+Pooling (`pool_type`): 'tok' the class token, 'gap' the mean of the tokens, 'map' big_vision's
+multihead attention pooling (a learned probe attends over the tokens, then LayerNorm + MLP
+with a residual; no class token). All three pool after the final encoder norm, as big_vision.
+
+Extra tokens (the mechanism that prompts use): `encode(..., extras={i: tokens})` adds
+`tokens` (T, D) or (B, T, D) to the sequence of block i only: the block's tokens attend over
+them, and their own outputs, which the next block would not see, are never computed (the
+sequence length is unchanged). `encode_features` also skips the last block's rows that
+class-token pooling discards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable, Mapping, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lpt_jax.backbones import vit_weights as checkpoints
+
+# width, depth, mlp_dim, num_heads, as in big_vision's `decode_variant` (So400m: the
+# shape-optimised SigLIP tower; g-opt: SigLIP 2's largest).
+VARIANTS: Mapping[str, tuple[int, int, int, int]] = {
+    "mu": (32, 1, 128, 2),  # test-sized
+    "Ti": (192, 12, 768, 3),
+    "S": (384, 12, 1536, 6),
+    "M": (512, 12, 2048, 8),
+    "B": (768, 12, 3072, 12),
+    "L": (1024, 24, 4096, 16),
+    "So400m": (1152, 27, 4304, 16),
+    "H": (1280, 32, 5120, 16),
+    "g": (1408, 40, 6144, 16),
+    "g-opt": (1536, 40, 6144, 16),
+    "G": (1664, 48, 8192, 16),
+    "G-opt": (1536, 48, 8192, 16),
+    "e": (1792, 56, 15360, 16),
+}
+
+POOL_TYPES = ("tok", "gap", "map")
+
+
+def decode_variant(variant: str) -> dict:
+    """'B/16' -> dict(width=768, depth=12, mlp_dim=3072, num_heads=12, patch_size=(16, 16))."""
+    try:
+        size, patch = variant.split("/")
+        width, depth, mlp_dim, num_heads = VARIANTS[size]
+        patch_size = int(patch)
+    except (ValueError, KeyError):
+        raise ValueError(
+            f"Unknown ViT variant {variant!r}: expected '<size>/<patch>' with size in "
+            f"{sorted(VARIANTS)} and an integer patch, e.g. 'B/16'.") from None
+    return dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads,
+                patch_size=(patch_size, patch_size))
+
+
+class MlpBlock(nn.Module):
+    mlp_dim: int
+    gelu_approximate: bool = False
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        width = x.shape[-1]
+        dense = lambda n, name: nn.Dense(  # noqa: E731
+            n, dtype=self.dtype, name=name, kernel_init=nn.initializers.xavier_uniform(),
+            bias_init=nn.initializers.normal(stddev=1e-6))
+        x = dense(self.mlp_dim, "Dense_0")(x)
+        x = nn.gelu(x, approximate=self.gelu_approximate)
+        return dense(width, "Dense_1")(x)
+
+
+ATTENTION_IMPLEMENTATIONS = ("auto", "einsum", "xla", "cudnn")
+
+
+def attention_implementation(name: str) -> str:
+    """'auto' -> 'einsum' on CPU (measured fastest there: benchmarks/results/cpu_step.md),
+    'xla' (`jax.nn.dot_product_attention`) on accelerators; other names are kept."""
+    if name not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {name!r}")
+    if name == "auto":
+        return "einsum" if jax.default_backend() == "cpu" else "xla"
+    return name
+
+
+def attend(q, k, v, implementation: str):
+    """softmax(q k^T / sqrt(d)) v for q (B, N, H, d) over k, v (B, S, H, d) -> (B, N, H, d).
+
+    'einsum' computes both products and their output with batch and heads leading
+    (B, H, ., d), the layout XLA's CPU dot kernels take without copying each head's operand,
+    in the forward and in autodiff's backward; the logits and the softmax are float32
+    whatever the dtype, as in `jax.nn.dot_product_attention`, which 'xla' and 'cudnn' call.
+    (A hand-written backward with every product in that layout measured no faster.)"""
+    if implementation in ("xla", "cudnn"):
+        return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+    scale = q.shape[-1] ** -0.5
+    heads_first = lambda t: jnp.swapaxes(t, 1, 2)  # noqa: E731  (B, T, H, d) -> (B, H, T, d)
+    logits = jnp.einsum("bhnd,bhsd->bhns", heads_first(q), heads_first(k),
+                        preferred_element_type=jnp.float32) * scale
+    # softmax(l) v = (exp(l - max) v) / sum(exp(l - max)): the division moves to the (., d)
+    # output, and autodiff's backward of this form is cheaper than softmax's (no gradient
+    # flows through the max, which only shifts the exponent).
+    unnormalised = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
+    out = jnp.einsum("bhns,bhsd->bhnd", unnormalised.astype(v.dtype), heads_first(v))
+    out = out / unnormalised.sum(-1, keepdims=True).astype(out.dtype)
+    return heads_first(out)
+
+
+class MultiHeadDotProductAttention(nn.Module):
+    """Attention with Flax's parameter names (query/key/value/out as DenseGeneral).
+
+    `x` (B, N, D) are the queries; they attend over `kv` (B, S, D) (default: `x`, self-
+    attention; the MAP head passes its probe as `x`) and over `extra` tokens (P, D) or
+    (B, P, D), which give keys and values only. Unbatched extras (a prompt shared by all
+    images) are projected once per call, not once per image. `extra_position` places their
+    keys ('append': last; 'after_cls': after the first key); attention does not depend on
+    the order of its keys, so both give the same result up to float rounding.
+    """
+    num_heads: int
+    dtype: jnp.dtype = jnp.float32
+    attention: str = "auto"
+
+    @nn.compact
+    def __call__(self, x, kv=None, extra=None, extra_position: str = "append"):
+        kv = x if kv is None else kv
+        width = x.shape[-1]
+        if width % self.num_heads:
+            raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
+        head_dim = width // self.num_heads
+        proj = lambda name: nn.DenseGeneral(  # noqa: E731
+            (self.num_heads, head_dim), dtype=self.dtype, name=name,
+            kernel_init=nn.initializers.xavier_uniform())
+        query, key, value = proj("query"), proj("key"), proj("value")
+        q, k, v = query(x), key(kv), value(kv)  # (B, ., H, hd)
+        if extra is not None:  # (DenseGeneral casts it to the compute dtype)
+            k = _with_extra_tokens(k, key(extra), extra_position)
+            v = _with_extra_tokens(v, value(extra), extra_position)
+        y = attend(q, k, v, attention_implementation(self.attention))
+        return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, name="out",
+                               kernel_init=nn.initializers.xavier_uniform())(y)
+
+
+class MAPHead(nn.Module):
+    """big_vision's multihead attention pooling: a learned probe attends over the tokens,
+    then x + MLP(LayerNorm(x)); (B, T, D) -> (B, D)."""
+    mlp_dim: int
+    num_heads: int
+    layernorm_epsilon: float = 1e-6
+    gelu_approximate: bool = False
+    dtype: jnp.dtype = jnp.float32
+    attention: str = "auto"
+
+    @nn.compact
+    def __call__(self, x):
+        b, _, d = x.shape
+        probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, d))
+        probe = jnp.broadcast_to(probe.astype(self.dtype), (b, 1, d))
+        x = MultiHeadDotProductAttention(self.num_heads, self.dtype, self.attention,
+                                         name="MultiHeadDotProductAttention_0")(probe, x)
+        y = nn.LayerNorm(epsilon=self.layernorm_epsilon, dtype=self.dtype, name="LayerNorm_0")(x)
+        x = x + MlpBlock(self.mlp_dim, self.gelu_approximate, self.dtype, name="MlpBlock_0")(y)
+        return x[:, 0]
+
+
+def _with_extra_tokens(x, extra, position):
+    """Insert `extra` (P, ...) or (B, P, ...) into x (B, S, ...) along axis 1."""
+    extra = extra.astype(x.dtype)
+    if extra.ndim == x.ndim - 1:
+        extra = jnp.broadcast_to(extra[None], (x.shape[0],) + extra.shape)
+    if position == "append":
+        return jnp.concatenate([x, extra], axis=1)
+    if position == "after_cls":
+        return jnp.concatenate([x[:, :1], extra, x[:, 1:]], axis=1)
+    raise ValueError(f"extra token position must be 'append' or 'after_cls', got {position!r}")
+
+
+class Encoder1DBlock(nn.Module):
+    """Pre-norm transformer block.
+
+    Extra tokens (prompts) live for this block only: the block's tokens attend over them, but
+    their own outputs would be dropped after it, so they are never computed (no query,
+    attention output or MLP for them: with 10-20 prompts on 197 tokens, 4-9 % of the block).
+    `rows` keeps only the first `rows` tokens of the output: the last block before class-token
+    pooling needs the class token's row alone (its keys and values still come from all)."""
+    mlp_dim: int
+    num_heads: int
+    layernorm_epsilon: float = 1e-6
+    gelu_approximate: bool = False
+    dtype: jnp.dtype = jnp.float32
+    attention: str = "auto"
+
+    @nn.compact
+    def __call__(self, x, extra=None, extra_position: str = "append",
+                 rows: Optional[int] = None):
+        norm = lambda name: nn.LayerNorm(  # noqa: E731
+            epsilon=self.layernorm_epsilon, dtype=self.dtype, name=name)
+        norm_0 = norm("LayerNorm_0")
+        y = norm_0(x)
+        y_extra = None if extra is None else norm_0(jnp.asarray(extra, x.dtype))
+        queries = y if rows is None else y[:, :rows]
+        x = x if rows is None else x[:, :rows]
+        y = MultiHeadDotProductAttention(self.num_heads, self.dtype, self.attention,
+                                         name="MultiHeadDotProductAttention_0")(
+            queries, y, y_extra, extra_position)
+        x = x + y
+        y = norm("LayerNorm_1")(x)
+        y = MlpBlock(self.mlp_dim, self.gelu_approximate, self.dtype, name="MlpBlock_0")(y)
+        return x + y
+
+
+class Encoder(nn.Module):
+    depth: int
+    mlp_dim: int
+    num_heads: int
+    layernorm_epsilon: float = 1e-6
+    gelu_approximate: bool = False
+    dtype: jnp.dtype = jnp.float32
+    remat: bool = False
+    attention: str = "auto"
+
+    def setup(self):
+        block_cls = Encoder1DBlock
+        if self.remat:  # recompute activations in backward: memory for FLOPs
+            block_cls = nn.remat(Encoder1DBlock, static_argnums=(3, 4))
+        self.blocks = [
+            block_cls(self.mlp_dim, self.num_heads, self.layernorm_epsilon,
+                      self.gelu_approximate, self.dtype, self.attention,
+                      name=f"encoderblock_{i}")
+            for i in range(self.depth)]
+        self.encoder_norm = nn.LayerNorm(epsilon=self.layernorm_epsilon, dtype=self.dtype,
+                                         name="encoder_norm")
+
+    def __call__(self, x, start: int = 0, stop: Optional[int] = None,
+                 extras: Optional[Mapping[int, jax.Array]] = None,
+                 extra_position: str = "append", last_rows: Optional[int] = None):
+        """Runs blocks [start, stop); `extras[i]` are tokens block i attends over as well;
+        the last block outputs only its first `last_rows` tokens (all when None)."""
+        stop = self.depth if stop is None else stop
+        extras = extras or {}
+        for i in range(start, stop):
+            rows = last_rows if i == stop - 1 else None
+            x = self.blocks[i](x, extras.get(i), extra_position, rows)
+        return x
+
+    def norm(self, x):
+        return self.encoder_norm(x)
+
+
+class ViT(nn.Module):
+    """Vision Transformer with big_vision parameter names.
+
+    Methods (use with `model.apply(variables, ..., method=...)`):
+      `embed(images)` -> tokens (B, [1+]N, D); `encode(tokens, start, stop, extras)`;
+      `features(tokens)` -> pooled pre-logits feature; `logits(feature)`; `__call__` does all.
+    """
+    num_classes: Optional[int] = None
+    image_size: Sequence[int] = (224, 224)
+    patch_size: Sequence[int] = (16, 16)
+    width: int = 768
+    depth: int = 12
+    mlp_dim: Optional[int] = None
+    num_heads: int = 12
+    pool_type: str = "tok"
+    representation_size: Optional[int] = None
+    layernorm_epsilon: float = 1e-6
+    gelu_approximate: bool = False
+    dtype: jnp.dtype = jnp.float32
+    remat: bool = False
+    attention: str = "auto"          # see `attention_implementation`
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """The patch grid. Like big_vision's VALID patch convolution, a size that is not a
+        multiple of the patch drops the last pixels (So400m/14 at 384 px: 27 x 27 patches)."""
+        (h, w), (ph, pw) = _pair(self.image_size), _pair(self.patch_size)
+        if h < ph or w < pw:
+            raise ValueError(f"image size {(h, w)} is smaller than the patch size {(ph, pw)}")
+        return h // ph, w // pw
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return 1 if self.pool_type == "tok" else 0
+
+    def setup(self):
+        if self.pool_type not in POOL_TYPES:
+            raise ValueError(f"pool_type must be one of {POOL_TYPES}, got {self.pool_type!r}")
+        gh, gw = self.grid
+        self.embedding = nn.Conv(self.width, tuple(_pair(self.patch_size)),
+                                 strides=tuple(_pair(self.patch_size)), padding="VALID",
+                                 dtype=self.dtype, name="embedding")
+        self.pos_embedding = self.param(
+            "pos_embedding", nn.initializers.normal(stddev=1 / self.width ** 0.5),
+            (1, gh * gw, self.width))
+        if self.pool_type == "tok":
+            self.cls = self.param("cls", nn.initializers.zeros, (1, 1, self.width))
+        self.Transformer = Encoder(
+            self.depth, self.mlp_dim or 4 * self.width, self.num_heads, self.layernorm_epsilon,
+            self.gelu_approximate, self.dtype, self.remat, self.attention, name="Transformer")
+        if self.pool_type == "map":
+            self.MAPHead_0 = MAPHead(self.mlp_dim or 4 * self.width, self.num_heads,
+                                     self.layernorm_epsilon, self.gelu_approximate, self.dtype,
+                                     self.attention)
+        if self.representation_size:
+            self.pre_logits = nn.Dense(self.representation_size, dtype=self.dtype,
+                                       name="pre_logits")
+        if self.num_classes:
+            self.head = nn.Dense(self.num_classes, dtype=self.dtype, name="head",
+                                 kernel_init=nn.initializers.zeros)
+
+    def embed(self, images):
+        """NHWC images in [-1, 1] -> tokens (B, [1+]N, D): patches + position, CLS first."""
+        x = self.embedding(jnp.asarray(images, self.dtype))
+        b, h, w, d = x.shape
+        if (h, w) != self.grid:
+            raise ValueError(f"images give a {h}x{w} patch grid, the model was built for "
+                             f"{self.grid}: set image_size to the input size")
+        x = x.reshape(b, h * w, d) + self.pos_embedding.astype(self.dtype)
+        if self.pool_type == "tok":
+            cls = jnp.broadcast_to(self.cls.astype(self.dtype), (b, 1, d))
+            x = jnp.concatenate([cls, x], axis=1)
+        return x
+
+    def encode(self, x, start: int = 0, stop: Optional[int] = None, extras=None,
+               extra_position: str = "append"):
+        return self.Transformer(x, start, stop, extras, extra_position)
+
+    def encode_features(self, x, start: int = 0, extras=None, extra_position: str = "append"):
+        """Blocks start..depth-1, then `features`. With class-token pooling the last block
+        computes the class token's row only: the other rows' outputs would be discarded."""
+        rows = 1 if self.pool_type == "tok" else None
+        return self.features(self.Transformer(x, start, self.depth, extras, extra_position,
+                                              last_rows=rows))
+
+    def features(self, x):
+        """Encoded tokens -> the pooled, normed (pre-logits) feature (B, D')."""
+        x = self.Transformer.norm(x)
+        if self.pool_type == "tok":
+            x = x[:, 0]
+        elif self.pool_type == "map":
+            x = self.MAPHead_0(x)
+        else:
+            x = jnp.mean(x, axis=1)
+        if self.representation_size:
+            x = jnp.tanh(self.pre_logits(x))
+        return x
+
+    def logits(self, feature):
+        if not self.num_classes:
+            raise ValueError("this ViT was built without a head (num_classes is None)")
+        return self.head(feature)
+
+    def __call__(self, images, extras=None, extra_position: str = "append"):
+        """Returns (logits or None, {'pre_logits': feature, 'encoded': tokens})."""
+        x = self.encode(self.embed(images), extras=extras, extra_position=extra_position)
+        feature = self.features(x)
+        logits = self.logits(feature) if self.num_classes else None
+        return logits, {"pre_logits": feature, "encoded": x}
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def vit_from_config(cfg, **overrides) -> ViT:
+    """Builds a ViT from an ml_collections/dict model config (see configs/common.py)."""
+    cfg = dict(cfg)
+    kwargs = decode_variant(cfg.pop("variant")) if cfg.get("variant") else {}
+    fields = {f.name for f in dataclasses.fields(ViT)} - {"parent", "name"}
+    for key, value in cfg.items():
+        if key in fields and value is not None:
+            kwargs[key] = value
+    kwargs.update(overrides)
+    dtype = kwargs.get("dtype", "float32")
+    kwargs["dtype"] = jnp.dtype(dtype) if isinstance(dtype, str) else dtype
+    for key in ("image_size", "patch_size"):
+        if key in kwargs:
+            kwargs[key] = _pair(kwargs[key])
+    return ViT(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------
+# The backbone-module interface (lpt_jax.models.get_backbone("vit")).
+
+from_config = vit_from_config
+
+
+def load_params(path: str, abstract_params: Mapping, *, dont_load: Iterable[str] = (),
+                ignore: Iterable[str] = (), model: ViT, subtree: str = "") -> dict:
+    """The ViT params from a big_vision / vit_jax .npz, the posemb resampled to `model.grid`;
+    `subtree` picks one tower of a two-tower file (SigLIP: 'img')."""
+    return checkpoints.load_params(path, abstract_params, dont_load=dont_load, ignore=ignore,
+                                   grid=model.grid, subtree=subtree)

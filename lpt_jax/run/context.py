@@ -1,0 +1,118 @@
+"""What every phase, evaluation and prediction of a run shares, built once and checked before
+anything is written: the mesh, the data source, the model and its parameters."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from lpt_jax import backbones as models
+from lpt_jax import data, parallel
+from lpt_jax.config import checks as config_checks
+from lpt_jax.errors import ConfigError
+from lpt_jax.method.lpt import LPT, lpt_from_config
+from lpt_jax.method.phases import PHASES
+from lpt_jax.text import head as text_head
+from lpt_jax.weights.npz import file_fingerprint
+
+
+@dataclasses.dataclass
+class Context:
+    config: ml_collections.ConfigDict
+    workdir: str
+    mesh: jax.sharding.Mesh
+    source: Any               # lpt_jax.data.Source: counts, class names, splits
+    model: LPT
+    params: dict              # the full LPT tree (host arrays; the backbone loaded)
+    backbone_identity: dict   # size + hash of the backbone file, recorded in exports
+
+
+def build_context(config, workdir: str, *, load_backbone: bool = True,
+                  trained_head: bool = False) -> Context:
+    """Validates config, data and checkpoint, and builds the model and its parameters.
+    `trained_head`: an export will supply the head (eval, predict), so model.head_init='text'
+    need not run the text tower."""
+    config_checks.check(config)
+    n = config.train.num_devices
+    if n and n > jax.device_count():
+        raise ConfigError(f"train.num_devices={n} but only {jax.device_count()} devices exist")
+    mesh = parallel.make_mesh(jax.devices()[:n] if n else None)
+    for phase in PHASES.values():
+        batch = phase.section(config).batch_size
+        parallel.check_batch_size(batch, mesh, f"{phase.name}.batch_size")
+        group = config.data.cb_images_per_class * jax.process_count()
+        if batch % group:
+            raise ConfigError(
+                f"{phase.name}.batch_size={batch} must be a multiple of "
+                f"data.cb_images_per_class x processes = {group}: the class-balanced batch "
+                "comes in same-class groups")
+    parallel.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
+    source = data.get_source(config.data)
+    _check_against_data(config, source)
+    model = lpt_from_config(config.model, source.num_classes)
+    depth = model.backbone.depth
+    if config.model.lpt.shared_depth > depth:
+        raise ConfigError(f"model.lpt.shared_depth={config.model.lpt.shared_depth}: expected "
+                          f"an integer in [0, {depth}] (the backbone's depth)")
+    params = init_params(model, config)
+    identity = {}
+    if load_backbone:
+        family = models.get_backbone(config.model.get("backbone", "vit"))
+        # Only a two-tower file needs a subtree; other backbone families need not know it.
+        subtree = config.backbone.get("subtree", "")
+        params["backbone"] = family.load_params(
+            config.backbone.checkpoint, params["backbone"], dont_load=config.backbone.dont_load,
+            ignore=config.backbone.ignore, model=model.backbone,
+            **({"subtree": subtree} if subtree else {}))
+        identity = file_fingerprint(config.backbone.checkpoint)
+        if config.model.get("head_init", "random") == "text" and not trained_head:
+            params["head"] = _text_head(config, source, params["head"])
+    return Context(config, workdir, mesh, source, model, params, identity)
+
+
+def _text_head(config, source, head: dict) -> dict:
+    """The cosine head's kernel from the class names through the text tower (computed once
+    here; the tower's params are gone again when this returns)."""
+    kernel = text_head.text_head_kernel(config, source.class_names, head["kernel"].shape[0])
+    if kernel.shape != tuple(head["kernel"].shape):  # a bug, not a user error
+        raise AssertionError(f"text head {kernel.shape} vs head {head['kernel'].shape}")
+    return {**head, "kernel": kernel.astype(head["kernel"].dtype)}
+
+
+def _check_against_data(config, source) -> None:
+    """The config values that need the data to be judged."""
+    split = config.eval.final_split
+    if split not in source.splits:
+        raise ConfigError(f"eval.final_split={split!r}, but {config.data.name} has the splits "
+                          f"{sorted(source.splits)}")
+
+
+def expected_class_names(ctx: Context):
+    """The class names an export loaded in this run must have been trained on (None when
+    eval.allow_other_class_names lets any export through)."""
+    return None if ctx.config.eval.allow_other_class_names else ctx.source.class_names
+
+
+def init_params(model: LPT, config) -> dict:
+    """Initialises the LPT tree; the backbone part is only created abstractly (shapes), since
+    it will be loaded (XLA drops its unused random init)."""
+    size = model.backbone.image_size
+    h, w = (size, size) if isinstance(size, int) else size
+    dummy = jnp.zeros((1, h, w, 3), jnp.float32)
+    rngs = {"params": jax.random.PRNGKey(config.seed), "dropout": jax.random.PRNGKey(0)}
+
+    def init_all():
+        return model.init(rngs, dummy)["params"]
+
+    def init_prompts():
+        params = dict(init_all())
+        params.pop("backbone")
+        return params
+
+    params = dict(jax.jit(init_prompts)())
+    params["backbone"] = jax.eval_shape(init_all)["backbone"]
+    return params

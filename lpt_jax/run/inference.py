@@ -1,0 +1,170 @@
+"""Evaluation and prediction with a trained phase: loading its export next to the backbone,
+one jitted predict function per (model, phase, mesh), accuracy reports on a split, validation
+scalars during training, and top-k labels of image files."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+from typing import Callable, Iterator, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from lpt_jax import data, parallel
+from lpt_jax.errors import ConfigError
+from lpt_jax.method.lpt import backbone_in_compute_dtype
+from lpt_jax.method.phases import PHASES, Phase
+from lpt_jax.run import exports, preemption, reports, rundir
+from lpt_jax.run.context import Context, build_context, expected_class_names
+
+
+@functools.lru_cache(maxsize=8)
+def make_predict_fn(model, phase: Phase, mesh) -> Callable:
+    """Jitted (params, images) -> (cosine logits, selected pool indices); cached so that
+    evaluating several splits compiles once."""
+    forward = phase.forward(model)
+
+    def predict(params, images):
+        out = forward(params, images, False, None)
+        indices = out["indices"]
+        if indices is None:
+            indices = jnp.zeros((images.shape[0], 0), jnp.int32)
+        return out["logits"], indices
+    rep = parallel.replicated(mesh)
+    return jax.jit(predict, in_shardings=(rep, parallel.batch_sharding(mesh)),
+                   out_shardings=rep)
+
+
+def place_params(model, params, mesh):
+    """`params` on `mesh` as the predict function reads them: replicated, and a bfloat16
+    model's frozen backbone in bfloat16 (`backbone_in_compute_dtype`)."""
+    return jax.device_put(backbone_in_compute_dtype(params, model), parallel.replicated(mesh))
+
+
+def _gather(x):
+    if jax.process_count() == 1:
+        return x
+    from jax.experimental import multihost_utils
+    return multihost_utils.process_allgather(x, tiled=True)
+
+
+def predict_split(ctx: Context, params, phase: Phase, split: str):
+    """(predicted labels, true labels, unreadable images skipped) over one pass of a split,
+    padding removed."""
+    predict = make_predict_fn(ctx.model, phase, ctx.mesh)
+    params = place_params(ctx.model, params, ctx.mesh)
+    limit = ctx.config.eval.max_examples
+    stream = data.make_eval_stream(ctx.source, ctx.config.data, split=split,
+                                   batch_size=ctx.config.eval.batch_size,
+                                   process_index=jax.process_index(),
+                                   process_count=jax.process_count())
+    preds, labels, seen = [], [], 0
+    with contextlib.closing(stream):  # a `break` (eval.max_examples) stops the pipeline too
+        for batch in stream:
+            mask = parallel.global_batch(batch["mask"], ctx.mesh)
+            label = parallel.global_batch(batch["label"], ctx.mesh)
+            logits, _ = predict(params, parallel.global_batch(batch["image"], ctx.mesh))
+            mask, label, logits = (np.asarray(jax.device_get(x)) for x in (
+                _gather(mask), _gather(label), logits))
+            preds.append(np.argmax(logits, -1)[mask])
+            labels.append(label[mask])
+            seen += int(mask.sum())
+            if limit and seen >= limit:
+                break
+    preds, labels = np.concatenate(preds), np.concatenate(labels)
+    if limit:
+        preds, labels = preds[:limit], labels[:limit]
+    return preds, labels, getattr(stream, "num_skipped", 0)
+
+
+def accuracy(ctx: Context, params, phase: Phase, split: str) -> dict:
+    """The accuracy report (overall, many/medium/few under both rules, per class)."""
+    t0 = time.time()
+    logging.info("evaluating phase %d on the %s split", phase.number, split)
+    preds, labels, skipped = predict_split(ctx, params, phase, split)
+    report = reports.accuracy_report(preds, labels, ctx.source.train_counts,
+                                     ctx.source.class_names)
+    report.update(split=split, phase=phase.number, seconds=round(time.time() - t0, 1),
+                  skipped_images=int(skipped))
+    return report
+
+
+def evaluate(ctx: Context, params, phase: Phase, split: str, outdir: str, title: str) -> dict:
+    """`accuracy`, with its table, JSON, CSV and plot written to `outdir` (process 0)."""
+    preemption.raise_if_interrupted()
+    report = accuracy(ctx, params, phase, split)
+    preemption.raise_if_interrupted()  # before anything is written
+    if jax.process_index() == 0:
+        paths = reports.write_reports(outdir, report, title=title, plot=ctx.config.eval.plot)
+        print(reports.markdown_table(report, title), flush=True)  # the result: stdout
+        logging.info("written: %s", ", ".join(paths.values()))
+        report["files"] = paths
+    return report
+
+
+def validation_scalars(ctx: Context, params, phase: Phase) -> dict:
+    """Validation accuracy for TensorBoard: overall and many/medium/few (release rule)."""
+    report = accuracy(ctx, params, phase, "val")
+    scalars = {"val/overall": report["overall"]}
+    for group in reports.GROUPS:
+        if report["release"][group] is not None:
+            scalars[f"val/{group}"] = report["release"][group]
+    return scalars
+
+
+# ------------------------------------------------------------------------------------------
+# A trained result from a workdir or an export file.
+
+def load_trained(ctx: Context, path: Optional[str] = None) -> tuple[dict, Phase]:
+    """Full params with an export's trained leaves, and the export's phase."""
+    if path is None:
+        path = rundir.latest_export(ctx.workdir, PHASES)
+        if path is None:
+            raise ConfigError(f"no export.npz under {ctx.workdir}/phase<n>/: train first or "
+                              "pass --export")
+    params, meta = exports.apply(ctx.params, path, class_names=expected_class_names(ctx),
+                                 model=ctx.config.model.to_dict())
+    theirs = meta.get("backbone") or {}
+    if ctx.backbone_identity and theirs and (
+            theirs.get("sha256_head_tail") != ctx.backbone_identity["sha256_head_tail"]):
+        logging.warning("%s was trained with backbone %s, now loading %s", path,
+                        theirs.get("path"), ctx.backbone_identity["path"])
+    return params, PHASES[meta["phase"]]
+
+
+def evaluate_workdir(config, workdir: str, export: Optional[str] = None) -> dict:
+    ctx = build_context(config, workdir, trained_head=True)  # the head is the export's
+    params, phase = load_trained(ctx, export)
+    split = config.eval.final_split
+    return evaluate(ctx, params, phase, split, rundir.eval_dir(workdir),
+                    f"LPT phase {phase.number} on {config.data.name} {split}")
+
+
+def predict_files(config, workdir: str, files: Sequence[str],
+                  export: Optional[str] = None) -> Iterator[dict]:
+    """One dict per image: file, and the top-k classes with label, name, `probability`
+    (softmax of the cosines times the loss scale, config.loss.cb.scale, as in training) and
+    `score` (the cosine similarity to the class weight, in [-1, 1])."""
+    ctx = build_context(config, workdir, trained_head=True)  # the head is the export's
+    params, phase = load_trained(ctx, export)
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    predict = make_predict_fn(ctx.model, phase, mesh)
+    params = place_params(ctx.model, params, mesh)  # once, not with every chunk of files
+    k = min(config.predict.top_k, ctx.source.num_classes)  # every class, at most
+    scale = float(config.loss.cb.scale)
+    for i in range(0, len(files), config.predict.batch_size):
+        chunk = list(files[i:i + config.predict.batch_size])
+        logits, _ = predict(params, jnp.asarray(data.load_image_files(chunk, config.data)))
+        logits = np.asarray(logits, np.float64)
+        probs = np.exp(scale * (logits - logits.max(-1, keepdims=True)))
+        probs /= probs.sum(-1, keepdims=True)
+        top = np.argsort(-logits, axis=-1)[:, :k]
+        for f, row, lg, pr in zip(chunk, top, logits, probs):
+            yield {"file": f, "top_k": [
+                {"label": int(c), "name": ctx.source.class_names[c],
+                 "probability": round(float(pr[c]), 5), "score": round(float(lg[c]), 5)}
+                for c in row]}

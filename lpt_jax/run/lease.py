@@ -1,0 +1,335 @@
+"""One live run per workdir: a lease that `train` takes before its first read or write of the
+workdir and gives back when it ends, however it ends (finished, error, preemption, Ctrl-C).
+
+    with lease.hold(workdir):      # every process calls it; process 0 takes the lease
+        ...                        # a second run on this workdir meanwhile gets LeaseError
+
+A second run is refused with one line naming the holder (host, pid, start time, heartbeat age)
+and the file to delete if that holder is in fact gone. A lease whose holder is gone is taken
+over with a warning:
+  * same machine (hostname, boot id and pid namespace all match): its process is not running
+    (or the pid now belongs to a process that started later);
+  * another machine: its heartbeat (rewritten every `heartbeat_s` by a daemon thread, clock of
+    the holder) is older than `stale_s` (default 300 s; clocks must agree to well within that).
+A holder that finds its lease taken over (it was stalled for longer than `stale_s`) logs an
+error, and its train loop stops at the next step with a LeaseError (`check_held`; with several
+processes only the error is logged, since process 0 alone cannot leave a collective).
+
+Local disks and gs:// buckets: <workdir>/lease.json, created complete and atomically only if
+no such file exists (files.create_new: a hard-linked temp file locally, the precondition
+ifGenerationMatch=0 on Cloud Storage, whose writes and listings Google documents as strongly
+consistent). Taking over a stale lease is serialised by a short-lived break lock
+(lease.json.break, created the same way), so of two runs that find the same stale lease
+exactly one wins. Tested on local disks and on a GCS emulator (fake-gcs-server).
+
+Other remote stores (gfile schemes such as ram://) have no exclusive create, so one file
+cannot be claimed atomically. Each run writes its own candidate <workdir>/lease/<token>.json,
+then lists lease/; if it sees another live candidate it deletes its own and is refused. Since
+the later of two writes is followed by that run's listing, the later run always sees the
+earlier candidate, so two runs never both proceed -- provided the store's writes and listings
+are strongly consistent. Two runs started within the same moment may both be refused (rerun
+one). Tested on TensorFlow's ram:// filesystem.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import socket
+import sys
+import threading
+import time
+import uuid
+from typing import Iterator, Optional
+
+from absl import logging
+
+from lpt_jax.errors import LeaseError
+from lpt_jax.run import process_identity
+from lpt_jax.storage import files
+
+LEASE_FILE = "lease.json"        # stores with an exclusive create: local disks, gs://
+LEASE_DIR = "lease"              # other remote stores: one candidate file per run
+HEARTBEAT_S = 30.0
+STALE_S = 300.0
+_BREAK_STALE_S = 60.0            # a break lock older than this was left by a crashed run
+_ACQUIRE_TIMEOUT_S = 30.0
+
+_HELD: dict = {}                 # workdir -> lease held by this process (nested hold() calls)
+
+
+def _describe(rec: dict, now: float) -> str:
+    age = now - float(rec.get("heartbeat", now))
+    return (f"host {rec.get('host', '?')}, pid {rec.get('pid', '?')}, started "
+            f"{rec.get('started', '?')}, heartbeat {max(age, 0):.0f} s ago")
+
+
+# ------------------------------------------------------------------------------------------
+
+class WorkdirLease:
+    """The lease of one workdir (see the module docstring). `acquire` / `release`, or use it
+    as a context manager."""
+
+    def __init__(self, workdir: str, *, heartbeat_s: float = HEARTBEAT_S,
+                 stale_s: float = STALE_S):
+        self.workdir = files.absolute(workdir)
+        self.remote = files.is_remote(self.workdir)
+        self.candidates = not files.can_create_new(self.workdir)  # see the module docstring
+        self.heartbeat_s, self.stale_s = float(heartbeat_s), float(stale_s)
+        self.token = uuid.uuid4().hex
+        self.machine = process_identity.machine_id()
+        self.path = (os.path.join(self.workdir, LEASE_DIR, f"{self.token}.json")
+                     if self.candidates else os.path.join(self.workdir, LEASE_FILE))
+        self.held = False
+        self._created = False
+        self.lost: Optional[str] = None
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._record = {
+            "host": socket.gethostname(), "pid": os.getpid(),
+            "started": datetime.datetime.now(datetime.timezone.utc).strftime(
+                "%Y-%m-%d %H:%M:%S UTC"),
+            "heartbeat": time.time(), "machine": self.machine,
+            "pid_start": process_identity.process_start(os.getpid()), "token": self.token,
+            "command": " ".join(sys.argv)[:500]}
+
+    # -- public -----------------------------------------------------------------------------
+
+    def acquire(self) -> "WorkdirLease":
+        """Takes the lease, or raises LeaseError naming the live holder."""
+        self._created = not files.isdir(self.workdir)
+        files.makedirs(self.workdir)
+        try:
+            self._acquire_candidate() if self.candidates else self._acquire_exclusive()
+        except BaseException:
+            self._remove_if_created_and_empty()
+            raise
+        self.held = True
+        self._thread = threading.Thread(target=self._beat, name="lpt-lease-heartbeat",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def release(self) -> None:
+        """Gives the lease back (removes its file if it is still this run's)."""
+        if not self.held:
+            return
+        self.held = False
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        try:
+            rec = self._read(self.path)
+            if rec is not None and rec.get("token") == self.token:
+                files.remove(self.path)
+        except Exception as e:  # noqa: BLE001 - never hide the error the run ends with
+            logging.warning("could not remove the lease file %s (%s): the next run will find "
+                            "it stale and take it over", self.path, e)
+        self._remove_if_created_and_empty()
+
+    def _remove_if_created_and_empty(self) -> None:
+        """A local workdir this lease created and nothing else used goes again (os.rmdir
+        removes only an empty folder, so another run's files are never touched)."""
+        if self._created and not self.remote:
+            with contextlib.suppress(OSError):
+                os.rmdir(self.workdir)
+
+    def check(self) -> None:
+        """Raises LeaseError if another run has taken this lease over."""
+        if self.lost:
+            raise LeaseError(self.lost)
+
+    def __enter__(self) -> "WorkdirLease":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    # -- records ----------------------------------------------------------------------------
+
+    def _encode(self) -> bytes:
+        self._record["heartbeat"] = time.time()
+        return json.dumps(self._record, sort_keys=True).encode()
+
+    @staticmethod
+    def _read(path: str, patience_s: float = 2.0) -> Optional[dict]:
+        """The lease record at `path`; None if there is no file. A file that stays unreadable
+        (not JSON with a token) for `patience_s` is a LeaseError: it may be a holder's."""
+        deadline = time.time() + patience_s
+        while True:
+            try:
+                raw = files.read_bytes(path)
+            except Exception as e:  # noqa: BLE001 - gfile's NotFoundError is no OSError
+                if not files.exists(path):
+                    return None
+                raw, error = b"", e
+            try:
+                rec = json.loads(raw.decode())
+                if isinstance(rec, dict) and "token" in rec:
+                    return rec
+                error = "not a lease record"
+            except (ValueError, UnicodeDecodeError) as e:  # empty or partly written
+                error = e
+            if time.time() > deadline:
+                raise LeaseError(f"unreadable lease file {path} ({error}): if no run uses this "
+                                 "workdir, delete that file")
+            time.sleep(0.1)
+
+    def _stale(self, rec: dict) -> Optional[str]:
+        """Why the holder `rec` is gone, or None if it may still run."""
+        if rec.get("machine") == self.machine:
+            if not process_identity.running(int(rec.get("pid", -1)), rec.get("pid_start")):
+                return f"process {rec.get('pid')} no longer runs on this machine"
+            return None
+        age = time.time() - float(rec.get("heartbeat", 0))
+        if age > self.stale_s:
+            return f"no heartbeat for {age:.0f} s (> {self.stale_s:.0f} s)"
+        return None
+
+    def _refuse(self, rec: dict, path: str) -> LeaseError:
+        return LeaseError(
+            f"{self.workdir} is in use by another run ({_describe(rec, time.time())}): wait for "
+            f"it to end or use another --workdir; if that run is gone, delete {path}")
+
+    # -- local disks and gs://: atomic create ----------------------------------------------
+
+    def _acquire_exclusive(self) -> None:
+        deadline = time.time() + _ACQUIRE_TIMEOUT_S
+        while not files.create_new(self.path, self._encode()):
+            if time.time() > deadline:
+                raise LeaseError(f"could not take the lease {self.path} within "
+                                 f"{_ACQUIRE_TIMEOUT_S:.0f} s (other runs keep taking it): "
+                                 "retry")
+            rec = self._read(self.path)
+            if rec is None:  # given back meanwhile: try again
+                continue
+            if rec.get("token") == self.token:  # a retried upload whose first try had landed
+                return
+            why = self._stale(rec)
+            if why is None:
+                raise self._refuse(rec, self.path)
+            self._break(rec, why)
+
+    def _break(self, stale: dict, why: str) -> None:
+        """Removes the stale lease `stale` if it is still the one there, under the break
+        lock (if another run holds that lock, it is breaking it: wait a moment)."""
+        lock = f"{self.path}.break"
+        if not files.create_new(lock, b""):
+            with contextlib.suppress(FileNotFoundError):
+                if time.time() - files.mtime(lock) > _BREAK_STALE_S:
+                    files.remove(lock)  # left by a run that crashed while breaking
+            time.sleep(0.05)
+            return
+        try:
+            current = self._read(self.path)
+            if current is not None and current.get("token") == stale.get("token"):
+                files.remove(self.path)
+                self._warn_gone(stale, why)
+        finally:
+            files.remove(lock)
+
+    # -- other remote stores: candidates ---------------------------------------------------
+
+    def _acquire_candidate(self) -> None:
+        folder = os.path.dirname(self.path)
+        files.makedirs(folder)
+        files.write_bytes(self.path, self._encode())
+        live = []
+        for name in files.listdir(folder):
+            if not name.endswith(".json") or name == os.path.basename(self.path):
+                continue
+            path = os.path.join(folder, name)
+            try:
+                rec = self._read(path)
+            except LeaseError:
+                self._remove_quietly(self.path)
+                raise
+            if rec is None:
+                continue
+            why = self._stale(rec)
+            if why is None:
+                live.append((rec, path))
+            else:
+                self._remove_quietly(path)
+                self._warn_gone(rec, why)
+        if live:
+            self._remove_quietly(self.path)
+            rec, path = min(live, key=lambda t: t[0].get("started", ""))
+            raise self._refuse(rec, path)
+
+    def _warn_gone(self, rec: dict, why: str) -> None:
+        logging.warning("removed the lease of %s left by a run that is gone (%s; %s)",
+                        self.workdir, _describe(rec, time.time()), why)
+
+    @staticmethod
+    def _remove_quietly(path: str) -> None:
+        with contextlib.suppress(Exception):
+            files.remove(path)
+
+    # -- heartbeat --------------------------------------------------------------------------
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                rec = self._read(self.path)
+            except Exception as e:  # noqa: BLE001 - a transient read error: try next time
+                logging.warning("lease heartbeat: cannot read %s (%s)", self.path, e)
+                continue
+            if self._stop.is_set():
+                return
+            if rec is None or rec.get("token") != self.token:
+                self.lost = (f"the lease of {self.workdir} was taken over by another run ("
+                             f"{_describe(rec, time.time()) if rec else 'file removed'}): two "
+                             "runs now write this workdir; stop one of them")
+                logging.error("%s", self.lost)
+                return
+            try:
+                files.write_bytes(self.path, self._encode())
+            except Exception as e:  # noqa: BLE001
+                logging.warning("lease heartbeat: cannot write %s (%s)", self.path, e)
+
+
+# ------------------------------------------------------------------------------------------
+
+def check_held(workdir: str) -> None:
+    """Raises LeaseError if this process holds `workdir`'s lease and another run has taken it
+    over meanwhile (the train loop asks before every step, so it writes nothing more)."""
+    held = _HELD.get(files.absolute(workdir))
+    if held is not None:
+        held.check()
+
+
+@contextlib.contextmanager
+def hold(workdir: str, **kwargs) -> Iterator[Optional[WorkdirLease]]:
+    """Holds the workdir's lease for the block: process 0 takes it (the others learn whether
+    it did, and raise LeaseError with it); gives it back at exit, also on errors. Re-entrant:
+    a nested hold of the same workdir in this process is a no-op."""
+    import jax  # the lease itself does not need JAX; only the multi-process agreement
+    key = files.absolute(workdir)
+    if key in _HELD:
+        yield _HELD[key]
+        return
+    lease, error = None, None
+    if jax.process_index() == 0:
+        lease = WorkdirLease(workdir, **kwargs)
+        try:
+            lease.acquire()
+        except Exception as e:  # noqa: BLE001 - re-raised below, after telling the others
+            error = e
+    if jax.process_count() > 1:
+        import numpy as np
+        from jax.experimental import multihost_utils
+        ok = bool(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+        if not ok and error is None:
+            raise LeaseError(f"process 0 could not take the lease of {workdir} (see its log)")
+    if error is not None:
+        raise error
+    _HELD[key] = lease
+    try:
+        yield lease
+    finally:
+        _HELD.pop(key, None)
+        if lease is not None:
+            lease.release()

@@ -1,0 +1,208 @@
+"""The run directory (`--workdir`): its layout, the guard that keeps one run per workdir, and
+the undo of an invocation that failed before it saved anything.
+
+    config.json                 the run-defining config (a different one refuses to resume)
+    lease.json                  while a run is live: its host, pid, start, heartbeat (lease.py)
+    phase<n>/checkpoints/<step> Orbax: {trainable, opt_state, step, rng} + metadata
+    phase<n>/export.npz         the phase's trained prompts/pool/keys/head + meta
+    phase<n>/events.out...      TensorBoard curves
+    phase<n>/val/               the phase's validation report (never the test split)
+    results/                    the final table (md + json), per-class CSV and plot
+    eval/                       what --mode=eval writes
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Optional
+
+from absl import logging
+
+from lpt_jax.errors import ConfigError
+from lpt_jax.storage import files
+
+CONFIG_FILE = "config.json"
+# Config sections that define a run; a restart with different values would mix two runs.
+RUN_DEFINING_SECTIONS = ("seed", "model", "backbone", "data", "loss", "optim", "phase1", "phase2")
+# Fields that say only *where* an input is. They are left out of the comparison so that a
+# workdir resumes from a clone at another path; what they point at is compared by identity
+# (the backbone file's size and hash, the training data's counts and class names) instead.
+LOCATION_FIELDS = ("backbone.checkpoint", "data.root", "data.split_dir", "data.train_list",
+                   "data.val_list", "data.test_list", "data.class_names_file",
+                   "data.tfds_data_dir", "data.cache_dir", "model.text.tokenizer",
+                   "model.text.checkpoint")
+# Fields that cannot change what a run computes (how hard to try a download), or only its
+# float rounding (which attention kernel runs: a run trained on CPU resumes on a GPU).
+NOT_RUN_DEFINING = ("data.download_retries", "model.vit.attention")
+# Entries that mean an invocation made progress worth resuming from (never undone).
+_PROGRESS = re.compile(r"phase\d+/(checkpoints/\d+(\.damaged-[\w-]+)?|export\.npz)")
+
+
+def phase_dir(workdir: str, phase) -> str:
+    return os.path.join(workdir, f"phase{int(getattr(phase, 'number', phase))}")
+
+
+def checkpoint_dir(workdir: str, phase) -> str:
+    return files.absolute(os.path.join(phase_dir(workdir, phase), "checkpoints"))
+
+
+def export_path(workdir: str, phase) -> str:
+    return os.path.join(phase_dir(workdir, phase), "export.npz")
+
+
+def val_dir(workdir: str, phase) -> str:
+    return os.path.join(phase_dir(workdir, phase), "val")
+
+
+def results_dir(workdir: str) -> str:
+    return os.path.join(workdir, "results")
+
+
+def eval_dir(workdir: str) -> str:
+    return os.path.join(workdir, "eval")
+
+
+def latest_export(workdir: str, phases) -> Optional[str]:
+    """The export of the last of `phases` (numbers, tried from the last) that exists."""
+    for number in sorted(phases, reverse=True):
+        if files.exists(export_path(workdir, number)):
+            return export_path(workdir, number)
+    return None
+
+
+# ------------------------------------------------------------------------------------------
+# One run per workdir.
+
+def run_defining(config) -> dict:
+    """The config sections that define a run, without the location-only fields."""
+    full = json.loads(config.to_json_best_effort())
+    out = {k: full[k] for k in RUN_DEFINING_SECTIONS if k in full}
+    for field in LOCATION_FIELDS + NOT_RUN_DEFINING:
+        *parents, name = field.split(".")
+        section = out
+        for part in parents:
+            section = section.get(part) if isinstance(section, dict) else None
+        if isinstance(section, dict):
+            section.pop(name, None)
+    return out
+
+
+def run_identity(config, backbone_identity: dict, data_identity: dict) -> dict:
+    """What config.json holds: the run-defining config and the identity of its inputs."""
+    backbone = {k: v for k, v in backbone_identity.items() if k != "path"}
+    return {"config": run_defining(config), "inputs": {"backbone": backbone,
+                                                       "data": data_identity}}
+
+
+def check_config(config, workdir: str) -> None:
+    """Refuses (before anything is built) to resume a workdir that holds a run of a different
+    config."""
+    _refuse_if_different(config, workdir, "config", run_defining(config))
+
+
+def check_inputs(config, workdir: str, identity: dict) -> None:
+    """Refuses to resume a workdir whose run read another backbone file or other training
+    data (e.g. a data folder that grew), whatever their paths."""
+    _refuse_if_different(config, workdir, "inputs", identity["inputs"])
+
+
+def record(workdir: str, identity: dict) -> None:
+    """Writes config.json once: a resume with allow_config_change=True leaves the original
+    record, so the original command still resumes the workdir afterwards."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not files.exists(path):
+        files.write_text(path, json.dumps(identity, indent=1, sort_keys=True))
+
+
+def _refuse_if_different(config, workdir: str, part: str, ours: dict) -> None:
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not files.exists(path):
+        return
+    try:
+        theirs = json.loads(files.read_text(path))
+    except ValueError as e:
+        raise ConfigError(f"{path} is not readable JSON ({e}): this workdir was not written by "
+                          "this lpt_jax or was damaged; use a new --workdir") from None
+    diff = sorted(_diff(theirs.get(part, {}), ours))
+    if diff and not config.train.get("allow_config_change", False):
+        what = ("a run with a different config" if part == "config" else
+                "a run that read other inputs (backbone file or training data)")
+        raise ConfigError(
+            f"{workdir} holds {what} ({', '.join(diff[:8])}"
+            f"{' ...' if len(diff) > 8 else ''}): use a new --workdir, or pass "
+            "--config.train.allow_config_change=True to resume it anyway")
+
+
+def _diff(a, b, prefix="") -> list:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in set(a) | set(b):
+            out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [prefix.rstrip(".")] if a != b else []
+
+
+# ------------------------------------------------------------------------------------------
+# Leaving the workdir as found when an invocation fails early.
+
+class Snapshot:
+    """What a workdir held before an invocation; `undo` removes what the invocation added
+    (and restores config.json) unless it saved a checkpoint or an export to resume from."""
+
+    def __init__(self, workdir: str):
+        self.workdir, self.readable = workdir, True
+        try:
+            self.entries = _entries(workdir)
+            config = os.path.join(workdir, CONFIG_FILE)
+            self.config_json = (files.read_bytes(config) if self.entries is not None
+                                and files.exists(config) else None)
+        except OSError as e:  # an unreachable or forbidden bucket: the run reports it itself
+            logging.debug("cannot list %s (%s): nothing will be undone", workdir, e)
+            self.readable, self.entries, self.config_json = False, None, None
+
+    def undo(self) -> list[str]:
+        """What was removed or restored (never raises: it runs while an error is reported)."""
+        if not self.readable:
+            return []
+        try:
+            return self._undo()
+        except OSError as e:
+            logging.warning("could not undo this run's partial output in %s (%s)",
+                            self.workdir, e)
+            return []
+
+    def _undo(self) -> list[str]:
+        after = _entries(self.workdir)
+        if after is None:
+            return []
+        new = after - (self.entries or set())
+        if any(_PROGRESS.fullmatch(p) for p in new):
+            logging.warning("keeping the checkpoints this run saved in %s: rerun the same "
+                            "command to resume once the problem is fixed", self.workdir)
+            return []
+        if self.entries is None:  # the workdir itself is new
+            files.remove(self.workdir)
+            return [self.workdir]
+        undone = sorted(p for p in new if os.path.dirname(p) not in new)
+        for p in undone:
+            files.remove(os.path.join(self.workdir, p))
+        path = os.path.join(self.workdir, CONFIG_FILE)
+        if self.config_json is not None and (
+                not files.exists(path) or files.read_bytes(path) != self.config_json):
+            files.write_bytes(path, self.config_json)
+            undone.append(f"{CONFIG_FILE} (restored)")
+        return undone
+
+
+def _entries(workdir: str) -> Optional[set[str]]:
+    """Relative paths of every file and folder under `workdir`; None if it does not exist."""
+    if not files.isdir(workdir):
+        return None
+    found = set()
+    for root, dirs, names in files.walk(workdir):
+        rel = root[len(workdir.rstrip("/")):].strip("/")
+        for name in list(dirs) + list(names):
+            found.add(f"{rel}/{name}".strip("/"))
+    return found

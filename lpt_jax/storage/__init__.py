@@ -1,0 +1,1 @@
+"""The run's own files, local or gs://, through one seam (`files`)."""
