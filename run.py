@@ -9,11 +9,20 @@
       --export=birds=runs/birds/phase2/export.npz,cars=runs/cars/phase1/export.npz \
       --files=birds=a.jpg,cars=b.jpg          (several tasks on one backbone: docs/serving.md)
 
+  python run.py --config=configs/places_lt.py --help_config    (every config field: value,
+                                                               accepted values, doc, roles)
+
 A problem the user can fix ends the run with one line on stderr, `error: <what, where, what to
-do>`, and an exit status: 2 for a bad command line (unknown config field, value of the wrong
-type), 1 for a config value, data set or checkpoint that cannot work, 143 after a preemption
-(checkpoint saved). A run that fails before it saved any checkpoint leaves its workdir as it
-found it.
+do>` (the library's errors, lpt_jax/errors.py, rendered here), and an exit status:
+
+  0    finished
+  1    a config value, data set, checkpoint, export or environment problem
+  2    a bad command line (unknown config field, value of the wrong type)
+  3    stopped where the config asked (train.stop_after_steps), checkpoint saved: rerun the
+       same command to continue
+  128 + signal   preempted (SIGTERM: 143) or interrupted (SIGINT: 130), checkpoint saved
+
+A run that fails before it saved any checkpoint leaves its workdir as it found it.
 """
 
 import gc
@@ -45,8 +54,10 @@ _FILES = flags.DEFINE_list("files", [], "predict: image files or folders; with s
 _REQUESTS = flags.DEFINE_string("requests", None, "predict with several exports: a JSON-lines "
                                 'file of {"task": ..., "file": ...} instead of --files.')
 _OUTPUT = flags.DEFINE_string("output", None, "predict: JSON-lines file (default: stdout).")
+_HELP_CONFIG = flags.DEFINE_bool("help_config", False, "Print every field of --config (after the "
+                                 "overrides): value, default, accepted values, doc and roles.")
 
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["config"])
 
 
 def _parse_flags(argv):
@@ -75,28 +86,24 @@ def main(argv):
     logging.get_absl_handler().addFilter(cli.QuietLibraries())
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _HELP_CONFIG.value:
+        from lpt_jax.config import schema
+        print(schema.describe(_CONFIG.value))
+        return
+    if not _WORKDIR.value:
+        _fail_usage("--workdir is required, e.g. --workdir=/tmp/run1")
     misplaced = cli.flag_outside_its_modes(_MODE.value, {
         "--export": _EXPORT.value, "--files": _FILES.value, "--requests": _REQUESTS.value,
         "--output": _OUTPUT.value})
     if misplaced:  # it would be ignored
-        print(f"error: {misplaced}", file=sys.stderr)
-        sys.exit(2)
+        _fail_usage(misplaced)
     from lpt_jax import parallel
     from lpt_jax.run import preemption
     parallel.maybe_initialize_distributed()
     preemption.raise_on_signals()
     import jax
 
-    from lpt_jax.errors import (
-        CheckpointError,
-        ConfigError,
-        DataError,
-        Interrupted,
-        LeaseError,
-        NonFiniteError,
-        Preempted,
-        Stopped,
-    )
+    from lpt_jax import errors
     from lpt_jax.run import inference, rundir, trainer  # imports TF (hidden from accelerators)
 
     config, workdir = _CONFIG.value, _WORKDIR.value
@@ -120,45 +127,31 @@ def main(argv):
         elif _MODE.value == "eval":
             inference.evaluate_workdir(config, workdir, _EXPORT.value)
         else:
-            plan = cli.predict_plan(_EXPORT.value, _FILES.value, _REQUESTS.value)
-            if plan is None:  # one export: the single-task path
-                files = cli.expand_files(_FILES.value)
-                if not files:
-                    raise ConfigError("--mode=predict needs --files (image files or folders)")
-                rows = inference.predict_files(config, workdir, files, _EXPORT.value)
-            else:  # several tasks on one backbone, every export and request checked first
-                from lpt_jax import serving
-                stray = cli.overrides_outside(sys.argv, serving.CLI_SETTINGS)
-                if stray:  # it would be ignored: each task's settings come from its export
-                    raise ConfigError(
-                        f"{stray[0]}: with several exports every setting comes from each "
-                        "export; the command line sets only "
-                        + ", ".join(f"--config.{f}" for f in serving.CLI_SETTINGS))
-                rows = serving.predict_requests(config, *plan)
+            rows = _predict(config, workdir)
             out = open(_OUTPUT.value, "w") if _OUTPUT.value else sys.stdout
             for row in rows:
                 out.write(json.dumps(row) + "\n")
             if out is not sys.stdout:
                 out.close()
         preemption.raise_if_interrupted()  # a signal whose exception a finalizer swallowed
-    except LeaseError as e:  # another run holds the workdir: what changed there is its own
+    except errors.LeaseError as e:  # another run holds the workdir: what changed there is its own
         logging.error("%s: %s", type(e).__name__, e)
         print(f"error: {cli.one_line(e)}", file=sys.stderr)
         sys.exit(1)
-    except (ConfigError, DataError, CheckpointError, NonFiniteError) as e:
+    except errors.Error as e:  # config, data, checkpoint, export, non-finite values
         logging.error("%s: %s", type(e).__name__, e)
         fail(f"error: {cli.one_line(e)}", 1)
     except OSError as e:  # the environment: disk full, read-only or missing folders
         logging.error("%s: %s", type(e).__name__, e)
         fail(f"error: {cli.os_error_line(e)}", 1)
-    except Preempted as e:
+    except errors.Stopped as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(3)
+    except errors.Preempted as e:
         logging.warning("%s", e)
         print(f"preempted: {e}", file=sys.stderr)
         sys.exit(128 + e.signum)
-    except Stopped as e:
-        print(f"stopped: {e}", file=sys.stderr)
-        sys.exit(3)
-    except (KeyboardInterrupt, Interrupted) as e:
+    except (KeyboardInterrupt, errors.Interrupted) as e:
         signum = getattr(e, "signum", signal.SIGINT)
         fail(f"interrupted by {signal.Signals(signum).name} outside the train loop: saved "
              "checkpoints and exports are kept; rerun the same command to continue",
@@ -166,6 +159,33 @@ def main(argv):
     # Shutdown would garbage-collect the ~400k objects TF and JAX made, only to free memory
     # the OS takes back anyway: 1-3 s of silence after the table on a busy machine.
     gc.freeze()
+
+
+def _predict(config, workdir):
+    """The rows of --mode=predict: one export (single-task) or several on one backbone."""
+    from lpt_jax.errors import ConfigError
+    from lpt_jax.run import inference
+    plan = cli.predict_plan(_EXPORT.value, _FILES.value, _REQUESTS.value)
+    if plan is None:  # one export: the single-task path
+        files = cli.expand_files(_FILES.value)
+        if not files:
+            raise ConfigError("--mode=predict needs --files (image files or folders)")
+        return inference.predict_files(config, workdir, files, _EXPORT.value)
+    from lpt_jax import (
+        serving,  # several tasks on one backbone, every export and request checked first
+    )
+    settings = serving.cli_settings(config)
+    stray = cli.overrides_outside(sys.argv, settings)
+    if stray:  # it would be ignored: each task's settings come from its export
+        raise ConfigError(f"{stray[0]}: with several exports every setting comes from each "
+                          "export; the command line sets only "
+                          + ", ".join(f"--config.{f}" for f in settings))
+    return serving.predict_requests(config, *plan)
+
+
+def _fail_usage(message: str):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -95,7 +95,7 @@ def measure(case: str, path: str, workdir: str) -> dict:
     from lpt_jax import convert
     from lpt_jax.backbones import vit_weights
     from lpt_jax.convert.fit import abstract_params
-    from lpt_jax.method.lpt import lpt_from_config
+    from lpt_jax.method.lpt_model import lpt_from_config
     from lpt_jax.run import exports
     abstract = None
     if case == "convert_release_warm":  # JAX's one-time tracing out of the measured call

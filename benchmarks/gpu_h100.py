@@ -78,7 +78,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lpt_jax import parallel  # noqa: E402
 from lpt_jax.backbones.vit import ViT  # noqa: E402
-from lpt_jax.method.lpt import LPT, lpt_from_config  # noqa: E402
+from lpt_jax.method.lpt_model import LPT, lpt_from_config  # noqa: E402
 from lpt_jax.method.phases import Phase  # noqa: E402
 
 import host  # noqa: E402

@@ -107,7 +107,7 @@ def draw(shapes, seed: int):
 def write_inputs(folder: Path, phase2: int, phase1: int) -> dict:
     """backbone.npz and exports p2_<i>.npz / p1_<i>.npz in `folder`; returns their paths."""
     from lpt_jax.backbones import vit_weights
-    from lpt_jax.method.lpt import lpt_from_config
+    from lpt_jax.method.lpt_model import lpt_from_config
     from lpt_jax.method.phases import PHASES
     from lpt_jax.run import exports
     from lpt_jax.weights import npz
@@ -145,7 +145,7 @@ def memory_case(kind: str, n: int, inputs: dict) -> dict:
 
     from lpt_jax import parallel, serving
     from lpt_jax.backbones import vit
-    from lpt_jax.method.lpt import lpt_from_config
+    from lpt_jax.method.lpt_model import lpt_from_config
     from lpt_jax.method.phases import PHASES
     from lpt_jax.run import exports, inference  # noqa: F401 - same imports
     config = bench_config()
@@ -210,7 +210,7 @@ def throughput(inputs: dict, repeats: int) -> dict:
 
     from lpt_jax import parallel, serving
     from lpt_jax.backbones import vit
-    from lpt_jax.method.lpt import lpt_from_config
+    from lpt_jax.method.lpt_model import lpt_from_config
     from lpt_jax.method.phases import PHASES
     from lpt_jax.run import exports, inference
     config = bench_config()

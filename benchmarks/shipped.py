@@ -33,7 +33,7 @@ import numpy as np
 from configs.common import base_config
 from lpt_jax import parallel
 from lpt_jax.method import steps
-from lpt_jax.method.lpt import LPT, lpt_from_config
+from lpt_jax.method.lpt_model import LPT, lpt_from_config
 from lpt_jax.method.phases import PHASES, Phase
 from lpt_jax.run import context, inference
 

@@ -15,7 +15,7 @@ import traceback
 from absl import flags
 from ml_collections import ConfigDict, config_flags
 
-from lpt_jax.errors import ConfigError, Error
+from lpt_jax.errors import ConfigError, Error, render
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 
@@ -304,28 +304,30 @@ def flag_error(err, argv) -> str:
 # ------------------------------------------------------------------------------------------
 # Errors during the run.
 
-# What to check, for error types whose messages cannot know the config fields behind them.
-_HINTS = {"CheckpointError": "check --config.backbone.checkpoint and --config.model.vit "
-                             "(variant, or width/depth/patch_size/image_size)",
-          "ExportError": "check --export (default: the workdir's newest phase<n>/export.npz)"}
 _MAX_LINE = 600
 
 
 def one_line(err) -> str:
-    """The error as one line: detail lines of the form 'what (n): a; b; ...' shrink to
-    'what (n), e.g. a'; an overlong middle is cut, never the end (which says what to do)."""
-    text = err.text(cli=True) if isinstance(err, Error) else str(err)
+    """The error as one line, in the command line's words (`--config.a.b=v`): detail lines of
+    the form 'what (n): a; b; ...' shrink to 'what (n), e.g. a'; an overlong middle is cut,
+    never the end (the hint: what to do)."""
+    if isinstance(err, Error):
+        text = _shrink(render(err.parts, cli=True))
+        return f"{text}; {render(err.hint, cli=True)}" if err.hint else text
+    return _shrink(str(err)) or type(err).__name__
+
+
+def _shrink(text: str) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     parts = lines[:1]
     for line in lines[1:]:
         m = re.match(r"(.+?\(\d+\)): (.*)", line)
         parts.append(f"{m.group(1)}, e.g. {m.group(2).split('; ')[0]};" if m else line)
-    text = " ".join(parts).rstrip(";") or type(err).__name__
+    text = " ".join(parts).rstrip(";")
     if len(text) > _MAX_LINE:
         half = _MAX_LINE // 2
         text = f"{text[:half].rstrip()} ... {text[-half:].lstrip()}"
-    hint = _HINTS.get(type(err).__name__)
-    return f"{text}; {hint}" if hint else text
+    return text
 
 
 def output_problem(workdir: str, output) -> "str | None":

@@ -7,23 +7,24 @@
     # [{"task": "birds", "top_k": [{"label": 17, "name": ..., "probability": ..., "score": ...},
     #   ...]}, ...]
 
-Loading checks every export before anything runs: its own verification (`lpt_jax.exports`),
+Loading checks every export before anything runs: its own verification (`lpt_jax.run.exports`),
 that it was trained on this backbone file (the fingerprint in its meta), and that it can share
-a batch with the others: the same backbone config, prompt length, K (`shared_depth`), prompt
-position and image size, because those shape the token sequence every example of a batch goes
-through. Pool size, top-k, phase and classes may differ. Each failure is one `ExportError`.
+a batch with the others: the config fields declared BATCHED (lpt_jax.config.fields: the
+method, the backbone and its settings, LPT's prompt length, K and prompt position, the image
+size) must agree, because they shape the tokens every example of a batch goes through. Pool
+size, top-k, phase and classes may differ. Each failure is one `ExportError`.
 
-A batch is one jitted call. Every row takes its task's shared prompt; blocks 0..K-1 and the
-shared-prompt blocks K..L-1 run for all rows (the phase-1 feature, and phase 2's query); the
-rows of phase-2 tasks then match their task's keys, average their task's selected group
-prompts and run blocks K..L-1 again, as `LPT.phase2` does; each row's feature meets its task's
-cosine head. Results are the single-task ones: top-k labels by cosine, probabilities the
-softmax of the cosines times the task's loss scale (`loss.cb.scale`), as
-`lpt_jax.inference.predict_files`.
+A batch is one jitted call. Its rows are grouped by their task's phase; each phase runs its own
+per-example forward on its rows (`Phase.serve`, e.g. LPT phase 2: every row with its task's
+shared prompt, keys and pool, as `LPT.phase2` computes it) with its tasks' trained arrays
+stacked (`Phase.stack`); each row's feature then meets its task's cosine head. Results are the
+single-task ones: top-k labels by cosine, probabilities the softmax of the cosines times the
+task's scale (the method's `probability_scale`, LPT's `loss.cb.scale`), as
+`lpt_jax.run.inference.predict_files` gives them.
 
 Shapes come in few buckets, so a service compiles few programs: a batch is padded to a
-multiple of an eighth of `batch_size` rows, its phase-2 rows to a multiple of an eighth of
-that; padding rows take the phase-1 path. Only phase-2 rows pay for the second pass.
+multiple of an eighth of `batch_size` rows, each phase's rows to a multiple of an eighth of
+that; padding rows compute nothing.
 """
 
 from __future__ import annotations
@@ -37,26 +38,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from lpt_jax import backbones as models
-from lpt_jax import tree
+from lpt_jax import backbones, tree
+from lpt_jax.config import schema
+from lpt_jax.config.fields import BATCHED, INCIDENTAL, SERVING
 from lpt_jax.errors import ConfigError, ExportError, RequestError
-from lpt_jax.method.lpt import (
-    LPT,
-    PromptedBackbone,
-    average_selected,
-    backbone_in_compute_dtype,
-    l2_normalize,
-    lpt_from_config,
-    select_per_example,
-)
+from lpt_jax.method.lpt_model import l2_normalize
 from lpt_jax.run import exports
 from lpt_jax.weights.npz import file_fingerprint
-
-# Config fields that must agree between tasks served together (they shape the token sequence).
-STACKED_FIELDS = ("model.backbone", "model.lpt.prompt_length", "model.lpt.shared_depth",
-                  "model.lpt.prompt_position", "data.image_size")
-# Backbone fields that cannot change what a forward computes (beyond float rounding).
-_RUN_ONLY_FIELDS = frozenset({"remat", "attention"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,12 +52,11 @@ class Task:
     """One served export."""
     name: str
     path: str
-    phase: int
+    method: Any         # lpt_jax.method.registry.Method
+    phase: Any          # lpt_jax.method.phases.Phase
     class_names: tuple[str, ...]
-    scale: float        # softmax scale of the cosines (its run's loss.cb.scale)
-    pool_size: int      # 0 in phase 1
-    top_k: int          # group prompts averaged per example; 0 in phase 1
-    data: Any           # its run's config.data: how its images are preprocessed
+    scale: float        # softmax scale of the cosines (the method's probability_scale)
+    config: Any         # its run's config (ConfigDict): how its images are preprocessed, ...
 
     @property
     def num_classes(self) -> int:
@@ -85,19 +72,11 @@ class Scores:
     indices: np.ndarray         # (n, k_max) pool prompts picked (phase 2); -1 where none
 
 
-def _field(config, dotted: str, task: str, path: str):
-    try:
-        return tree.lookup(config, dotted)
-    except KeyError:
-        raise ExportError(f"{path} (task {task!r}): the config in its meta has no "
-                          f"{dotted}; export it again with this lpt_jax") from None
-
-
 def _check_backbone(task: str, path: str, recorded, backbone_path: str, ours: dict) -> None:
     if not isinstance(recorded, Mapping) or not recorded.get("sha256_head_tail"):
         raise ExportError(f"{path} (task {task!r}) records no backbone identity, so nothing "
                           f"shows it was trained on {backbone_path}; export it again with "
-                          "this lpt_jax")
+                          "this lpt_jax", path=path)
     if (recorded.get("sha256_head_tail"), recorded.get("size")) != (
             ours["sha256_head_tail"], ours["size"]):
         raise ExportError(
@@ -105,64 +84,60 @@ def _check_backbone(task: str, path: str, recorded, backbone_path: str, ours: di
             f"{recorded.get('size')} bytes, fingerprint {str(recorded['sha256_head_tail'])[:12]}) "
             f"than {backbone_path} ({ours['size']} bytes, fingerprint "
             f"{ours['sha256_head_tail'][:12]}): prompts only work on the backbone they were "
-            "trained with")
+            "trained with", path=path)
 
 
-def _read_task(name: str, path: str, backbone_path: str, identity: dict):
-    """(Task, its run's config) from an export's meta, the backbone identity checked."""
+def _read_task(name: str, path: str, backbone_path: str, identity: dict) -> Task:
+    """A Task from an export's meta, the backbone identity checked."""
     if not isinstance(name, str) or not name:
         raise ConfigError(f"task name {name!r} of {path}: expected a non-empty string")
     _, meta = exports.read(path)
     _check_backbone(name, path, meta.get("backbone"), backbone_path, identity)
+    method, phase = exports.phase_of(path, meta)
     if not isinstance(meta.get("config"), dict):
         raise ExportError(f"{path} (task {name!r}): its meta holds no run config; export it "
-                          "again with this lpt_jax")
+                          "again with this lpt_jax", path=path)
     config = ml_collections.ConfigDict(meta["config"])
+    if "method" not in config.get("model", {}):  # written before methods were named
+        config.model.method = method.name
     class_names = meta.get("class_names")
     if not isinstance(class_names, list) or not class_names:
         raise ExportError(f"{path} (task {name!r}): its meta lists no class names; export it "
-                          "again with this lpt_jax")
+                          "again with this lpt_jax", path=path)
     if meta.get("num_classes", len(class_names)) != len(class_names):
         raise ExportError(f"{path} (task {name!r}): its meta says {meta['num_classes']} "
-                          f"classes but names {len(class_names)}")
-    if tuple(_field(config, "backbone.dont_load", name, path)):
+                          f"classes but names {len(class_names)}", path=path)
+    try:
+        dont_load, scale = tuple(config.backbone.dont_load), method.probability_scale(config)
+        schema.of(config)
+    except (AttributeError, KeyError, ConfigError) as e:
+        raise ExportError(f"{path} (task {name!r}): the config in its meta is incomplete "
+                          f"({e}); export it again with this lpt_jax", path=path) from None
+    if dont_load:
         raise ExportError(
-            f"{path} (task {name!r}) was trained with backbone.dont_load="
-            f"{tuple(config.backbone.dont_load)}: those backbone weights kept a random init "
-            "that neither the backbone file nor the export holds, so it cannot be served")
-    phase = meta["phase"]
-
-    def pool(field):  # what phase 2 picks from; phase 1 picks nothing
-        return int(_field(config, f"model.lpt.{field}", name, path)) if phase == 2 else 0
-    task = Task(name=name, path=path, phase=phase,
-                class_names=tuple(str(c) for c in class_names),
-                scale=float(_field(config, "loss.cb.scale", name, path)),
-                pool_size=pool("pool_size"), top_k=pool("top_k"),
-                data=_field(config, "data", name, path))
-    return task, config
+            f"{path} (task {name!r}) was trained with backbone.dont_load={dont_load}: those "
+            "backbone weights kept a random init that neither the backbone file nor the export "
+            "holds, so it cannot be served", path=path)
+    if phase.stack is None or phase.serve is None:
+        raise ExportError(f"{path} (task {name!r}): {method.name} {phase.name} declares no "
+                          "per-example forward, so it cannot be served in mixed batches; use "
+                          "single-task predict", path=path)
+    return Task(name=name, path=path, method=method, phase=phase,
+                class_names=tuple(str(c) for c in class_names), scale=float(scale),
+                config=config)
 
 
-def _backbone_section(config, task: Task) -> dict:
-    name = _field(config, "model.backbone", task.name, task.path)
-    section = _field(config, f"model.{name}", task.name, task.path)
-    return {k: v for k, v in section.to_dict().items() if k not in _RUN_ONLY_FIELDS}
-
-
-def _check_stackable(first: tuple[Task, Any], other: tuple[Task, Any]) -> None:
-    """One line if `other` cannot share a batch with `first`."""
-    (a, ca), (b, cb) = first, other
-
-    def compare(field, va, vb):
+def _check_stackable(a: Task, b: Task) -> None:
+    """One line if `b` cannot share a batch with `a`: a field declared BATCHED (and not
+    INCIDENTAL) differs."""
+    for field in schema.fields(a.config, BATCHED, unless=INCIDENTAL):
+        va, vb = (tree.lookup(t.config, field, None) for t in (a, b))
         if va != vb:
             raise ExportError(
                 f"{b.path} (task {b.name!r}) cannot share a batch with task {a.name!r}: its "
                 f"{field} is {vb!r}, task {a.name!r}'s is {va!r} (these shape the tokens every "
-                "example of a batch goes through); serve it with a predictor of its own")
-    for field in STACKED_FIELDS:
-        compare(field, _field(ca, field, a.name, a.path), _field(cb, field, b.name, b.path))
-    sa, sb = _backbone_section(ca, a), _backbone_section(cb, b)
-    for key in sorted(set(sa) | set(sb)):
-        compare(f"model.{ca.model.backbone}.{key}", sa.get(key), sb.get(key))
+                "example of a batch goes through); serve it with a predictor of its own",
+                path=b.path, field=field)
 
 
 def _bucket(n: int, cap: int) -> int:
@@ -171,58 +146,41 @@ def _bucket(n: int, cap: int) -> int:
     return min(cap, -(-n // step) * step)
 
 
-def _forward(model: PromptedBackbone, max_classes: int, params, stack, images, task,
-             main_rows):
+def _forward(model, serves, max_classes: int, params, stacks, heads, images, task, local,
+             groups):
     """One mixed batch -> (cosines (B, max_classes), -inf past each row's classes; picked
-    pool indices (B, k_max), -1 where none). `main_rows`: the rows of phase-2 tasks, padded
-    with B (its length is static: one program per bucket)."""
-    shared = jnp.take(stack["shared"], task, axis=0)                  # (B, L, P, D)
-    x = model.apply(params, images, shared, method=PromptedBackbone.trunk)
-    feature = model.apply(params, x, shared, method=PromptedBackbone.query)
-    indices = jnp.full((images.shape[0], stack["weights"].shape[1]), -1, jnp.int32)
-    if main_rows.shape[0]:
-        def rows(a):
-            return jnp.take(a, main_rows, axis=0, mode="clip")
-        t = rows(task)
-        weights = stack["weights"][t]
-        idx, _ = select_per_example(rows(feature), stack["keys"][t], stack["valid"][t],
-                                    weights.shape[1])
-        group = average_selected(stack["pools"], t, idx, weights)
-        main = model.apply(params, rows(x), rows(shared), group, method=PromptedBackbone.main)
-        feature = feature.at[main_rows].set(main, mode="drop")
-        indices = indices.at[main_rows].set(jnp.where(weights > 0, idx, -1), mode="drop")
-    cosines = l2_normalize(feature.astype(jnp.float32)) @ stack["heads"]   # (B, sum of C)
+    pool indices (B, k_max), -1 where none). `groups[g]`: the rows of phase group g, padded
+    with B (each length static: one program per combination of buckets)."""
+    width = heads["kernel"].shape[0]
+    features = jnp.zeros((images.shape[0], width), jnp.float32)
+    picks = []
+    for serve, stack, rows in zip(serves, stacks, groups):
+        if not rows.shape[0]:
+            continue
+        rows_of = functools.partial(jnp.take, indices=rows, axis=0, mode="clip")
+        feature, picked = serve(model, params, stack, rows_of(images), rows_of(local))
+        features = features.at[rows].set(feature.astype(jnp.float32), mode="drop")
+        picks.append((rows, picked))
+    k = max([p.shape[1] for _, p in picks] + [0])
+    indices = jnp.full((images.shape[0], k), -1, jnp.int32)
+    for rows, picked in picks:
+        if picked.shape[1]:
+            indices = indices.at[rows, :picked.shape[1]].set(picked, mode="drop")
+    cosines = l2_normalize(features) @ heads["kernel"]                      # (B, sum of C)
     columns = jnp.arange(max_classes)
-    inside = columns[None] < stack["num_classes"][task][:, None]
-    picked = jnp.take_along_axis(
-        cosines, jnp.minimum(stack["offsets"][task][:, None] + columns, cosines.shape[1] - 1),
+    inside = columns[None] < heads["num_classes"][task][:, None]
+    picked_columns = jnp.take_along_axis(
+        cosines, jnp.minimum(heads["offsets"][task][:, None] + columns, cosines.shape[1] - 1),
         axis=1)
-    return jnp.where(inside, picked, -jnp.inf), indices
+    return jnp.where(inside, picked_columns, -jnp.inf), indices
 
 
-def _stack(tasks: Sequence[Task], trained: Sequence[Mapping], shared_depth: int) -> dict:
-    """The tasks' prompts, pools, keys and heads as arrays with a leading task axis (pools and
-    keys padded to the largest pool; heads' unit columns concatenated)."""
-    shared = np.stack([np.asarray(t["shared_prompt"], np.float32) for t in trained])
-    _, depth, length, width = shared.shape
-    pool_depth = depth - shared_depth
-    m = max([t.pool_size for t in tasks] + [1])
-    k = max([t.top_k for t in tasks] + [1])
-    pools = np.zeros((len(tasks), m, pool_depth, length, width), np.float32)
-    keys = np.zeros((len(tasks), m, width), np.float32)
-    valid = np.zeros((len(tasks), m), bool)
-    weights = np.zeros((len(tasks), k), np.float32)
-    for i, (task, params) in enumerate(zip(tasks, trained)):
-        if task.phase == 2:
-            pools[i, :task.pool_size] = params["pool_prompts"]
-            keys[i, :task.pool_size] = params["pool_keys"]
-            valid[i, :task.pool_size] = True
-            weights[i, :task.top_k] = 1.0 / task.top_k
-    heads = [np.asarray(l2_normalize(jnp.asarray(t["head"]["kernel"], jnp.float32), axis=0))
-             for t in trained]  # as CosineHead normalises its kernel
+def _heads(trained: Sequence[Mapping], tasks: Sequence[Task]) -> dict:
+    """Every task's cosine head as unit columns side by side, with its offset and size."""
+    kernels = [np.asarray(l2_normalize(jnp.asarray(t["head"]["kernel"], jnp.float32), axis=0))
+               for t in trained]  # as CosineHead normalises its kernel
     sizes = np.array([t.num_classes for t in tasks], np.int32)
-    return dict(shared=shared, pools=pools, keys=keys, valid=valid, weights=weights,
-                heads=np.concatenate(heads, axis=1), num_classes=sizes,
+    return dict(kernel=np.concatenate(kernels, axis=1), num_classes=sizes,
                 offsets=np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int32))
 
 
@@ -230,19 +188,31 @@ class MultiTaskPredictor:
     """Several exports on one frozen backbone; see the module docstring. Build it with
     `from_exports`; `predict`, `scores` and `predict_files` answer mixed-task requests."""
 
-    def __init__(self, model: PromptedBackbone, backbone_params, tasks: Sequence[Task],
-                 stack: Mapping, batch_size: int):
+    def __init__(self, model, backbone_params, tasks: Sequence[Task],
+                 trained: Sequence[Mapping], batch_size: int):
         self.model = model
         self.tasks = {t.name: t for t in tasks}
         self.batch_size = batch_size
         self._order = list(self.tasks)
-        self._phase2 = np.array([t.phase == 2 for t in tasks])
         self.image_shape = tuple(model.backbone.image_size) + (3,)
-        self._params = jax.device_put({"params": backbone_in_compute_dtype(
-            {"backbone": backbone_params}, model)})
-        self._stack = jax.device_put(dict(stack))
+        phases = sorted({t.phase.number: t.phase for t in tasks}.items())
+        self._phases = [p for _, p in phases]
+        group_of = {number: g for g, (number, _) in enumerate(phases)}
+        self._group = np.array([group_of[t.phase.number] for t in tasks], np.int32)
+        self._local = np.zeros(len(tasks), np.int32)  # each task's index in its group's stack
+        stacks = []
+        for g, phase in enumerate(self._phases):
+            members = [i for i, t in enumerate(tasks) if self._group[i] == g]
+            self._local[members] = np.arange(len(members))
+            stacks.append(phase.stack([trained[i] for i in members],
+                                      [tasks[i].config for i in members]))
+        self._params = jax.device_put({"params": backbones.stored_in_compute_dtype(
+            {"backbone": backbone_params}, model.backbone)})
+        self._stacks = jax.device_put(stacks)
+        self._heads = jax.device_put(_heads(trained, tasks))
         self._forward = jax.jit(functools.partial(
-            _forward, model, max(t.num_classes for t in tasks)))
+            _forward, model, tuple(p.serve for p in self._phases),
+            max(t.num_classes for t in tasks)))
 
     @classmethod
     def from_exports(cls, backbone_path: str, exports_by_task: Mapping[str, str], *,
@@ -254,33 +224,28 @@ class MultiTaskPredictor:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"batch_size={batch_size!r}: expected a positive integer")
         identity = file_fingerprint(backbone_path)
-        read = [_read_task(n, p, backbone_path, identity) for n, p in exports_by_task.items()]
-        for other in read[1:]:
-            _check_stackable(read[0], other)
-        config = read[0][1]
-        family = models.get_backbone(config.model.backbone)
+        tasks = [_read_task(n, p, backbone_path, identity) for n, p in exports_by_task.items()]
+        for other in tasks[1:]:
+            _check_stackable(tasks[0], other)
+        config, method = tasks[0].config, tasks[0].method
+        family = backbones.get(config.model.backbone)
         backbone = family.from_config(config.model[config.model.backbone])
         size = backbone.image_size
         dummy = jax.ShapeDtypeStruct((1,) + tuple((size, size) if isinstance(size, int)
                                                   else size) + (3,), jnp.float32)
-        shapes: dict[LPT, dict] = {}
+        shapes: dict = {}
         trained = []
-        for task, task_config in read:
-            lpt = lpt_from_config(task_config.model, task.num_classes, backbone=backbone)
-            if lpt not in shapes:  # tracing the model's init: once per distinct shape
-                shapes[lpt] = jax.eval_shape(lpt.init, jax.random.key(0), dummy)["params"]
-            params, _ = exports.apply(shapes[lpt], task.path)  # keys, shapes, finite values
+        for task in tasks:
+            model = method.build(task.config.model, task.num_classes, backbone)
+            if model not in shapes:  # tracing the model's init: once per distinct shape
+                shapes[model] = jax.eval_shape(model.init, jax.random.key(0), dummy)["params"]
+            params, _ = exports.apply(shapes[model], task.path)  # keys, shapes, finite values
             trained.append(params)
-        subtree = config.backbone.get("subtree", "")  # a tower of a two-tower file (SigLIP)
         backbone_params = family.load_params(
-            backbone_path, shapes[next(iter(shapes))]["backbone"],
-            dont_load=(), ignore=tuple(config.backbone.ignore), model=backbone,
-            **({"subtree": subtree} if subtree else {}))
-        shared_depth = int(config.model.lpt.shared_depth)
-        model = PromptedBackbone(backbone, shared_depth=shared_depth,
-                                 prompt_position=config.model.lpt.prompt_position)
-        tasks = [t for t, _ in read]
-        return cls(model, backbone_params, tasks, _stack(tasks, trained, shared_depth),
+            backbone_path, shapes[next(iter(shapes))]["backbone"], dont_load=(),
+            ignore=tuple(config.backbone.ignore), model=backbone,
+            subtree=config.backbone.subtree)
+        return cls(method.serving_model(config.model, backbone), backbone_params, tasks, trained,
                    batch_size)
 
     # ---- requests --------------------------------------------------------------------------
@@ -307,23 +272,30 @@ class MultiTaskPredictor:
         chunks = [self._call(images[i:i + self.batch_size], ids[i:i + self.batch_size])
                   for i in range(0, len(images), self.batch_size)]
         logits = np.concatenate([c[0] for c in chunks])
+        width = max(c[1].shape[1] for c in chunks)
+        indices = np.concatenate([np.pad(c[1], ((0, 0), (0, width - c[1].shape[1])),
+                                         constant_values=-1) for c in chunks])
         scale = np.array([self.tasks[t].scale for t in tasks], np.float64)[:, None]
         z = logits.astype(np.float64)  # as single-task predict: float64, max subtracted
         probs = np.exp(scale * (z - z.max(-1, keepdims=True)))
         probs /= probs.sum(-1, keepdims=True)
-        return Scores(tasks, logits, probs, np.concatenate([c[1] for c in chunks]))
+        return Scores(tasks, logits, probs, indices)
 
     def _call(self, images: np.ndarray, ids: np.ndarray):
         n = len(images)
         rows = _bucket(n, self.batch_size)
-        main = np.flatnonzero(self._phase2[ids])
-        main_rows = np.full(_bucket(len(main), rows), rows, np.int32)
-        main_rows[:len(main)] = main
-        padded = np.zeros((rows,) + images.shape[1:], np.float32)
-        padded[:n] = images
-        task = np.zeros(rows, np.int32)  # padding rows: task 0, never a second pass
+        groups = []
+        for g in range(len(self._phases)):
+            members = np.flatnonzero(self._group[ids] == g)
+            padded = np.full(_bucket(len(members), rows), rows, np.int32)
+            padded[:len(members)] = members
+            groups.append(padded)
+        padded_images = np.zeros((rows,) + images.shape[1:], np.float32)
+        padded_images[:n] = images
+        task = np.zeros(rows, np.int32)
         task[:n] = ids
-        logits, indices = self._forward(self._params, self._stack, padded, task, main_rows)
+        logits, indices = self._forward(self._params, self._stacks, self._heads, padded_images,
+                                        task, self._local[task], tuple(groups))
         return np.asarray(logits)[:n], np.asarray(indices)[:n]
 
     def predict(self, images, tasks: Sequence[str], top_k: int = 5,
@@ -348,7 +320,7 @@ class MultiTaskPredictor:
         """Image files preprocessed as `task`'s run evaluates them (imports TensorFlow)."""
         from lpt_jax import data  # the image decoders: TensorFlow, only when files are read
         self.task_index(task)
-        return data.load_image_files(list(files), self.tasks[task].data)
+        return data.load_image_files(list(files), self.tasks[task].config.data)
 
     def predict_files(self, requests: Iterable[tuple[str, str]], top_k: int = 5,
                       digits: Optional[int] = 5) -> Iterator[dict]:
@@ -372,8 +344,10 @@ class MultiTaskPredictor:
                 yield {"task": row["task"], "file": file, "top_k": row["top_k"]}
 
 
-# What the command line's --config still sets when every other setting comes from the exports.
-CLI_SETTINGS = ("backbone.checkpoint", "predict.batch_size", "predict.top_k")
+def cli_settings(config) -> list[str]:
+    """What the command line's --config still sets with several exports (the fields declared
+    SERVING); every other setting comes from each export."""
+    return list(schema.fields(config, SERVING))
 
 
 def predict_requests(config, exports_by_task: Mapping[str, str],
@@ -384,7 +358,7 @@ def predict_requests(config, exports_by_task: Mapping[str, str],
     known = list(exports_by_task)
     for task, file in requests:
         if task not in exports_by_task:
-            raise RequestError(f"{file} asks for task {task!r}, which no --export names; "
+            raise RequestError(f"{file} asks for task {task!r}, which no export names; "
                                f"the tasks are {', '.join(map(repr, known))}")
     predictor = MultiTaskPredictor.from_exports(
         config.backbone.checkpoint, exports_by_task, batch_size=int(config.predict.batch_size))

@@ -47,13 +47,6 @@ def merge(*trees: Mapping) -> dict:
     return unflatten(flat)
 
 
-def labels(params: Mapping, trainable_patterns: Iterable[str]) -> dict:
-    """The same tree with 'trainable' / 'frozen' leaves, for optax.partition."""
-    patterns = tuple(trainable_patterns)
-    return unflatten({k: "trainable" if matches(k, patterns) else "frozen"
-                      for k in flatten(params)})
-
-
 _REQUIRED = object()
 
 

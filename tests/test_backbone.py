@@ -231,9 +231,9 @@ def test_representation_layer(tmp_path):
 
 
 def test_vit_backbone_module_resamples_to_the_model_grid(tmp_path):
-    """`models.get_backbone('vit').load_params` is vit_weights.load_params with the model's grid."""
-    from lpt_jax import backbones as models
-    vit = models.get_backbone("vit")
+    """`backbones.get('vit').load_params` is vit_weights.load_params with the model's grid."""
+    from lpt_jax import backbones
+    vit = backbones.get("vit")
     small, wide = _vit(image_size=(32, 32)), _vit(image_size=(32, 48))  # 4x4 -> 4x6 grid
     ref = _params(small)
     path = _save(tmp_path / "c.npz", flatten(ref))

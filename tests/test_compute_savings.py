@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 
 from configs.common import base_config
+from lpt_jax.backbones import stored_in_compute_dtype
 from lpt_jax.backbones.vit import Encoder1DBlock, ViT
 from lpt_jax.method import steps
-from lpt_jax.method.lpt import LPT, backbone_in_compute_dtype, lpt_from_config
-from lpt_jax.method.phases import PHASES
+from lpt_jax.method.lpt import PHASES
+from lpt_jax.method.lpt_model import LPT, lpt_from_config
 
 from helpers import TINY_VIT, vit_kwargs
 
@@ -132,7 +133,7 @@ def test_a_bfloat16_model_stores_its_frozen_backbone_in_bfloat16_with_the_same_o
     model = lpt_from_config(c.model, 4)
     images = jax.random.uniform(jax.random.key(5), (B, 32, 32, 3), minval=-1, maxval=1)
     params = jax.jit(model.init)(jax.random.key(0), images)["params"]
-    ts = steps.make_train_step(model, PHASES[2], c, class_counts=np.array([8, 4, 2, 1]),
+    ts = steps.make_train_step(model, PHASES[1], c, class_counts=np.array([8, 4, 2, 1]),
                                steps_per_epoch=2, batch_size=B)
     state, frozen = ts.init(params)
     dtypes = {jax.tree_util.keystr(k): v.dtype
@@ -154,4 +155,4 @@ def test_a_float32_model_is_left_as_it_is():
     c.model.vit.update({k: v for k, v in TINY_VIT.items()})
     model = lpt_from_config(c.model, 4)
     params = {"backbone": {"w": jnp.ones(3)}, "head": {"kernel": jnp.ones(2)}}
-    assert backbone_in_compute_dtype(params, model) is params
+    assert stored_in_compute_dtype(params, model.backbone) is params

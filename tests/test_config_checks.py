@@ -9,7 +9,7 @@ import os
 import pytest
 
 from configs.common import base_config
-from lpt_jax.config import checks as config_checks
+from lpt_jax.config import schema
 from lpt_jax.errors import ConfigError
 from lpt_jax.run import trainer
 
@@ -71,12 +71,12 @@ def test_bad_value_is_one_line(field, value, says):
     config = base_config()
     _set(config, field, value)
     with pytest.raises(ConfigError) as err:
-        config_checks.check(config)
+        schema.check(config)
     assert says in str(err.value) and "\n" not in str(err.value)
 
 
 def test_the_defaults_pass():
-    config_checks.check(base_config())
+    schema.check(base_config())
 
 
 @pytest.mark.parametrize("field,value,says", WITH_DATA, ids=[f"{f}={v}" for f, v, _ in WITH_DATA])

@@ -20,7 +20,7 @@ from lpt_jax.backbones.vit import ViT, vit_from_config
 from lpt_jax.convert import __main__ as convert_cli
 from lpt_jax.convert.release import PLACES_RELEASE
 from lpt_jax.errors import CheckpointError, UnsafeCheckpointError
-from lpt_jax.method.lpt import LPT, lpt_from_config
+from lpt_jax.method.lpt_model import LPT, lpt_from_config
 from lpt_jax.run import exports
 from lpt_jax.tree import flatten
 
@@ -105,7 +105,7 @@ def test_release_command_writes_backbone_and_export_that_eval_loads(tmp_path, ca
 
     # What run.py --mode=eval does: build the model from configs/places_lt.py plus the
     # printed overrides, load backbone.npz strictly and put the export in.
-    config = _places_config(meta["eval_overrides"])
+    config = _places_config(meta["eval_settings"])
     model = lpt_from_config(config.model, RELEASE["num_classes"])
     assert model == release[0]
     abstract = jax.eval_shape(model.init, jax.random.key(0), golden["images"][:1])["params"]
@@ -115,7 +115,7 @@ def test_release_command_writes_backbone_and_export_that_eval_loads(tmp_path, ca
         grid=model.backbone.grid)
     params, _ = exports.apply(params, str(out_dir / "export.npz"),
                               class_names=RELEASE["class_names"],
-                              model=config.model.to_dict())  # as inference.load_trained
+                              config=config)  # as inference.load_trained
     assert_matches_oracle(run_phase2(model, params, golden["images"]), golden)
 
     # Existing outputs are not replaced unless asked.
@@ -126,23 +126,22 @@ def test_release_command_writes_backbone_and_export_that_eval_loads(tmp_path, ca
     assert (out_dir / "export.npz").stat().st_mtime_ns == before
 
 
-def _places_config(overrides):
-    """configs/places_lt.py with `--config.a.b=v` flags applied (as run.py would)."""
+def _places_config(settings):
+    """configs/places_lt.py with {field: value} set (as run.py's --config.a.b=v would)."""
     from configs.places_lt import get_config
     config = get_config()
-    for flag in overrides:
-        path, value = flag[len("--config."):].split("=", 1)
+    for path, value in settings.items():
         *parents, leaf = path.split(".")
         node = config
         for p in parents:
             node = node[p]
-        node[leaf] = float(value) if "." in value else int(value)
+        node[leaf] = value
     return config
 
 
 def test_places_config_is_the_published_release():
     """LPT_places.pth needs no overrides: configs/places_lt.py builds its model."""
-    config = _places_config([])
+    config = _places_config({})
     vit = vit_from_config(config.model.vit)
     assert (vit.width, vit.depth, vit.num_heads, vit.mlp_dim, vit.patch_size[0],
             vit.image_size[0]) == tuple(PLACES_RELEASE[k] for k in (

@@ -199,5 +199,5 @@ def test_ib_sampling_is_validated(tmp_path):
         data.DualSampler(np.array([0, 1]), 2, 4, 0, 4, ib_sampling="iid")
     cfg = data.default_config()
     cfg.name, cfg.root, cfg.ib_sampling = "image_folder", str(make_image_folder(tmp_path)), "iid"
-    with pytest.raises(DataError, match=r"data.ib_sampling='iid'; expected one of"):
+    with pytest.raises(DataError, match=r"data.ib_sampling='iid': expected 'epoch_permutation'"):
         data.get_source(cfg)

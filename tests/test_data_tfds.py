@@ -86,7 +86,7 @@ def test_cifar100_lt_reproduces_reference_subset(ratio):
     assert src.num_classes == 100 and len(src.class_names) == 100  # names: TFDS metadata
     np.testing.assert_array_equal(_positions(src, "test"), np.arange(10_000))
     assert set(src.splits) == {"train", "test"}
-    with pytest.raises(DataError, match="no 'val' split.*eval.final_split=test"):
+    with pytest.raises(DataError, match="no 'val' split.*config.eval.final_split='test'"):
         data.make_eval_stream(src, _cfg(), "val", 8)
 
 
@@ -148,7 +148,7 @@ def _offline_download_and_prepare(self, *args, **kwargs):
 def test_missing_tfds_data_says_what_to_do_in_one_line(tmp_path, no_network, caplog):
     with pytest.raises(DataError) as err:
         data.get_source(_cfg(name="cifar100_lt", tfds_data_dir=str(tmp_path)))
-    msg = str(err.value)
+    msg = err.value.text(cli=True)  # as run.py words it
     assert "\n" not in msg and len(msg) - len(str(tmp_path)) < 300
     assert f"not prepared in {tmp_path}: run `tfds build cifar100 --data_dir=DIR` on a " in msg
     assert "then pass --config.data.tfds_data_dir=DIR" in msg
@@ -271,7 +271,7 @@ def test_offline_download_gives_up_after_the_retry_budget(tmp_path, no_network):
 
 
 def test_download_retries_must_be_a_count(tmp_path):
-    with pytest.raises(DataError, match=r"data.download_retries=-1 must be an integer >= 0"):
+    with pytest.raises(DataError, match=r"data.download_retries=-1: expected an integer >= 0"):
         data.get_source(_cfg(name="cifar100_lt", tfds_data_dir=str(tmp_path), download=True,
                              download_retries=-1))
     assert list(tmp_path.iterdir()) == []

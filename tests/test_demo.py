@@ -107,7 +107,7 @@ def test_image_folder_source_reads_the_demo_dataset():
 
 def test_backbone_is_a_big_vision_npz_that_the_loader_accepts():
     from lpt_jax.backbones import vit_weights
-    from lpt_jax.method.lpt import lpt_from_config
+    from lpt_jax.method.lpt_model import lpt_from_config
     from lpt_jax.run import context
     assert BACKBONE.stat().st_size < MAX_ASSET_BYTES
     with np.load(BACKBONE) as z:

@@ -3,6 +3,7 @@ version and phase, class names equal to the data's; the error names the file and
 
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -65,20 +66,21 @@ def _other_top_k_and_gelu(arrays, meta):
     (_drop("head/kernel"), "missing: head/kernel"),
     (_drop("shared_prompt"), "missing: shared_prompt"),
     (_nan, "shared_prompt holds non-finite values"),
-    (_phase7, "names phase 7"),
+    (_phase7, "names method 'lpt', phase 7"),
     (_reorder, "label 0 is 'class_3' in the export and 'class_0' in the data"),
-    (_other_epsilon, "trained with model.vit.layernorm_epsilon=1e-06; this run has 1e-05: "
+    (_other_epsilon, "trained with model.vit.layernorm_epsilon=1e-06; this run has 1e-05; "
                      "pass --config.model.vit.layernorm_epsilon=1e-06$"),
     (_other_top_k_and_gelu, "model.vit.gelu_approximate=True, model.lpt.top_k=1; this run "
-                            "has False, 2: pass --config.model.vit.gelu_approximate=True "
+                            "has False, 2; pass --config.model.vit.gelu_approximate=True "
                             "--config.model.lpt.top_k=1$"),
 ], ids=["no head", "no shared prompt", "nan", "phase 7", "reordered classes",
         "other layernorm epsilon", "other top_k and gelu"])
 def test_a_bad_export_is_refused(run, tmp_path, edit, says):
     config, workdir, _ = run
     bad = _rewrite(rundir.export_path(workdir, 1), tmp_path / "bad.npz", edit)
-    with pytest.raises(ExportError, match=says):
+    with pytest.raises(ExportError) as err:
         inference.evaluate_workdir(config, workdir, bad)
+    assert re.search(says, err.value.text(cli=True)), err.value.text(cli=True)  # run.py's line
 
 
 def test_another_class_order_is_allowed_when_asked(run, tmp_path):

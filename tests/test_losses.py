@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from scipy import integrate, stats
 
-from lpt_jax.method import losses
+from lpt_jax.method import losses, lpt
 
-CB = losses.agcl_branch_defaults()["cb"]  # gamma+ = 0, gamma- = 4
-IB = losses.agcl_branch_defaults()["ib"]  # gamma+ = 0.5, gamma- = 8
+CB = {k: lpt.LOSS.fields["cb"].fields[k].default for k in ("gamma_pos", "gamma_neg")}  # 0, 4
+IB = {k: lpt.LOSS.fields["ib"].fields[k].default for k in ("gamma_pos", "gamma_neg")}  # 0.5, 8
 LONG_TAIL = np.array([600, 240, 60, 20, 6, 2])  # class 0 is the head, class 5 the rarest
 B, C = 5, LONG_TAIL.size
 

@@ -1,4 +1,4 @@
-"""Tests of lpt_jax.method.lpt (docs/spec.md §2) on a small random ViT.
+"""Tests of lpt_jax.method.lpt_model (docs/spec.md §2) on a small random ViT.
 
 The shared trunk is checked three ways: against LPT's own two-pass reference, and against an
 independent block-by-block computation written here (explicit concatenation of prompts, NumPy
@@ -17,7 +17,8 @@ import pytest
 
 from lpt_jax import tree
 from lpt_jax.backbones.vit import ViT
-from lpt_jax.method.lpt import LPT, TRAINABLE, lpt_from_config
+from lpt_jax.method.lpt import PHASES
+from lpt_jax.method.lpt_model import LPT, lpt_from_config
 
 from helpers import TINY_VIT, vit_kwargs
 
@@ -176,7 +177,13 @@ def test_phase2_matches_independent_implementation(params, position):
 def test_phase1_matches_independent_implementation(params, position):
     images = make_images(BATCH)
     got = apply(make_model(position), params, images, LPT.phase1)
-    np.testing.assert_allclose(got, independent_phase1(params, images, position), atol=2e-5)
+    np.testing.assert_allclose(got["logits"], independent_phase1(params, images, position),
+                               atol=2e-5)
+    # The same output structure as phase 2: nothing picked, no matching term, the query that
+    # phase 2 computes from the same shared prompt.
+    assert got["indices"].shape == (BATCH, 0) and float(got["match"]) == 0.0
+    np.testing.assert_allclose(got["query"], apply(make_model(position), params, images,
+                                                   LPT.phase2)["query"], atol=2e-5)
 
 
 def test_prompt_position_is_equivalent_and_prompts_matter(params):
@@ -262,9 +269,9 @@ def phase2_loss(trainable, frozen, images, labels, match_weight=0.5, stop_trunk_
 
 
 def phase1_loss(trainable, frozen, images, labels):
-    logits = make_model().apply({"params": tree.merge(trainable, frozen)}, images,
-                                method=LPT.phase1)
-    return xent(logits, labels)
+    out = make_model().apply({"params": tree.merge(trainable, frozen)}, images,
+                             method=LPT.phase1)
+    return xent(out["logits"], labels)
 
 
 # One compiled gradient per phase, shared by the tests (match_weight is traced).
@@ -273,7 +280,7 @@ phase1_grad = jax.jit(jax.grad(phase1_loss))
 
 
 def test_phase2_gradient_tree_is_the_trainable_subtree(params):
-    trainable, frozen = tree.split(params, TRAINABLE[2])
+    trainable, frozen = tree.split(params, PHASES[1].trainable)
     grads = phase2_grad(trainable, frozen, make_images(BATCH), LABELS, 0.5)
     assert sorted(tree.flatten(grads)) == ["head/kernel", "pool_keys", "pool_prompts"]
     assert all(np.abs(g).max() > 0 for g in tree.flatten(grads).values())
@@ -301,7 +308,7 @@ def test_phase2_backward_does_no_work_for_the_trunk(params):
     the trunk) must add backward work of the order of the trunk's forward.
     """
     model, images = make_model(), make_images(BATCH)
-    trainable, frozen = tree.split(params, TRAINABLE[2])
+    trainable, frozen = tree.split(params, PHASES[1].trainable)
 
     def trunk(trainable, frozen, images):
         return model.apply({"params": tree.merge(trainable, frozen)}, images, method=LPT.trunk)
@@ -320,7 +327,7 @@ def test_phase2_backward_does_no_work_for_the_trunk(params):
     tail_grad = _flops(jax.grad(tail_loss), trainable, frozen, x_trunk)
     assert full == pytest.approx(trunk_fwd + tail_grad, rel=0.01)
 
-    wide, frozen_w = tree.split(params, TRAINABLE[1] + TRAINABLE[2])
+    wide, frozen_w = tree.split(params, PHASES[0].trainable + PHASES[1].trainable)
     control = _flops(jax.grad(functools.partial(phase2_loss, stop_trunk_gradient=False)),
                      wide, frozen_w, images, LABELS)
     assert control - full > 0.5 * trunk_fwd
@@ -347,7 +354,7 @@ def test_reference_keeps_two_distinct_passes_when_compiled(params):
 
 
 def test_keys_get_gradient_only_through_the_matching_term(controlled):
-    trainable, frozen = tree.split(controlled, TRAINABLE[2])
+    trainable, frozen = tree.split(controlled, PHASES[1].trainable)
     images = make_images(BATCH)
     no_match = phase2_grad(trainable, frozen, images, LABELS, 0.0)
     np.testing.assert_array_equal(no_match["pool_keys"], 0.0)
@@ -359,7 +366,7 @@ def test_keys_get_gradient_only_through_the_matching_term(controlled):
 
 
 def test_unselected_pool_entries_get_exactly_zero_gradient(controlled):
-    trainable, frozen = tree.split(controlled, TRAINABLE[2])
+    trainable, frozen = tree.split(controlled, PHASES[1].trainable)
     grads = phase2_grad(trainable, frozen, make_images(BATCH), LABELS, 0.5)
     per_entry = np.abs(np.asarray(grads["pool_prompts"])).reshape(5, -1).max(axis=1)
     assert np.all(per_entry[:4] > 0), per_entry
@@ -367,7 +374,7 @@ def test_unselected_pool_entries_get_exactly_zero_gradient(controlled):
 
 
 def test_phase1_gradient_reaches_the_shared_prompt_at_every_block(params):
-    trainable, frozen = tree.split(params, TRAINABLE[1])
+    trainable, frozen = tree.split(params, PHASES[0].trainable)
     grads = phase1_grad(trainable, frozen, make_images(BATCH), LABELS)
     assert sorted(tree.flatten(grads)) == ["head/kernel", "shared_prompt"]
     per_block = np.abs(np.asarray(grads["shared_prompt"])).reshape(VIT["depth"], -1).max(axis=1)
@@ -415,15 +422,17 @@ def test_head_dropout_only_in_training(params):
         return out, np.asarray(state["intermediates"]["dropout"]["__call__"][0])
 
     out_eval, feature = run(LPT.phase1)
+    out_eval = out_eval["logits"]
     zeros = []
     for seed in range(6):
         out_train, dropped = run(LPT.phase1, seed)
+        out_train = out_train["logits"]
         kept = dropped != 0
         zeros.append(1 - kept.mean())
         np.testing.assert_allclose(dropped[kept], feature[kept] / 0.9, rtol=1e-5)
     assert 0.06 < np.mean(zeros) < 0.14, zeros  # rate 0.1 on the feature
     assert np.max(np.abs(out_train - out_eval)) > 1e-3
-    np.testing.assert_array_equal(run(LPT.phase1)[0], out_eval)  # eval: deterministic, no rng
+    np.testing.assert_array_equal(run(LPT.phase1)[0]["logits"], out_eval)  # eval: no rng
 
     p2_eval, _ = run(LPT.phase2)
     p2_train, dropped = run(LPT.phase2, 0)
@@ -435,8 +444,8 @@ def test_head_dropout_only_in_training(params):
 
 def test_zero_dropout_rate_is_the_identity(params):
     model, images = make_model(head_dropout=0.0), make_images(BATCH)
-    np.testing.assert_allclose(apply(model, params, images, LPT.phase1, True, 0),
-                               apply(model, params, images, LPT.phase1), atol=1e-7)
+    np.testing.assert_allclose(apply(model, params, images, LPT.phase1, True, 0)["logits"],
+                               apply(model, params, images, LPT.phase1)["logits"], atol=1e-7)
 
 
 # ----------------------------------------------------------------------------- ViT-B/16 counts
@@ -444,7 +453,7 @@ def test_zero_dropout_rate_is_the_identity(params):
 
 def _model_config(vit, **lpt):
     """The `model` section of a config, as `lpt_from_config` reads it (attribute access)."""
-    return SimpleNamespace(vit=vit, lpt=SimpleNamespace(**lpt))
+    return SimpleNamespace(backbone="vit", vit=vit, lpt=SimpleNamespace(**lpt))
 
 
 def _b16_config():
@@ -514,14 +523,14 @@ def test_invalid_constants_fail_early(bad):
 
 
 def test_backbone_registry_finds_vit_and_names_the_known_ones():
-    from lpt_jax import backbones as models
+    from lpt_jax import backbones
     from lpt_jax.backbones import vit
     from lpt_jax.errors import ConfigError
-    assert models.get_backbone("vit") is vit
-    assert "vit" in models.known_backbones() and "lpt" not in models.known_backbones()
-    for bad in ("siglip", "lpt", "../vit", ""):
+    assert backbones.get("vit") is vit
+    assert "vit" in backbones.known() and "vit_weights" not in backbones.known()
+    for bad in ("siglip", "lpt", "../vit", "", "vit_weights"):
         with pytest.raises(ConfigError, match=r"known backbones are \[.*'vit'"):
-            models.get_backbone(bad)
+            backbones.get(bad)
 
 
 def test_lpt_from_config_builds_the_named_backbone():

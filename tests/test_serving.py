@@ -23,8 +23,8 @@ import pytest
 from lpt_jax import cli, data, parallel, tree
 from lpt_jax.backbones import vit, vit_weights
 from lpt_jax.errors import ConfigError, ExportError
-from lpt_jax.method.lpt import lpt_from_config
-from lpt_jax.method.phases import PHASES
+from lpt_jax.method.lpt import METHOD
+from lpt_jax.method.lpt_model import lpt_from_config
 from lpt_jax.run import exports, inference
 from lpt_jax.serving import MultiTaskPredictor, RequestError
 from lpt_jax.weights import npz
@@ -63,7 +63,7 @@ def write_export(path, config, phase, num_classes, seed):
     rng = np.random.default_rng(seed)
     trained = exports.exported_subtree(
         jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32), shapes),
-        PHASES[phase])
+        METHOD.phase(phase))
     meta = {"phase": phase, "step": 1, "config": json.loads(config.to_json_best_effort()),
             "backbone": npz.file_fingerprint(config.backbone.checkpoint),
             "num_classes": num_classes,
@@ -85,7 +85,7 @@ def single_task_predict(task):
     params = jax.tree.map(
         lambda x: np.zeros(x.shape, x.dtype) if isinstance(x, jax.ShapeDtypeStruct) else x,
         params)
-    predict = inference.make_predict_fn(model, PHASES[meta["phase"]],
+    predict = inference.make_predict_fn(model, METHOD.phase(meta["phase"]),
                                         parallel.make_mesh(jax.devices()[:1]))
     return lambda p: [np.asarray(x) for x in predict(p, jnp.asarray(task["images"]))], params
 

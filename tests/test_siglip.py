@@ -13,7 +13,7 @@ import pytest
 
 from lpt_jax.backbones import vit_weights
 from lpt_jax.backbones.vit import ViT
-from lpt_jax.config import checks as config_checks
+from lpt_jax.config import schema
 from lpt_jax.errors import CheckpointError, ConfigError
 from lpt_jax.run import exports, inference, trainer
 from lpt_jax.text import head as text_head
@@ -250,7 +250,7 @@ def test_lpt_runs_both_phases_on_a_siglip_tower_with_a_text_head(siglip_run_conf
 
 def test_text_head_errors_are_one_line(siglip_run_config, tmp_path):
     cases = [
-        (dict(tokenizer=""), "needs model.text.tokenizer"),
+        (dict(tokenizer=""), "needs config.model.text.tokenizer"),
         (dict(tokenizer=str(tmp_path / "nope.model")), "no such file"),
         (dict(templates=("a photo of a class.",)), "model.text.templates="),
         (dict(max_len=1), "model.text.max_len=1"),
@@ -259,16 +259,16 @@ def test_text_head_errors_are_one_line(siglip_run_config, tmp_path):
         config = siglip_run_config.copy_and_resolve_references()
         config.model.text.update(change)
         with pytest.raises(ConfigError) as err:
-            config_checks.check(config)
+            schema.check(config)
         assert says in _one_line(err)
     config = siglip_run_config.copy_and_resolve_references()
     config.model.head_init = "clip"
     with pytest.raises(ConfigError, match="model.head_init='clip'"):
-        config_checks.check(config)
+        schema.check(config)
     config = siglip_run_config.copy_and_resolve_references()
     config.model.vit.pool_type = "cls"
     with pytest.raises(ConfigError, match="model.vit.pool_type='cls'"):
-        config_checks.check(config)
+        schema.check(config)
     bad = tmp_path / "bad.model"
     bad.write_bytes(b"not a sentencepiece model")
     with pytest.raises(ConfigError) as err:
@@ -299,6 +299,6 @@ def test_so400m_shape_and_config():
     assert (config.backbone.subtree, config.model.lpt.shared_depth, config.data.image_size,
             config.model.text.variant, config.model.text.max_len) == ("img", 13, 224,
                                                                        "So400m", 16)
-    config_checks.check(config)
+    schema.check(config)
     with pytest.raises(ConfigError, match="expected no argument or one of"):
         load_config(CONFIGS / "places_lt.py", "siglip_huge")

@@ -12,8 +12,8 @@ import pytest
 from lpt_jax import data, tree
 from lpt_jax.errors import CheckpointError, ConfigError, Stopped
 from lpt_jax.method import optim, steps
-from lpt_jax.method.lpt import TRAINABLE, lpt_from_config
-from lpt_jax.method.phases import PHASES
+from lpt_jax.method.lpt import PHASES
+from lpt_jax.method.lpt_model import lpt_from_config
 from lpt_jax.run import checkpoint as ckpt_lib
 from lpt_jax.run import context, exports, inference, rundir, trainer
 
@@ -109,9 +109,9 @@ def test_frozen_params_bit_identical_after_training(tmp_path):
     config.optim.warmup_epochs = 0
     ctx = context.build_context(config, str(tmp_path / "wd"))
     before = jax.device_get(ctx.params)
-    after1 = trainer.run_phase(ctx, PHASES[1], ctx.params)
-    after2 = trainer.run_phase(ctx, PHASES[2], after1)
-    for a, b, patterns in ((before, after1, TRAINABLE[1]), (after1, after2, TRAINABLE[2])):
+    after1 = trainer.run_phase(ctx, PHASES[0], ctx.params)
+    after2 = trainer.run_phase(ctx, PHASES[1], after1)
+    for a, b, patterns in ((before, after1, PHASES[0].trainable), (after1, after2, PHASES[1].trainable)):
         fa, fb = tree.flatten(a), tree.flatten(b)
         for k in fa:
             if tree.matches(k, patterns):
@@ -138,7 +138,7 @@ def test_train_step_state_holds_only_the_trainable_subtree(tmp_path):
     config = tiny_config(tmp_path)
     model = lpt_from_config(config.model, 4)
     params = context.init_params(model, config)
-    for phase in PHASES.values():
+    for phase in PHASES:
         ts = steps.make_train_step(model, phase, config, class_counts=np.array([8, 4, 2, 1]),
                                    steps_per_epoch=2, batch_size=8)
         state, frozen = ts.init(params)
@@ -156,7 +156,7 @@ def test_a_skipped_step_keeps_one_clock_for_lr_and_data(tmp_path):
     config = tiny_config(tmp_path)
     config.optim.warmup_epochs = 3  # lr changes at every step below (one step per epoch)
     ctx = context.build_context(config, str(tmp_path / "wd"))
-    ts = steps.make_train_step(ctx.model, PHASES[1], config, class_counts=np.array([8, 4, 2, 1]),
+    ts = steps.make_train_step(ctx.model, PHASES[0], config, class_counts=np.array([8, 4, 2, 1]),
                                steps_per_epoch=1, batch_size=8)
     step = jax.jit(ts.fn)
     rng = np.random.default_rng(0)
@@ -248,7 +248,7 @@ def test_checkpoint_is_small_for_vit_b16_with_365_classes(tmp_path):
     params = context.init_params(model, config)  # backbone stays abstract: never materialised
     backbone_sizes = {int(np.prod(x.shape)) for x in jax.tree.leaves(params["backbone"])
                       if np.prod(x.shape) > 10_000}
-    state, _ = steps.make_train_step(model, PHASES[2], config, class_counts=np.ones(365),
+    state, _ = steps.make_train_step(model, PHASES[1], config, class_counts=np.ones(365),
                                      steps_per_epoch=245, batch_size=256).init(params)
     ckpt = ckpt_lib.PhaseCheckpointer(str(tmp_path / "ck"), every_steps=1, keep=1)
     ckpt.save(1, state, {"phase": 2}, force=True)

@@ -1,77 +1,123 @@
-"""Models: the frozen backbones and the LPT prompts around them (`lpt_jax.models.lpt`).
+"""Frozen backbones, found by name (`model.backbone`), as big_vision finds its models.
 
-Backbones are found by name, as big_vision finds its models: `get_backbone("vit")` imports
-and returns the module `lpt_jax.models.vit`. The config picks one with `model.backbone`
-(default "vit"), and its settings live in the section of the same name (`model.vit`). A new
-backbone family (e.g. a SigLIP image tower) is one new file `lpt_jax/models/<name>.py` plus a
-config that sets `model.backbone = "<name>"` and `model.<name> = {...}`.
+A backbone family is one module (`lpt_jax.backbones.vit`) that owns everything about it:
 
-A backbone module provides two functions:
+    FIELDS                        its config section `model.<name>` (lpt_jax.config.fields):
+                                  defaults, accepted values, roles, rules
+    from_config(cfg) -> module    the Flax module, from that section
+    load_params(path, abstract_params, *, dont_load, ignore, model, subtree) -> params
+                                  its pretrained `params` read from `path`, shaped like
+                                  `abstract_params`; `dont_load` / `ignore`: full-match regexes
+                                  over 'a/b/c' names of params that keep their init / file
+                                  arrays that may stay unused; `model` is what from_config
+                                  built; `subtree` one tower of a two-tower file ('' = none)
 
-    from_config(cfg) -> flax.linen.Module
-        builds the backbone from its config section (`model.<name>`);
-    load_params(path, abstract_params, *, dont_load, ignore, model) -> params
-        the backbone's pretrained `params` collection read from `path`, shaped like
-        `abstract_params` (a tree of arrays or jax.ShapeDtypeStruct); `dont_load` / `ignore`
-        are full-match regexes over 'a/b/c' names of model params that keep their init /
-        checkpoint arrays that may stay unused; `model` is the module from_config built;
-        a `subtree` keyword (one tower of a two-tower file, `backbone.subtree`) is passed
-        only when the config sets one (the ViT's load_params takes it).
+The module from_config builds is what the method runs (lpt_jax.method.lpt_model):
 
-The module it builds is what `LPT` runs (`lpt_jax.models.lpt`); LPT uses exactly:
-
-    depth: int, width: int       attributes: number of blocks, token width D
-    image_size: (H, W)           attribute: the input size (callers build the dummy init input)
-    embed(images) -> x           NHWC images in [-1, 1] -> tokens (B, T, D)
+    depth, width                  number of blocks, token width D
+    image_size: (H, W)            the input size
+    dtype                         its compute dtype
+    keep_float32: tuple           regexes over its param paths kept in float32 when the rest
+                                  is stored in `dtype` (what its layers multiply in float32)
+    embed(images) -> x            NHWC images in [-1, 1] -> tokens (B, T, D)
     encode(x, start, stop, extras, extra_position) -> x
-                                 blocks start..stop-1; `extras` maps a block index i to
-                                 tokens (P, D) or (B, P, D) that block i's tokens attend over
-                                 as well ('append': after them, or 'after_cls': after the
-                                 first); they are not carried to the next block, so the
-                                 sequence length is unchanged
-    features(x) -> (B, D)        encoded tokens -> the normed, pooled feature (its width must
-                                 be D: the prompt keys are matched against it)
+                                  blocks start..stop-1; `extras[i]`: tokens (P, D) or (B, P, D)
+                                  block i attends over as well ('append': after its tokens,
+                                  'after_cls': after the first), not carried to the next block
+    features(x) -> (B, D)         encoded tokens -> the normed, pooled feature
     encode_features(x, start, extras, extra_position) -> (B, D)
-                                 features(encode(x, start, depth, ...)), free to skip work
-                                 whose outputs the pooling discards
+                                  features(encode(x, start, depth, ...)), free to skip work
+                                  whose outputs the pooling discards
 
-Its parameters live under `params['backbone']` of the LPT tree and are frozen in both phases.
+`register(name, module)` adds one (a test can register a toy backbone for its own duration).
+The `backbone` section (which file, which tower, what to ignore) is declared here: it is
+every family's.
 """
 
 from __future__ import annotations
 
 import importlib
-import pkgutil
+import re
 from types import ModuleType
+from typing import Mapping, Optional
 
+from lpt_jax.config.fields import LOCATION, SERVING, Field, Section, patterns, text
 from lpt_jax.errors import ConfigError
 
-# Modules of this package that are not backbones (siglip_text: the text tower that
-# initialises the head, lpt_jax.text_head).
-_NOT_BACKBONES = frozenset({"vit_weights", "vit_timm"})
-_REQUIRED = ("from_config", "load_params")
+_BUILTIN = {"vit": "lpt_jax.backbones.vit"}   # name -> module
+_REGISTERED: dict[str, ModuleType] = {}
+_REQUIRED = ("FIELDS", "from_config", "load_params")
+
+AUGREG_B16_IN21K = ("gs://vit_models/augreg/"
+                    "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz")
+
+LOADING = Section("the pretrained backbone file", dict(
+    checkpoint=Field(AUGREG_B16_IN21K, "the backbone's weight file (.npz, .safetensors, .pth, "
+                     ".bin; local or gs://)", text(), LOCATION, SERVING),
+    subtree=Field("", "one tower of a two-tower file (SigLIP: 'img'); '' = the whole file",
+                  text(r"([^/]+(/[^/]+)*)?", "a tower name such as 'img' (SigLIP two-tower "
+                       "files), or '' for a single-tower file")),
+    ignore=Field(("head/.*", "pre_logits/.*"), "file arrays that may stay unused (regexes)",
+                 patterns()),
+    dont_load=Field((), "model params that keep their init (regexes)", patterns())))
 
 
-def known_backbones() -> list[str]:
-    """Names of the backbone modules in this package (found without importing them)."""
-    return sorted(m.name for m in pkgutil.iter_modules(__path__)
-                  if not m.name.startswith("_") and m.name not in _NOT_BACKBONES)
-
-
-def get_backbone(name: str) -> ModuleType:
-    """The backbone module `lpt_jax.models.<name>` (see this package's docstring)."""
-    if not isinstance(name, str) or not name.isidentifier() or name in _NOT_BACKBONES:
-        raise ConfigError(f"model.backbone={name!r}: known backbones are {known_backbones()}")
-    module_name = f"{__name__}.{name}"
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name != module_name:  # the module exists but one of its imports is missing
-            raise
-        raise ConfigError(
-            f"model.backbone={name!r}: no module {module_name}; known backbones are "
-            f"{known_backbones()}") from None
-    missing = [f for f in _REQUIRED if not callable(getattr(module, f, None))]
+def register(name: str, module) -> Optional[ModuleType]:
+    """Adds (or replaces) the backbone family `name`; returns the one it replaced."""
+    missing = [a for a in _REQUIRED if not hasattr(module, a)]
     if missing:
-        raise ConfigError(f"{module_name} is not a backbone module: it lacks {missing}")
-    return module
+        raise ValueError(f"backbone module {name!r} lacks {missing}")
+    previous = _REGISTERED.get(name)
+    _REGISTERED[name] = module
+    return previous
+
+
+def unregister(name: str, previous=None) -> None:
+    if previous is None:
+        _REGISTERED.pop(name, None)
+    else:
+        _REGISTERED[name] = previous
+
+
+def known() -> list[str]:
+    return sorted(set(_REGISTERED) | set(_BUILTIN))
+
+
+def get(name: str) -> ModuleType:
+    """The backbone module `name`."""
+    if name not in _REGISTERED and name in _BUILTIN:
+        register(name, importlib.import_module(_BUILTIN[name]))
+    if name not in _REGISTERED:
+        raise ConfigError(f"model.backbone={name!r}: known backbones are {known()}",
+                          field="model.backbone")
+    return _REGISTERED[name]
+
+
+def from_config(model_cfg):
+    """The backbone module `model.backbone` names, built from its section `model.<name>`."""
+    name = model_cfg.backbone
+    section = getattr(model_cfg, name, None)
+    if section is None:
+        raise ConfigError(f"model.backbone={name!r} but the config has no model.{name}",
+                          field="model.backbone")
+    return get(name).from_config(section)
+
+
+def stored_in_compute_dtype(params: Mapping, backbone) -> dict:
+    """`params` with the frozen backbone's weights (`params['backbone']`) stored in the
+    backbone's compute dtype, as its layers read them: a bfloat16 model then holds no float32
+    copy of the frozen weights and converts none per step. The params the backbone names in
+    `keep_float32` keep their dtype (e.g. LayerNorm scales, which Flax multiplies in float32)."""
+    import jax
+    import jax.numpy as jnp
+    dtype = jnp.dtype(getattr(backbone, "dtype", jnp.float32))
+    if "backbone" not in params or dtype == jnp.float32:
+        return params
+    keep = tuple(getattr(backbone, "keep_float32", ()))
+
+    def cast(path, leaf):
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        if any(re.search(p, name) for p in keep):
+            return leaf
+        return leaf.astype(dtype) if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf
+    return {**params, "backbone": jax.tree_util.tree_map_with_path(cast, params["backbone"])}

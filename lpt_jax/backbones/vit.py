@@ -13,8 +13,9 @@ Parameter tree (what `ViT.init` creates and what `lpt_jax.backbone` loads):
     pre_logits/{kernel,bias}                    only with representation_size
     head/{kernel,bias}                          only with num_classes
 
-As a backbone module (see `lpt_jax.models`): `from_config(model.vit)` builds the ViT,
-`load_params(...)` reads a big_vision or vit_jax/AugReg checkpoint (`lpt_jax.backbone`).
+As a backbone module (see `lpt_jax.backbones`): `FIELDS` declares its config section
+`model.vit`, `from_config(model.vit)` builds the ViT, `load_params(...)` reads a big_vision,
+vit_jax/AugReg or timm checkpoint (`vit_weights`).
 
 Pooling (`pool_type`): 'tok' the class token, 'gap' the mean of the tokens, 'map' big_vision's
 multihead attention pooling (a learned probe attends over the tokens, then LayerNorm + MLP
@@ -36,7 +37,20 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lpt_jax.backbones import vit_weights as checkpoints
+from lpt_jax.backbones import vit_weights
+from lpt_jax.config.fields import (
+    BATCHED,
+    EXPORTED,
+    INCIDENTAL,
+    Field,
+    Section,
+    boolean,
+    integer,
+    number,
+    one_of,
+    text,
+)
+from lpt_jax.errors import ConfigError
 
 # width, depth, mlp_dim, num_heads, as in big_vision's `decode_variant` (So400m: the
 # shape-optimised SigLIP tower; g-opt: SigLIP 2's largest).
@@ -286,6 +300,9 @@ class ViT(nn.Module):
     dtype: jnp.dtype = jnp.float32
     remat: bool = False
     attention: str = "auto"          # see `attention_implementation`
+    # Stored in float32 when the rest is stored in `dtype`: Flax's LayerNorm multiplies its
+    # scale and bias in float32 (lpt_jax.backbones.stored_in_compute_dtype).
+    keep_float32 = (r"(^|/)LayerNorm_\d+/", r"(^|/)encoder_norm/")
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -398,14 +415,58 @@ def vit_from_config(cfg, **overrides) -> ViT:
 
 
 # ------------------------------------------------------------------------------------------
-# The backbone-module interface (lpt_jax.models.get_backbone("vit")).
+# The backbone-module interface (lpt_jax.backbones.get("vit")).
+
+def _cudnn_needs_a_gpu(vit, root) -> None:
+    if vit.attention == "cudnn" and jax.default_backend() != "gpu":
+        raise ConfigError(f"model.vit.attention='cudnn' needs an NVIDIA GPU (cuDNN), but JAX "
+                          f"runs on {jax.default_backend()}: use 'auto'",
+                          field="model.vit.attention")
+
+
+def _size(doc):
+    return Field(None, doc + " (set by variant unless variant is None)",
+                 integer(at_least=1), kind=int)
+
+
+FIELDS = Section("the frozen ViT (spec §1): ViT-B/16, class token, LayerNorm eps 1e-5, exact "
+                 "GELU", dict(
+    variant=Field("B/16", "'<size>/<patch>' (size in VARIANTS, e.g. 'B/16', 'L/16', "
+                  "'So400m/14'): sets width, depth, mlp_dim, num_heads and patch_size; None: "
+                  "set them one by one", text(r"[A-Za-z0-9-]+/\d+", "'<size>/<patch>', e.g. "
+                                              "'B/16'"), kind=str),
+    width=_size("token width D"),
+    depth=_size("number of blocks L"),
+    num_heads=_size("attention heads"),
+    mlp_dim=_size("MLP hidden width"),
+    patch_size=_size("patch size in pixels"),
+    image_size=Field(224, "input size in pixels (position embeddings are resampled to it)",
+                     integer(at_least=1)),
+    pool_type=Field("tok", "pooling: 'tok' the class token, 'gap' the mean, 'map' big_vision's "
+                    "MAP head (SigLIP)", one_of(*POOL_TYPES), EXPORTED),
+    representation_size=Field(0, "a pre-logits layer of this width (0: none)",
+                              integer(at_least=0)),
+    layernorm_epsilon=Field(1e-5, "LayerNorm epsilon (the release: 1e-5; big_vision: 1e-6)",
+                            number(above=0), EXPORTED),
+    gelu_approximate=Field(False, "tanh GELU (SigLIP) instead of the exact erf GELU",
+                           boolean(), EXPORTED),
+    dtype=Field("float32", "compute dtype; the frozen weights are stored in it",
+                one_of("float32", "bfloat16", "float16")),
+    remat=Field(False, "recompute block activations in the backward pass (memory for FLOPs)",
+                boolean(), INCIDENTAL),
+    attention=Field("auto", "how attention is computed (the same function): 'einsum' "
+                    "(fastest on CPU), 'xla' or 'cudnn' (jax.nn.dot_product_attention); "
+                    "'auto' = 'einsum' on CPU, 'xla' elsewhere",
+                    one_of(*ATTENTION_IMPLEMENTATIONS, note="'auto': 'einsum' on CPU, 'xla' on "
+                           "accelerators"), INCIDENTAL)),
+    roles=frozenset({BATCHED}), rules=(_cudnn_needs_a_gpu,))
 
 from_config = vit_from_config
 
 
 def load_params(path: str, abstract_params: Mapping, *, dont_load: Iterable[str] = (),
                 ignore: Iterable[str] = (), model: ViT, subtree: str = "") -> dict:
-    """The ViT params from a big_vision / vit_jax .npz, the posemb resampled to `model.grid`;
-    `subtree` picks one tower of a two-tower file (SigLIP: 'img')."""
-    return checkpoints.load_params(path, abstract_params, dont_load=dont_load, ignore=ignore,
+    """The ViT params from a big_vision / vit_jax / timm file, the posemb resampled to
+    `model.grid`; `subtree` picks one tower of a two-tower file (SigLIP: 'img')."""
+    return vit_weights.load_params(path, abstract_params, dont_load=dont_load, ignore=ignore,
                                    grid=model.grid, subtree=subtree)

@@ -8,12 +8,12 @@ ViT state dicts, read without torch and without running anything from the file.
     python -m lpt_jax.convert release --checkpoint=LPT_places.pth --out=DIR
     python -m lpt_jax.convert backbone --checkpoint=model.safetensors --out=vit.npz
 
-`lpt_jax.backbone.load_params` reads `.safetensors` / `.pth` / `.pt` / `.bin` timm ViT state
-dicts (`backbones.vit_weights.read_arrays`), so `--config.backbone.checkpoint=model.safetensors` works
-like an `.npz`. Modules: `torch_zip` (restricted reader of torch.save archives),
-`safetensors_file`, `reading` (state dict out of either), `timm_names` (timm -> big_vision
-names), `fit` (the model the shapes describe, strict check), `release` (the release's layout
-and numerics), `writing` (the .npz outputs). See docs/convert.md.
+The ViT's loader (`lpt_jax.backbones.vit_weights`) reads `.safetensors` / `.pth` / `.pt` /
+`.bin` timm ViT state dicts itself, so `backbone.checkpoint=model.safetensors` works like an
+`.npz`. The files are read by `lpt_jax.weights` (the restricted torch.save reader, safetensors)
+and renamed by `lpt_jax.backbones.vit_timm`. Modules here: `fit` (the model the shapes
+describe, strict check), `release` (the release's layout and numerics), `writing` (the .npz
+outputs). See docs/convert.md.
 """
 
 from lpt_jax.convert.release import Release, load_release, read_release

@@ -57,7 +57,7 @@ def _release(args) -> None:
           f" blocks from block {s['shared_depth']}, top-{s['top_k']}; {s['num_classes']} classes"
           f" (names: {done['class_names']})")
     print(f"wrote {done['backbone']}\nwrote {done['export']}")
-    extra = " ".join(done["eval_overrides"])
+    extra = " ".join(f"--config.{k}={v}" for k, v in done["eval_settings"].items())
     print("evaluate with:\n  python run.py --config=configs/places_lt.py --mode=eval "
           f"--workdir=<dir> --export={done['export']} "
           f"--config.backbone.checkpoint={done['backbone']} --config.data.root=<images>"

@@ -26,7 +26,7 @@ import numpy as np
 from lpt_jax.backbones.vit_timm import heads_for_width, timm_to_big_vision, width_of
 from lpt_jax.convert.fit import abstract_params, check_fits, vit_shapes
 from lpt_jax.errors import CheckpointError
-from lpt_jax.method.lpt import LPT, lpt_from_config
+from lpt_jax.method.lpt_model import LPT, lpt_from_config
 from lpt_jax.tree import flatten, unflatten
 from lpt_jax.weights.state_dict import read_state_dict
 

@@ -55,21 +55,21 @@ def read_class_names(spec: str, num_classes: int) -> Optional[list[str]]:
 # ------------------------------------------------------------------------------------------
 # Release.
 
-def eval_overrides(release: Release) -> list[str]:
-    """The `--config.*` flags that make configs/places_lt.py (whose defaults are the
-    published release's) build this release's model; [] for LPT_places.pth itself."""
-    shapes, flags = release.shapes(), []
+def eval_settings(release: Release) -> dict:
+    """The config fields (dotted) and values that make configs/places_lt.py (whose defaults
+    are the published release's) build this release's model; {} for LPT_places.pth itself."""
+    shapes, settings = release.shapes(), {}
     for key in ("width", "depth", "num_heads", "mlp_dim", "patch_size", "image_size"):
         if shapes[key] != PLACES_RELEASE[key]:
-            flags.append(f"--config.model.vit.{key}={shapes[key]}")
+            settings[f"model.vit.{key}"] = shapes[key]
     for key in ("prompt_length", "pool_size", "shared_depth", "top_k"):
         if shapes[key] != PLACES_RELEASE[key]:
-            flags.append(f"--config.model.lpt.{key}={shapes[key]}")
+            settings[f"model.lpt.{key}"] = shapes[key]
     if shapes["image_size"] != PLACES_RELEASE["image_size"]:
         size = shapes["image_size"]
-        flags += [f"--config.data.image_size={size}",
-                  f"--config.data.resize_size={size * 8 // 7}"]  # the release's eval resize
-    return flags
+        settings["data.image_size"] = size
+        settings["data.resize_size"] = size * 8 // 7  # the release's eval resize
+    return settings
 
 
 def export_meta(release: Release, backbone_path: str, class_names, source: dict) -> dict:
@@ -79,7 +79,7 @@ def export_meta(release: Release, backbone_path: str, class_names, source: dict)
                        "data": {"image_size": size, "resize_size": size * 8 // 7},
                        "backbone": {"checkpoint": backbone_path}},
             "backbone": file_fingerprint(backbone_path),
-            "converted_from": source, "eval_overrides": eval_overrides(release)}
+            "converted_from": source, "eval_settings": eval_settings(release)}
     if class_names is not None:
         meta["class_names"] = list(class_names)
     return meta
@@ -100,7 +100,7 @@ def convert_release(path: str, out_dir: str, *, num_heads: Optional[int] = None,
     exports.write(export_path, trained, export_meta(release, backbone_path, names, source))
     return {"backbone": backbone_path, "export": export_path, "shapes": release.shapes(),
             "class_names": class_names if names is not None else None,
-            "eval_overrides": eval_overrides(release)}
+            "eval_settings": eval_settings(release)}
 
 
 # ------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ original position in `id` ('train_00042'), which restores the file order.
 import numpy as np
 
 from lpt_jax.data.groups import cifar_lt_counts
-from lpt_jax.data.source import Source, SplitData, register
+from lpt_jax.data.registry import register
+from lpt_jax.data.source import Source, SplitData
 from lpt_jax.data.stores import PixelStore
 from lpt_jax.data.tfds_util import load_numpy
 from lpt_jax.errors import DataError

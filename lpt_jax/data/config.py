@@ -1,71 +1,81 @@
-"""Default data config: every field the data package reads, with its default."""
+"""The `data` config section: every field the data package reads, declared once with its
+default, what it accepts, its doc and its roles (lpt_jax.config.fields). TensorFlow-free."""
 
 import ml_collections
 
+from lpt_jax.config import fields as f
+from lpt_jax.config.fields import BATCHED, INCIDENTAL, LOCATION, Field
+from lpt_jax.data.registry import registered_sources
 from lpt_jax.errors import DataError
 
-CORRUPT_POLICIES = ("fail", "skip")
-FORMATS = ("auto", "files", "prepared")
-IB_SAMPLING = ("epoch_permutation", "independent")  # data.ib_sampling, see sampling.py
+
+def _check_sizes(data, root) -> None:
+    if not 0 < data.image_size <= data.resize_size:
+        raise DataError(f"data.image_size={data.image_size} must be in (0, "
+                        f"data.resize_size={data.resize_size}]", field="data.image_size")
+
+
+def _where(doc):
+    return Field("", doc, f.text(), LOCATION)
+
+
+FIELDS = f.Section("the data set, its splits and the input pipeline", dict(
+    name=Field("places_lt", "the data set (lpt_jax.data registry)", f.one_of(registered_sources)),
+    root=_where("where images live: the image root of the split lists, an image_folder tree, "
+                "or a prepared directory; local or gs://"),
+    format=Field("auto", "'auto' (prepared if root holds lpt_prepared.json), 'files' or "
+                 "'prepared'", f.one_of("auto", "files", "prepared")),
+    split_dir=_where("folder of the split lists ('' = the lists shipped in the package)"),
+    train_list=_where("the train list (overrides split_dir)"),
+    val_list=_where("the val list (overrides split_dir)"),
+    test_list=_where("the test list (overrides split_dir)"),
+    class_names_file=_where("image_folder with lists: one class name per line (optional)"),
+    num_classes=Field(0, "image_folder with lists and no names file: the class count (0: the "
+                      "largest label + 1)", f.integer(at_least=0)),
+    check_files=Field(True, "stat the first file of every split before training",
+                      f.boolean(), INCIDENTAL),
+    imbalance_ratio=Field(100, "CIFAR-LT: n_max / n_min of the reference subset (100, 50, 10)",
+                          f.integer(at_least=1)),
+    cifar_lt_seed=Field(42, "CIFAR-LT: NumPy legacy global seed of the reference subset",
+                        f.integer()),
+    tfds_name=Field("", "TFDS-backed sources: the TFDS name ('' = the source's default)",
+                    f.text()),
+    tfds_data_dir=_where("TFDS data dir ('' = ~/tensorflow_datasets or $TFDS_DATA_DIR)"),
+    download=Field(False, "download a TFDS data set that is not prepared (never otherwise)",
+                   f.boolean(), INCIDENTAL),
+    download_retries=Field(3, "HTTP retries per downloaded file (TFDS's own 10 take ~3.5 min "
+                           "offline)", f.integer(at_least=0), INCIDENTAL),
+    cache_dir=_where("label-scan cache of big TFDS sources ('' = <tfds data dir>/lpt_jax_cache)"),
+    image_size=Field(224, "the training crop and evaluation size (the backbone's input)",
+                     f.integer(at_least=1), BATCHED),
+    resize_size=Field(256, "evaluation: the square resize before the centre crop",
+                      f.integer(at_least=1)),
+    antialias=Field(True, "PIL-style (antialiased) bilinear resizing, as the PyTorch reference",
+                    f.boolean()),
+    jpeg_fast_crop=Field(True, "decode only the crop window of a JPEG (faster; a few border "
+                         "pixels differ by a few levels)", f.boolean()),
+    cb_images_per_class=Field(4, "class-balanced batch: consecutive images per visited class",
+                              f.integer(at_least=1)),
+    ib_sampling=Field("epoch_permutation", "instance-balanced batch: 'epoch_permutation' (every "
+                      "image once per epoch) or 'independent' (each step draws its batch on its "
+                      "own, as the release's per-step loader: ~63 % of the images per epoch)",
+                      f.one_of("epoch_permutation", "independent")),
+    corrupt_images=Field("fail", "an unreadable image: 'fail' (name it and stop) or 'skip' "
+                         "(substitute or mask it, counted)", f.one_of("fail", "skip")),
+    num_parallel_calls=Field(-1, "tf.data parallel decodes (-1: AUTOTUNE)",
+                             f.integer(at_least=-1), INCIDENTAL),
+    prefetch=Field(2, "batches prefetched", f.integer(at_least=0), INCIDENTAL),
+    tf_threads=Field(0, "tf.data private thread pool size (0: TF's shared pool)",
+                     f.integer(at_least=0), INCIDENTAL)),
+    rules=(_check_sizes,))
 
 
 def default_config() -> ml_collections.ConfigDict:
-    """Returns the data config with defaults (Places-LT at 224 px)."""
-    c = ml_collections.ConfigDict()
-    c.name = "places_lt"  # registry key, see `registered_sources()`
-    # Where images live: the image root of a split list, an image_folder tree, or a
-    # prepared directory (`python -m lpt_jax.data.prepare`). '' = none. Local or gs://.
-    c.root = ""
-    c.format = "auto"  # 'auto' (prepared if root holds lpt_prepared.json) | 'files' | 'prepared'
-    c.split_dir = ""  # folder with the split lists; '' = the lists shipped in the package
-    c.train_list = ""  # explicit list files override split_dir
-    c.val_list = ""
-    c.test_list = ""
-    c.class_names_file = ""  # image_folder with lists: one name per line (optional)
-    c.num_classes = 0  # image_folder with lists and no names file: 0 = max label + 1
-    c.check_files = True  # stat the first file of every split before training
-    # CIFAR-LT
-    c.imbalance_ratio = 100
-    c.cifar_lt_seed = 42  # NumPy legacy global seed of the reference subset
-    # TFDS-backed sources
-    c.tfds_name = ""  # '' = the source's default TFDS name
-    c.tfds_data_dir = ""  # '' = TFDS default (~/tensorflow_datasets or $TFDS_DATA_DIR)
-    c.download = False  # never download unless asked
-    c.download_retries = 3  # HTTP retries per file (TFDS's own 10 take ~3.5 min offline)
-    c.cache_dir = ""  # label-scan cache for big TFDS sources; '' = <tfds data dir>/lpt_jax_cache
-    # Preprocessing
-    c.image_size = 224
-    c.resize_size = 256
-    c.antialias = True  # PIL-style (antialiased) bilinear, as the PyTorch reference
-    c.jpeg_fast_crop = True  # decode only the crop window of a JPEG (faster; same pixels
-    #   except a few border pixels, by a few levels, from chroma upsampling)
-    # Streams
-    c.cb_images_per_class = 4
-    # Instance-balanced batch: 'epoch_permutation' = every image once per epoch (ours);
-    # 'independent' = each step draws B distinct images on its own (the release rebuilds
-    # a shuffled loader every step: ~63 % of the images seen per epoch).
-    c.ib_sampling = "epoch_permutation"
-    c.corrupt_images = "fail"  # 'fail' | 'skip' (substitute / mask, with a warning)
-    c.num_parallel_calls = -1  # -1 = tf.data.AUTOTUNE
-    c.prefetch = 2  # batches
-    c.tf_threads = 0  # tf.data private thread pool size; 0 = TF's shared pool
-    return c
+    """The data section with its defaults (Places-LT at 224 px)."""
+    return f.defaults_of(FIELDS)
 
 
 def check_config(cfg) -> None:
-    """Raises DataError for a field value no source can use."""
-    if cfg.corrupt_images not in CORRUPT_POLICIES:
-        raise DataError(
-            f"data.corrupt_images={cfg.corrupt_images!r}; expected one of {CORRUPT_POLICIES}")
-    if cfg.get("ib_sampling", IB_SAMPLING[0]) not in IB_SAMPLING:
-        raise DataError(f"data.ib_sampling={cfg.ib_sampling!r}; expected one of {IB_SAMPLING}")
-    if cfg.format not in FORMATS:
-        raise DataError(f"data.format={cfg.format!r}; expected one of {FORMATS}")
-    if not 0 < cfg.image_size <= cfg.resize_size:
-        raise DataError(
-            f"data.image_size={cfg.image_size} must be in (0, data.resize_size={cfg.resize_size}]")
-    retries = cfg.get("download_retries", 0)
-    if not isinstance(retries, int) or retries < 0:
-        raise DataError(f"data.download_retries={retries!r} must be an integer >= 0")
-    if cfg.cb_images_per_class < 1:
-        raise DataError(f"data.cb_images_per_class={cfg.cb_images_per_class} must be >= 1")
+    """Raises DataError for the first field value of the data section `cfg` that no source
+    can use."""
+    f.check_section(cfg, FIELDS, "data.", DataError)

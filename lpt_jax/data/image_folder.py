@@ -24,7 +24,8 @@ from lpt_jax.data.list_datasets import (
     prepared_source,
     use_prepared,
 )
-from lpt_jax.data.source import Source, register
+from lpt_jax.data.registry import register
+from lpt_jax.data.source import Source
 from lpt_jax.errors import DataError
 from lpt_jax.storage import files
 

@@ -22,7 +22,8 @@ import numpy as np
 
 from lpt_jax.data._tf import tf
 from lpt_jax.data.list_datasets import INATURALIST_LISTS, build_list_source
-from lpt_jax.data.source import Source, SplitData, register
+from lpt_jax.data.registry import register
+from lpt_jax.data.source import Source, SplitData
 from lpt_jax.data.stores import RandomAccessStore
 from lpt_jax.data.tfds_util import open_dataset, tfds
 from lpt_jax.errors import DataError

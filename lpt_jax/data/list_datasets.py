@@ -4,7 +4,8 @@ import dataclasses
 import os
 
 from lpt_jax.data import prepared, split_lists
-from lpt_jax.data.source import Source, SplitData, register
+from lpt_jax.data.registry import register
+from lpt_jax.data.source import Source, SplitData
 from lpt_jax.data.stores import FileStore
 from lpt_jax.errors import DataError
 from lpt_jax.storage import files

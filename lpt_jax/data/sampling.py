@@ -24,7 +24,7 @@ import functools
 
 import numpy as np
 
-from lpt_jax.data.config import IB_SAMPLING
+from lpt_jax.data.config import FIELDS
 from lpt_jax.errors import DataError
 
 # Generator tags, one per kind of draw.
@@ -45,15 +45,17 @@ class DualSampler:
     """
 
     def __init__(self, labels, num_classes: int, global_batch: int, seed: int,
-                 images_per_class: int = 4, ib_sampling: str = "epoch_permutation"):
+                 images_per_class: int = FIELDS.fields["cb_images_per_class"].default,
+                 ib_sampling: str = FIELDS.fields["ib_sampling"].default):
         labels = np.asarray(labels, dtype=np.int64)
         if global_batch <= 0 or global_batch % images_per_class:
             raise DataError(f"global batch {global_batch} must be a positive multiple of "
                             f"data.cb_images_per_class={images_per_class}")
         if seed < 0:
             raise DataError(f"seed {seed} must be non-negative")
-        if ib_sampling not in IB_SAMPLING:
-            raise DataError(f"data.ib_sampling={ib_sampling!r}; expected one of {IB_SAMPLING}")
+        accepts = FIELDS.fields["ib_sampling"].accepts
+        if not accepts(ib_sampling):
+            raise DataError(f"data.ib_sampling={ib_sampling!r}: expected {accepts.words}")
         order = np.argsort(labels, kind="stable")
         counts = np.bincount(labels, minlength=num_classes)
         if counts.size != num_classes or np.any(counts == 0):

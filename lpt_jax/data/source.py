@@ -3,15 +3,14 @@
 import dataclasses
 import functools
 import hashlib
-import importlib
 import json
-from typing import Callable
 
 import numpy as np
 
+from lpt_jax.data import registry
 from lpt_jax.data.config import check_config
 from lpt_jax.data.groups import shot_groups
-from lpt_jax.errors import DataError
+from lpt_jax.errors import DataError, Setting
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,11 +67,11 @@ class Source:
 
     def split(self, name: str) -> SplitData:
         if name not in self.splits:
-            raise DataError(
-                f"{self.name} has no {name!r} split; it has {sorted(self.splits)}"
-                + ("; set --config.eval.final_split=test (training skips validation where "
-                   "there is no 'val' split)"
-                   if name == "val" and "test" in self.splits else ""))
+            hint = (("set ", Setting("eval.final_split", "test"), " (training skips validation "
+                     "where there is no 'val' split)")
+                    if name == "val" and "test" in self.splits else ())
+            raise DataError(f"{self.name} has no {name!r} split; it has {sorted(self.splits)}",
+                            hint=hint)
         return self.splits[name]
 
 
@@ -105,38 +104,11 @@ def validate_source(src: Source) -> Source:
     return src
 
 
-_REGISTRY: dict[str, Callable] = {}
-# The modules whose `@register` calls define the built-in sources; imported on first use of
-# the registry (they import TensorFlow, which `import lpt_jax.data` must not).
-_BUILTIN_MODULES = ("cifar_lt", "image_folder", "inaturalist", "list_datasets")
-
-
-def _register_builtins() -> None:
-    for module in _BUILTIN_MODULES:
-        importlib.import_module(f"lpt_jax.data.{module}")
-
-
-def register(name: str):
-    """Decorator: `@register('places_lt') def build(cfg) -> Source`."""
-    def wrap(fn):
-        _REGISTRY[name] = fn
-        return fn
-    return wrap
-
-
-def registered_sources() -> tuple:
-    _register_builtins()
-    return tuple(sorted(_REGISTRY))
-
-
 def get_source(cfg) -> Source:
     """Builds and validates the source named by `cfg.name`; raises DataError."""
     check_config(cfg)
-    _register_builtins()
-    if cfg.name not in _REGISTRY:
-        raise DataError(f"data.name={cfg.name!r}; expected one of {registered_sources()}")
     try:
-        src = _REGISTRY[cfg.name](cfg)
+        src = registry.builder(cfg.name)(cfg)
     except OSError as e:  # a folder, file or bucket that cannot be read
         where = f"{e.filename}: {e.strerror}" if getattr(e, "filename", None) else str(e)
         raise DataError(f"{cfg.name}: cannot read {where}; check the path and its permissions "

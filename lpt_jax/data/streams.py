@@ -38,7 +38,7 @@ class TrainStream:
         self._labels = self._split.labels
         self._cfg = cfg
         self.sampler = DualSampler(self._labels, src.num_classes, global_batch_size, seed, k,
-                                   ib_sampling=cfg.get("ib_sampling", "epoch_permutation"))
+                                   ib_sampling=cfg.ib_sampling)
         self.global_batch_size = int(global_batch_size)
         self.local_batch_size = self.global_batch_size // process_count
         self.seed = int(seed)

@@ -12,7 +12,7 @@ import tensorflow_datasets as tfds  # noqa: E402  pylint: disable=wrong-import-o
 
 from lpt_jax.data._tf import tf  # noqa: F401  (hides the accelerators before TFDS loads TF)
 from lpt_jax.data.tf_errors import first_line
-from lpt_jax.errors import DataError
+from lpt_jax.errors import DataError, Setting
 from lpt_jax.storage import files
 
 _CAUSE_CHARS = 120  # of a library's error message quoted in ours
@@ -41,10 +41,11 @@ def _not_prepared(err: BaseException) -> bool:
         isinstance(err, AssertionError) and "could not find data" in str(err))
 
 
-def build_hint(name: str) -> str:
-    """What to do when a TFDS dataset is not prepared and cannot be downloaded here."""
+def build_hint(name: str) -> tuple:
+    """What to do when a TFDS dataset is not prepared and cannot be downloaded here (error
+    parts)."""
     return (f"run `tfds build {name} --data_dir=DIR` on a machine with network access, then "
-            "pass --config.data.tfds_data_dir=DIR (DIR copied here)")
+            "pass ", Setting("data.tfds_data_dir", "DIR"), " (DIR copied here)")
 
 
 def _unknown_dataset(cfg, name: str) -> DataError:
@@ -59,9 +60,10 @@ def not_available(cfg, name: str, split: str, err: BaseException) -> DataError:
         return _unknown_dataset(cfg, name)
     what = ("is not prepared" if _not_prepared(err) else
             f"is not readable (split {split!r}: {_cause(err)})")
-    also = "" if cfg.download else ", or set --config.data.download=True to download it now"
-    return DataError(f"TFDS dataset {name!r} {what} in {_where(cfg)}: "
-                     f"{build_hint(name)}{also}")
+    also = () if cfg.download else (", or set ", Setting("data.download", True),
+                                    " to download it now")
+    return DataError(f"TFDS dataset {name!r} {what} in {_where(cfg)}: ", *build_hint(name),
+                     *also)
 
 
 def _listing(root: str, depth: int = 3) -> set:
@@ -129,7 +131,7 @@ def download(cfg, name: str) -> None:
     existed = files.exists(root)
     before = _listing(root) if existed else set()
     try:
-        with _http_retries(cfg.get("download_retries", 3)):
+        with _http_retries(cfg.download_retries):
             builder.download_and_prepare()
     except BaseException as e:  # noqa: BLE001 - Ctrl-C during the retries cleans up too
         cleaned = _remove_new(root, existed, before)
@@ -137,7 +139,7 @@ def download(cfg, name: str) -> None:
             raise
         raise DataError(
             f"downloading TFDS dataset {name!r} into {root} failed ({_cause(e)}); {cleaned}. "
-            f"Without network access: {build_hint(name)}") from e
+            "Without network access: ", *build_hint(name)) from e
 
 
 class _NoVariantNoise(logging.Filter):

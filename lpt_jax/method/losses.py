@@ -19,30 +19,20 @@ Cross-entropy and label smoothing are optax's (``optax.losses.softmax_cross_entr
 cross-entropy. Both keep the input's dtype, so float64 stays float64.
 
 Registry ``LOSSES`` maps a config name to a loss; ``make_branch_loss`` binds class counts and
-constants into ``f(logits, labels, rng)``.
+constants into ``f(logits, labels, rng)``; ``branch_fields`` declares a branch's config section.
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-# The two A-GCL instances of LPT: class-balanced and instance-balanced branch.
-AGCL_BRANCH_DEFAULTS: Mapping[str, Mapping[str, float]] = {
-    "cb": {"gamma_pos": 0.0, "gamma_neg": 4.0},
-    "ib": {"gamma_pos": 0.5, "gamma_neg": 8.0},
-}
-
-
-def agcl_branch_defaults() -> dict[str, dict[str, float]]:
-    """Return a fresh copy of ``{'cb': {...}, 'ib': {...}}``, the focusing exponents per branch."""
-    return {k: dict(v) for k, v in AGCL_BRANCH_DEFAULTS.items()}
-
+from lpt_jax.config.fields import Field, Section, number, one_of
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -146,7 +136,7 @@ def agcl_loss(logits: jnp.ndarray, labels: jnp.ndarray, class_counts: Any,
     ----------
     logits : (B, C) raw cosines.  labels : (B,) int.  class_counts : (C,) training counts.
     rng : key for the cloud; ignored when ``noise`` (B, C) is given (tests pass it explicitly).
-    gamma_pos, gamma_neg : focusing exponents (see ``agcl_branch_defaults``).
+    gamma_pos, gamma_neg : focusing exponents (LPT's per branch: lpt_jax.method.lpt).
     """
     z = clouded_logits(logits, class_counts, rng, cloud_weight=cloud_weight,
                        cloud_std=cloud_std, noise=noise)
@@ -239,6 +229,21 @@ LOSSES: dict[str, LossFn] = {
 }
 
 
+def branch_fields(doc: str, *, gamma_pos: float, gamma_neg: float) -> Section:
+    """A loss branch's config section: the loss by name and every constant of the losses
+    (a constant the chosen loss does not take is ignored: the A-GCL constants stay when a
+    branch switches to a baseline)."""
+    return Section(doc, dict(
+        name=Field("agcl", "the loss (LOSSES)", one_of(lambda: LOSSES)),
+        scale=Field(20.0, "s: the cosines' scale inside the loss", number(above=0)),
+        margin=Field(0.1, "m: the target's margin", number()),
+        cloud_weight=Field(0.5, "the Gaussian cloud's weight", number(at_least=0)),
+        cloud_std=Field(1 / 3, "the Gaussian cloud's std before clipping", number(above=0)),
+        label_smoothing=Field(0.1, "label smoothing eps", number(at_least=0, below=1)),
+        gamma_pos=Field(gamma_pos, "A-GCL's focusing exponent on the target", number(at_least=0)),
+        gamma_neg=Field(gamma_neg, "A-GCL's focusing exponent elsewhere", number(at_least=0))))
+
+
 def _keyword_constants(fn: LossFn) -> dict[str, inspect.Parameter]:
     params = inspect.signature(fn).parameters
     return {k: p for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
@@ -263,8 +268,7 @@ def make_branch_loss(name: str, class_counts: Any, **overrides: Any) -> Callable
     missing = sorted(k for k, p in allowed.items()
                      if p.default is inspect.Parameter.empty and k not in overrides)
     if missing:
-        hint = " (see agcl_branch_defaults())" if name == "agcl" else ""
-        raise ValueError(f"loss {name!r} needs {missing}{hint}")
+        raise ValueError(f"loss {name!r} needs {missing}")
     counts = None if class_counts is None else _validated_counts(class_counts)
     if counts is None and name in ("agcl", "gcl", "balanced_ce"):
         raise ValueError(f"loss {name!r} needs the training class counts")

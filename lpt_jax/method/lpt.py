@@ -1,274 +1,184 @@
-"""LPT around a frozen backbone: shared prompt, group-prompt pool with keys, cosine head.
+"""LPT as a method (Dong, Zhou, Yan, Zuo, ICLR 2023): its config sections, its two phases, its
+objective, and how each phase answers mixed-task batches. The Flax modules are in `lpt_model`.
 
-The backbone is any module with the interface documented in `lpt_jax.models` (the ViT of
-`lpt_jax.backbones.vit` by default); `lpt_from_config` picks it by `model.backbone`.
+    phase 1   trains the shared prompt (every block) and the cosine head
+    phase 2   starts from phase 1's export; the phase-1 feature is the query that picks the
+              top-k group prompts by key similarity; trains the pool, the keys and the head
 
-Parameters (`LPT.init(...)['params']`):
-    backbone/...                  the backbone (ViT: big_vision names), frozen in both phases
-    shared_prompt (L, P, D)       VPT-deep prompt, trained in phase 1
-    pool_prompts (M, L-K, P, D)   group prompts for blocks K..L-1, trained in phase 2
-    pool_keys (M, D)              keys matched against the phase-1 query, trained in phase 2
-    head/kernel (D, C)            cosine classifier, trained in both phases
-
-Forward functions (use as `model.apply(variables, images, method=...)`):
-    `phase1`          logits with the shared prompt only;
-    `phase2`          training/inference of phase 2 on the exact shared trunk: blocks 0..K-1
-                      run once, then branch into the query path and the group-prompt path;
-    `phase2_reference` the release's way (two full passes), for tests and benchmarks.
-    `__call__`        = `phase2` (initialises every parameter).
-
-Mixed-task batches (`lpt_jax.serving`): `PromptedBackbone` runs the same blocks with every
-prompt given per example instead of read from its own parameters, so one frozen backbone serves
-the examples of several trained tasks in one call; `select_per_example` and
-`average_selected` are phase 2's key matching and group averaging with each example's own
-pool and keys.
+Both phases train on dual sampling with A-GCL per branch (docs/spec.md §3-4).
 """
 
 from __future__ import annotations
 
-from typing import Optional
-
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-# Regexes over parameter paths: what each phase trains (everything else is frozen).
-TRAINABLE = {
-    1: (r"shared_prompt", r"head/.*"),
-    2: (r"pool_prompts", r"pool_keys", r"head/.*"),
-}
-
-
-def l2_normalize(x, axis=-1, eps=1e-12):
-    """x / max(||x||, eps), as torch.nn.functional.normalize."""
-    norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
-    return x / jnp.maximum(norm, eps)
-
-
-def _unit_columns_init(key, shape, dtype=jnp.float32):
-    w = jax.random.uniform(key, shape, dtype, -1.0, 1.0)
-    return l2_normalize(w, axis=0)
-
-
-class CosineHead(nn.Module):
-    """z = normalize(f) . normalize(W) per class column; raw cosines, the scale is the loss's."""
-    num_classes: int
-
-    @nn.compact
-    def __call__(self, feature):
-        w = self.param("kernel", _unit_columns_init, (feature.shape[-1], self.num_classes))
-        f = l2_normalize(feature.astype(jnp.float32))
-        return f @ l2_normalize(w, axis=0)
+from lpt_jax.config.fields import (
+    BATCHED,
+    EXPORTED,
+    Field,
+    Section,
+    boolean,
+    integer,
+    number,
+    one_of,
+)
+from lpt_jax.errors import ConfigError
+from lpt_jax.method import losses, registry
+from lpt_jax.method.lpt_model import (
+    LPT,
+    PromptedBackbone,
+    average_selected,
+    lpt_from_config,
+    select_per_example,
+)
+from lpt_jax.method.phases import Phase
 
 
-class _PromptedBlocks:
-    """The block runs of `LPT` and `PromptedBackbone`: a module with `backbone` and
-    `prompt_position`, whose prompts for block i come from `extra_for_block(i)`."""
-
-    def _run(self, x, start, stop, extra_for_block):
-        """Blocks start..stop-1 -> tokens."""
-        extras = {i: extra_for_block(i) for i in range(start, stop)}
-        return self.backbone.encode(x, start, stop, extras, self.prompt_position)
-
-    def _feature(self, x, start, extra_for_block):
-        """Blocks start..L-1, then the backbone's pooled feature (B, D)."""
-        extras = {i: extra_for_block(i) for i in range(start, self.backbone.depth)}
-        return self.backbone.encode_features(x, start, extras, self.prompt_position)
+def _top_k_fits_pool(lpt, root) -> None:
+    if lpt.top_k > lpt.pool_size:
+        raise ConfigError(f"model.lpt.top_k={lpt.top_k}: expected an integer in "
+                          f"[1, model.lpt.pool_size={lpt.pool_size}]", field="model.lpt.top_k")
 
 
-class LPT(_PromptedBlocks, nn.Module):
-    backbone: nn.Module            # depth, width, embed, encode, encode_features (lpt_jax.models)
-    num_classes: int
-    prompt_length: int = 10
-    pool_size: int = 20
-    shared_depth: int = 6          # K: blocks 0..K-1 see the shared prompt only
-    top_k: int = 2
-    head_dropout: float = 0.1
-    prompt_init_std: float = 0.02
-    prompt_position: str = "append"  # or 'after_cls' (equivalent: prompts have no posemb)
+FIELDS = Section("LPT's prompts, group-prompt pool and cosine head (spec §2)", dict(
+    prompt_length=Field(10, "prompt tokens per block (the shared prompt, each group prompt)",
+                        integer(at_least=1), BATCHED),
+    pool_size=Field(20, "M: group prompts in the pool", integer(at_least=1)),
+    shared_depth=Field(6, "K: blocks 0..K-1 see the shared prompt only, group prompts join "
+                       "from block K", integer(at_least=0), EXPORTED, BATCHED),
+    top_k=Field(2, "group prompts picked (and averaged) per image", integer(at_least=1),
+                EXPORTED),
+    head_dropout=Field(0.1, "dropout on the feature before the head, in training",
+                       number(at_least=0, below=1)),
+    prompt_init_std=Field(0.02, "std of the N(0, std^2) init of prompts, pool and keys",
+                          number(above=0)),
+    prompt_position=Field("append", "where prompts join the tokens: 'append' or 'after_cls' "
+                          "(the same function: prompts carry no position)",
+                          one_of("append", "after_cls"), EXPORTED, BATCHED)),
+    rules=(_top_k_fits_pool,))
 
-    def setup(self):
-        depth, width = self.backbone.depth, self.backbone.width
-        if not 0 <= self.shared_depth <= depth:
-            raise ValueError(f"shared_depth {self.shared_depth} must be within [0, {depth}]")
-        if not 1 <= self.top_k <= self.pool_size:
-            raise ValueError(f"top_k {self.top_k} must be within [1, pool_size={self.pool_size}]")
-        init = nn.initializers.normal(self.prompt_init_std)  # untruncated N(0, std^2)
-        self.shared_prompt = self.param("shared_prompt", init,
-                                        (depth, self.prompt_length, width))
-        self.pool_prompts = self.param(
-            "pool_prompts", init,
-            (self.pool_size, depth - self.shared_depth, self.prompt_length, width))
-        self.pool_keys = self.param("pool_keys", init, (self.pool_size, width))
-        self.head = CosineHead(self.num_classes, name="head")
-        self.dropout = nn.Dropout(self.head_dropout)
-
-    # ---- building blocks ------------------------------------------------------------------
-    def _shared(self, i):
-        return self.shared_prompt[i]
-
-    def _classify(self, feature, train: bool):
-        feature = self.dropout(feature, deterministic=not train)
-        return self.head(feature)
-
-    def trunk(self, images):
-        """Tokens after blocks 0..K-1 with the shared prompt (identical for query and main pass)."""
-        x = self.backbone.embed(images)
-        return self._run(x, 0, self.shared_depth, self._shared)
-
-    def query_from_trunk(self, x):
-        """Blocks K..L-1 with the shared prompt only -> CLS feature, gradient stopped."""
-        return jax.lax.stop_gradient(self._feature(x, self.shared_depth, self._shared))
-
-    def select(self, query):
-        """Per-sample cosine top-k of the keys. Returns (indices (B,k), cosines (B,k))."""
-        sims = l2_normalize(query.astype(jnp.float32)) @ l2_normalize(
-            self.pool_keys.astype(jnp.float32)).T
-        cos, idx = jax.lax.top_k(sims, self.top_k)
-        return idx, cos
-
-    def main_from_trunk(self, x, idx, train: bool):
-        """Blocks K..L-1 with [shared_i ; mean of the selected group prompts] -> logits."""
-        group = jnp.mean(jnp.take(self.pool_prompts, idx, axis=0), axis=1)  # (B, L-K, P, D)
-        b = x.shape[0]
-
-        def extra(i):
-            shared = jnp.broadcast_to(self._shared(i), (b,) + self._shared(i).shape)
-            return jnp.concatenate([shared, group[:, i - self.shared_depth]], axis=1)
-
-        return self._classify(self._feature(x, self.shared_depth, extra), train)
-
-    # ---- forward functions ----------------------------------------------------------------
-    def phase1(self, images, train: bool = False):
-        """Phase 1: the shared prompt at every block -> cosine logits (B, C)."""
-        return self._classify(self._feature(self.backbone.embed(images), 0, self._shared), train)
-
-    def phase2(self, images, train: bool = False, stop_trunk_gradient: bool = True):
-        """Phase 2 on the exact shared trunk (L + (L-K) block evaluations instead of 2L).
-
-        Returns dict(logits (B,C), match S (scalar, mean over batch of summed top-k
-        cosines), indices (B,k), query (B,D)).
-        """
-        x = self.trunk(images)
-        if stop_trunk_gradient:  # backbone and shared prompt are frozen: no backward here
-            x = jax.lax.stop_gradient(x)
-        query = self.query_from_trunk(x)
-        idx, cos = self.select(query)
-        logits = self.main_from_trunk(x, idx, train)
-        return dict(logits=logits, match=jnp.mean(jnp.sum(cos, axis=1)), indices=idx,
-                    query=query)
-
-    def phase2_reference(self, images, train: bool = False, distinct_passes: bool = True):
-        """The release's computation: a full query pass and a full main pass (2L blocks).
-
-        Both passes start from the same embedding, so XLA's common-subexpression elimination
-        merges their identical blocks 0..K-1 into one trunk by itself. `distinct_passes`
-        (default) starts the main pass from the embedding plus a zero that XLA cannot see is
-        zero (0 * x is not folded for floats), so the compiled program really evaluates all 2L
-        blocks, as the release does (only the cheap patch embedding is shared); False leaves
-        the merge to XLA. (An optimization barrier is not enough: XLA removes it after its
-        first CSE pass, and later passes were seen to merge one of two calls in a program.)
-        """
-        x0 = self.backbone.embed(images)
-        query = jax.lax.stop_gradient(self._feature(x0, 0, self._shared))
-        idx, cos = self.select(query)
-        if distinct_passes:
-            x0 = x0 + 0.0 * jax.lax.stop_gradient(x0[:, :1, :1])
-        x = self._run(x0, 0, self.shared_depth, self._shared)
-        logits = self.main_from_trunk(x, idx, train)
-        return dict(logits=logits, match=jnp.mean(jnp.sum(cos, axis=1)), indices=idx,
-                    query=query)
-
-    def __call__(self, images, train: bool = False):
-        """Initialises every parameter (phase 2 touches them all, on 2L-K blocks)."""
-        return self.phase2(images, train)
+LOSS = Section("A-GCL per branch and the dual-sampling objective (spec §3)", dict(
+    cb=losses.branch_fields("the class-balanced branch", gamma_pos=0.0, gamma_neg=4.0),
+    ib=losses.branch_fields("the instance-balanced branch", gamma_pos=0.5, gamma_neg=8.0),
+    match_weight=Field(0.5, "w in L = loss_cb - w S_cb + eta_e (loss_ib - w S_ib)",
+                       number(at_least=0)),
+    dual_sampling=Field(True, "both batches per step (False: the instance-balanced batch "
+                        "alone, weight 1)", boolean())))
 
 
-class PromptedBackbone(_PromptedBlocks, nn.Module):
-    """LPT's blocks with the prompts passed in per example (B leading), not read from params.
+# ------------------------------------------------------------------------------------------
+# The objective of a step (both phases; phase 1 picks nothing, so its matching term is 0).
 
-    Its only parameters are `backbone/...`, named as in `LPT`. The methods are LPT's paths
-    with each example's own prompts: `trunk` (blocks 0..K-1, shared prompt), `query` (blocks
-    K..L-1, shared prompt: the phase-1 feature, and phase 2's query), `main` (blocks K..L-1,
-    shared prompt then the averaged group prompts: the phase-2 feature). Features are the
-    backbone's pooled output; the cosine head is applied by the caller.
-    """
-    backbone: nn.Module
-    shared_depth: int
-    prompt_position: str = "append"
+def objective(config, class_counts, epochs: int):
+    """f(forward, params, batch, rng, epoch) -> (loss, {term: scalar}, [picked per branch]):
+    L = loss_cb - w S_cb + eta_e (loss_ib - w S_ib), or loss_ib - w S_ib without dual
+    sampling."""
+    branch_loss = {b: losses.make_branch_loss(
+        config.loss[b].name, class_counts,
+        **{k: v for k, v in config.loss[b].items() if k != "name"}) for b in ("cb", "ib")}
+    w, dual = config.loss.match_weight, config.loss.dual_sampling
 
-    def trunk(self, images, shared):
-        """shared (B, L, P, D) -> tokens after blocks 0..K-1."""
-        return self._run(self.backbone.embed(images), 0, self.shared_depth,
-                         lambda i: shared[:, i])
+    def f(forward, params, batch, rng, epoch):
+        r_cb, r_ib, d_cb, d_ib = jax.random.split(rng, 4)
 
-    def query(self, x, shared):
-        """Trunk tokens -> blocks K..L-1 with the shared prompt -> feature (B, D)."""
-        return self._feature(x, self.shared_depth, lambda i: shared[:, i])
-
-    def main(self, x, shared, group):
-        """Trunk tokens, group (B, L-K, P, D) -> blocks K..L-1 with [shared_i ; group_i]."""
-        k = self.shared_depth
-        return self._feature(
-            x, k, lambda i: jnp.concatenate([shared[:, i], group[:, i - k]], axis=1))
-
-
-def select_per_example(query, keys, valid, top_k: int):
-    """`LPT.select` with each example's own keys (B, M, D); keys where `valid` (B, M) is False
-    (a smaller pool padded to M) are never picked. Returns (indices (B, k), cosines (B, k))."""
-    sims = jnp.einsum("bd,bmd->bm", l2_normalize(query.astype(jnp.float32)),
-                      l2_normalize(keys.astype(jnp.float32)))
-    cos, idx = jax.lax.top_k(jnp.where(valid, sims, -jnp.inf), top_k)
-    return idx, cos
+        def branch(which, loss_rng, dropout_rng):
+            out = forward(params, batch[which]["image"], True, dropout_rng)
+            return branch_loss[which](out["logits"], batch[which]["label"], loss_rng), out
+        loss_ib, out_ib = branch("ib", r_ib, d_ib)
+        if not dual:  # ablation: the instance-balanced branch alone, weight 1
+            total = loss_ib - w * out_ib["match"]
+            parts, picked = {"loss_ib": loss_ib, "match_ib": out_ib["match"]}, [out_ib["indices"]]
+        else:
+            loss_cb, out_cb = branch("cb", r_cb, d_cb)
+            total, parts = losses.phase_objective(loss_cb, loss_ib, out_cb["match"],
+                                                  out_ib["match"], losses.eta(epoch, epochs), w)
+            parts.pop("total")
+            parts["ib_weight"] = parts.pop("eta")  # TensorBoard: "eta" reads as time remaining
+            picked = [out_cb["indices"], out_ib["indices"]]
+        if not picked[0].shape[-1]:  # nothing picked: no matching term worth logging
+            parts = {k: v for k, v in parts.items() if not k.startswith("match_")}
+        return total, parts, picked
+    return f
 
 
-def average_selected(pools, task, idx, weights):
-    """Each example's selected group prompts, averaged, from the pools of several tasks:
-    pools (T, M, L-K, P, D), task (B,), idx (B, k), weights (B, k) = 1/k_b on the example's
-    first k_b picks and 0 after them (tasks of several top-k values in one batch)
-    -> (B, L-K, P, D). Elementwise (no matmul precision to differ): `LPT`'s mean up to float
-    rounding (exactly, for k <= 2)."""
-    picked = pools[task[:, None], idx]                     # (B, k, L-K, P, D)
-    return jnp.sum(picked * weights[:, :, None, None, None], axis=1)
+# ------------------------------------------------------------------------------------------
+# Serving: each phase's prompts stacked over tasks, and its per-example forward.
+
+def _stack_shared(trained, configs) -> dict:
+    return {"shared": np.stack([np.asarray(t["shared_prompt"], np.float32) for t in trained])}
 
 
-def backbone_in_compute_dtype(params, model: LPT):
-    """`params` with the frozen backbone's weights stored in the backbone's compute dtype
-    (`model.vit.dtype`), as the layers read them: a bfloat16 model then holds no float32
-    copy of the frozen weights and converts none per step. Numerically a no-op: Flax's
-    Dense / DenseGeneral / Conv cast kernel and bias to the compute dtype before use, and the
-    ViT casts its position embedding, class token and MAP probe; LayerNorm scales and biases,
-    which Flax multiplies in float32, keep their dtype."""
-    dtype = jnp.dtype(getattr(model.backbone, "dtype", jnp.float32))
-    if "backbone" not in params or dtype == jnp.float32:
-        return params
-
-    def cast(path, leaf):
-        names = [str(getattr(k, "key", k)) for k in path]
-        if any("LayerNorm" in n or n == "encoder_norm" for n in names):
-            return leaf
-        return leaf.astype(dtype) if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf
-    return {**params, "backbone": jax.tree_util.tree_map_with_path(cast, params["backbone"])}
+def _serve_phase1(model: PromptedBackbone, variables, stack, images, task):
+    """The phase-1 feature: blocks 0..L-1 with each row's task's shared prompt."""
+    shared = jnp.take(stack["shared"], task, axis=0)                    # (B, L, P, D)
+    x = model.apply(variables, images, shared, method=PromptedBackbone.trunk)
+    feature = model.apply(variables, x, shared, method=PromptedBackbone.query)
+    return feature, jnp.zeros((images.shape[0], 0), jnp.int32)
 
 
-def lpt_from_config(model_cfg, num_classes: int, backbone: Optional[nn.Module] = None) -> LPT:
-    """Builds the LPT model from the `model` section of a config (see configs/common.py).
+def _stack_pool(trained, configs) -> dict:
+    """Shared prompts, pools and keys padded to the largest pool (`valid` marks real
+    entries), and per-task weights 1/k on the first k picks (tasks of several top-k)."""
+    m = max(int(c.model.lpt.pool_size) for c in configs)
+    k = max(int(c.model.lpt.top_k) for c in configs)
+    first = np.asarray(trained[0]["pool_prompts"])
+    pools = np.zeros((len(trained), m) + first.shape[1:], np.float32)
+    keys = np.zeros((len(trained), m, first.shape[-1]), np.float32)
+    valid = np.zeros((len(trained), m), bool)
+    weights = np.zeros((len(trained), k), np.float32)
+    for i, (t, c) in enumerate(zip(trained, configs)):
+        size, top_k = int(c.model.lpt.pool_size), int(c.model.lpt.top_k)
+        pools[i, :size], keys[i, :size], valid[i, :size] = t["pool_prompts"], t["pool_keys"], True
+        weights[i, :top_k] = 1.0 / top_k
+    return dict(_stack_shared(trained, configs), pools=pools, keys=keys, valid=valid,
+                weights=weights)
 
-    The backbone is `lpt_jax.models.get_backbone(model_cfg.backbone).from_config(model_cfg.<that
-    name>)` (default 'vit': `model_cfg.vit`) unless one is passed.
-    """
-    if backbone is None:
-        from lpt_jax import backbones as models
-        from lpt_jax.errors import ConfigError
-        name = getattr(model_cfg, "backbone", None) or "vit"
-        family = models.get_backbone(name)
-        section = getattr(model_cfg, name, None)
-        if section is None:
-            raise ConfigError(f"model.backbone={name!r} but the config has no model.{name}")
-        backbone = family.from_config(section)
-    lpt = model_cfg.lpt
-    return LPT(backbone=backbone, num_classes=num_classes,
-               prompt_length=lpt.prompt_length, pool_size=lpt.pool_size,
-               shared_depth=lpt.shared_depth, top_k=lpt.top_k,
-               head_dropout=lpt.head_dropout, prompt_init_std=lpt.prompt_init_std,
-               prompt_position=lpt.prompt_position)
+
+def _serve_phase2(model: PromptedBackbone, variables, stack, images, task):
+    """The phase-2 feature as `LPT.phase2` computes it, with each row's task's prompt, pool
+    and keys; picked pool entries (-1 past the row's task's top-k)."""
+    shared = jnp.take(stack["shared"], task, axis=0)
+    x = model.apply(variables, images, shared, method=PromptedBackbone.trunk)
+    query = model.apply(variables, x, shared, method=PromptedBackbone.query)
+    weights = stack["weights"][task]
+    idx, _ = select_per_example(query, stack["keys"][task], stack["valid"][task],
+                                weights.shape[1])
+    group = average_selected(stack["pools"], task, idx, weights)
+    feature = model.apply(variables, x, shared, group, method=PromptedBackbone.main)
+    return feature, jnp.where(weights > 0, idx, -1)
+
+
+PHASES = (
+    Phase(1, LPT.phase1, ("shared_prompt", r"head/.*"),
+          doc="phase 1: the shared prompt and the head", stack=_stack_shared,
+          serve=_serve_phase1),
+    Phase(2, LPT.phase2, ("pool_prompts", "pool_keys", r"head/.*"),
+          doc="phase 2: the group-prompt pool, its keys and the head (from phase 1's export)",
+          starts_from=1, stack=_stack_pool, serve=_serve_phase2),
+)
+
+
+def _build(model_cfg, num_classes: int, backbone) -> LPT:
+    """LPT around `backbone`; K must fit its depth (found before anything is written)."""
+    k = model_cfg.lpt.shared_depth
+    if k > backbone.depth:
+        raise ConfigError(f"model.lpt.shared_depth={k}: expected an integer in "
+                          f"[0, {backbone.depth}] (the backbone's depth)",
+                          field="model.lpt.shared_depth")
+    return lpt_from_config(model_cfg, num_classes, backbone=backbone)
+
+
+def _serving_model(model_cfg, backbone) -> PromptedBackbone:
+    return PromptedBackbone(backbone, shared_depth=int(model_cfg.lpt.shared_depth),
+                            prompt_position=model_cfg.lpt.prompt_position)
+
+
+METHOD = registry.Method(
+    name="lpt", fields=FIELDS, loss=LOSS, phases=PHASES, build=_build,
+    objective=objective, probability_scale=lambda config: float(config.loss.cb.scale),
+    serving_model=_serving_model,
+    streams=lambda config: ("cb", "ib") if config.loss.dual_sampling else ("ib",))
+registry.register(METHOD)
+

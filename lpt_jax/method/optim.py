@@ -9,6 +9,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lpt_jax.config.fields import Field, Section, integer, number
+
+FIELDS = Section("SGD with momentum and coupled weight decay, stepped per epoch (spec §5)", dict(
+    base_lr=Field(0.02, "peak learning rate at batch lr_reference_batch (lr = base_lr * B / "
+                  "lr_reference_batch)", number(above=0)),
+    lr_reference_batch=Field(256, "the batch base_lr is given for", integer(at_least=1)),
+    momentum=Field(0.9, "SGD momentum", number(at_least=0, below=1)),
+    weight_decay=Field(0.01, "coupled weight decay (added to the gradient)", number(at_least=0)),
+    warmup_lr=Field(1e-6, "the learning rate of epoch 0 (the warm-up ramps from it)",
+                    number(at_least=0)),
+    warmup_epochs=Field(1, "epochs of linear warm-up from warmup_lr to the peak",
+                        integer(at_least=0))))
+
 
 def epoch_learning_rates(base_lr: float, epochs: int, *, warmup_lr: float = 1e-6,
                          warmup_epochs: int = 1) -> np.ndarray:

@@ -1,7 +1,14 @@
-"""The training phases as data: what each one runs, trains and starts from.
+"""A training phase as data: the model method it runs, what it trains, what it starts from,
+its config section, and how it answers mixed-task batches when served.
 
-Adding a phase is one more `Phase` in `PHASES` (plus its `config.phase<n>` section); the
-trainer, the train step, the exports and inference read everything phase-specific from here.
+Every phase's forward returns the same structure, so the train step, inference and serving
+never ask which phase they run:
+
+    {"logits": (B, C) cosines, "match": () the key-matching term (0 where nothing is picked),
+     "indices": (B, k) the pool entries picked per example ((B, 0) where nothing is picked)}
+
+A method (lpt_jax.method.registry) numbers its phases 1, 2, ...; phase n's config section and
+workdir folder are both `phase<n>`.
 """
 
 from __future__ import annotations
@@ -9,67 +16,51 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Optional
 
-import jax.numpy as jnp
-
-from lpt_jax.errors import ConfigError
-from lpt_jax.method.lpt import LPT, TRAINABLE
+from lpt_jax.config.fields import Field, Section, integer, regexes
 
 
 @dataclasses.dataclass(frozen=True)
 class Phase:
     number: int
-    forward_method: Callable        # an LPT method: (images, train) -> logits or dict
-    trainable: tuple[str, ...]      # regexes over parameter paths (default of config.phase<n>)
-    starts_from: Optional[int]      # the phase whose export initialises this one
-    selects_prompts: bool           # the forward picks pool prompts (match term, indices)
+    forward_method: Callable          # a model method: (images, train) -> the structure above
+    trainable: tuple[str, ...]        # regexes over parameter paths (config.phase<n>.trainable)
+    doc: str = ""
+    starts_from: Optional[int] = None  # the phase whose export initialises this one
+    epochs: int = 10                  # defaults of its config section
+    batch_size: int = 256
+    # Serving (lpt_jax.serving): `stack(trained trees, task configs)` -> arrays with a leading
+    # task axis; `serve(model, variables, stack, images, task)` -> (features (B, D), picked
+    # (B, k) or (B, 0)), `model` the method's serving model, `task` each row's index into the
+    # stack. A phase without them cannot share a batch with other tasks.
+    stack: Optional[Callable] = None
+    serve: Optional[Callable] = None
 
     @property
     def name(self) -> str:
-        return f"phase{self.number}"  # also the config section and the workdir folder
+        return f"phase{self.number}"  # its config section and its workdir folder
+
+    def fields(self) -> Section:
+        """Its config section."""
+        return Section(self.doc or f"phase {self.number}", dict(
+            epochs=Field(self.epochs, "epochs of this phase", integer(at_least=1)),
+            batch_size=Field(self.batch_size, "images per stream and step (a dual-sampling step "
+                             "sees 2 x batch_size)", integer(at_least=1)),
+            trainable=Field(tuple(self.trainable), "regexes over parameter paths: what this "
+                            "phase trains (everything else is frozen)", regexes())))
 
     def section(self, config):
         return config[self.name]
 
     def trainable_patterns(self, config) -> tuple[str, ...]:
-        return tuple(self.section(config).get("trainable", self.trainable))
-
-    def exported_patterns(self) -> tuple[str, ...]:
-        """What this phase's export holds: what it trains plus what the phases it starts from
-        trained, so the file alone (next to the backbone) reproduces its predictions."""
-        earlier = PHASES[self.starts_from].exported_patterns() if self.starts_from else ()
-        return earlier + self.trainable
+        return tuple(self.section(config).trainable)
 
     def seed(self, config) -> int:
         return config.seed + 1000 * self.number
 
-    def forward(self, model: LPT) -> Callable:
-        """(params, images, train, dropout_rng) -> dict(logits, match, indices); phases that
-        select no prompts return match 0 and indices None."""
+    def forward(self, model) -> Callable:
+        """(params, images, train, dropout_rng) -> {'logits', 'match', 'indices'}."""
         def forward(params, images, train, rng):
             rngs = {"dropout": rng} if train else {}
-            out = model.apply({"params": params}, images, train, method=self.forward_method,
-                              rngs=rngs)
-            if not self.selects_prompts:
-                out = {"logits": out, "match": jnp.zeros((), jnp.float32), "indices": None}
-            return out
+            return model.apply({"params": params}, images, train, method=self.forward_method,
+                               rngs=rngs)
         return forward
-
-
-PHASES = {
-    1: Phase(1, LPT.phase1, TRAINABLE[1], starts_from=None, selects_prompts=False),
-    2: Phase(2, LPT.phase2, TRAINABLE[2], starts_from=1, selects_prompts=True),
-}
-
-
-def parse_phases(spec) -> tuple[Phase, ...]:
-    """'1,2' (config.train.phases) -> the phases to run, in order."""
-    try:
-        numbers = tuple(int(p) for p in str(spec).replace(" ", "").split(",") if p)
-    except ValueError:
-        numbers = ()
-    if (not numbers or any(n not in PHASES for n in numbers)
-            or list(numbers) != sorted(set(numbers))):
-        known = ", ".join(str(n) for n in PHASES)
-        raise ConfigError(f"train.phases={spec!r}: expected increasing phase numbers from "
-                          f"{{{known}}}, e.g. '1', '2' or '1,2'")
-    return tuple(PHASES[n] for n in numbers)

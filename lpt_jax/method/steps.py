@@ -23,9 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lpt_jax import parallel, tree
-from lpt_jax.method import losses, optim
-from lpt_jax.method.lpt import backbone_in_compute_dtype
+from lpt_jax import backbones, parallel, tree
+from lpt_jax.method import optim, registry
 from lpt_jax.method.phases import Phase
 
 
@@ -42,10 +41,10 @@ class TrainStep:
 
     def init(self, params: Mapping) -> tuple[dict, dict]:
         """(state, frozen): the state holds what is trained plus what resuming needs; the
-        frozen backbone is stored in the model's compute dtype (`backbone_in_compute_dtype`)."""
+        frozen backbone is stored in its compute dtype (`backbones.stored_in_compute_dtype`)."""
         trainable, frozen = tree.split(params, self.patterns)
         if self.model is not None:
-            frozen = backbone_in_compute_dtype(frozen, self.model)
+            frozen = backbones.stored_in_compute_dtype(frozen, self.model.backbone)
         state = {"trainable": trainable, "opt_state": self.tx.init(trainable),
                  "step": jnp.int32(0), "rng": jax.random.PRNGKey(self.seed)}
         return state, frozen
@@ -60,36 +59,19 @@ class TrainStep:
 
 def make_train_step(model, phase: Phase, config, *, class_counts: np.ndarray,
                     steps_per_epoch: int, batch_size: int) -> TrainStep:
-    """The train step of `phase` for `model` under `config` (loss, optim, phase sections)."""
+    """The train step of `phase` for `model` under `config`: the method's objective
+    (config.model.method), the optim section and the phase's section."""
     epochs = phase.section(config).epochs
     forward = phase.forward(model)
-    branch_loss = {b: losses.make_branch_loss(
-        config.loss[b].name, class_counts,
-        **{k: v for k, v in config.loss[b].items() if k != "name"}) for b in ("cb", "ib")}
-    w_match, dual = config.loss.match_weight, config.loss.dual_sampling
+    method_objective = registry.of(config).objective(config, class_counts, epochs)
     schedule = optim.make_schedule(config.optim, batch_size=batch_size, epochs=epochs,
                                    steps_per_epoch=steps_per_epoch)
     tx = optim.make_optimizer(config.optim)
 
-    def branch(params, images, labels, which, loss_rng, dropout_rng):
-        out = forward(params, images, True, dropout_rng)
-        return branch_loss[which](out["logits"], labels, loss_rng), out
-
     def objective(trainable, frozen, batch, rng, epoch):
-        params = tree.merge(trainable, frozen)
-        r_cb, r_ib, d_cb, d_ib = jax.random.split(rng, 4)
-        loss_ib, out_ib = branch(params, batch["ib"]["image"], batch["ib"]["label"], "ib",
-                                 r_ib, d_ib)
-        if not dual:  # ablation: the instance-balanced branch alone, weight 1
-            return loss_ib - w_match * out_ib["match"], (
-                {"loss_ib": loss_ib, "match_ib": out_ib["match"]}, [out_ib["indices"]])
-        loss_cb, out_cb = branch(params, batch["cb"]["image"], batch["cb"]["label"], "cb",
-                                 r_cb, d_cb)
-        total, parts = losses.phase_objective(loss_cb, loss_ib, out_cb["match"], out_ib["match"],
-                                              losses.eta(epoch, epochs), w_match)
-        parts.pop("total")
-        parts["ib_weight"] = parts.pop("eta")  # TensorBoard: "eta" reads as time remaining
-        return total, (parts, [out_cb["indices"], out_ib["indices"]])
+        total, parts, picked = method_objective(forward, tree.merge(trainable, frozen), batch,
+                                                rng, epoch)
+        return total, (parts, picked)
 
     def step(state, frozen, batch):
         step_no = state["step"]
@@ -112,12 +94,8 @@ def make_train_step(model, phase: Phase, config, *, class_counts: np.ndarray,
                      "step": step_no + 1, "rng": state["rng"]}
         metrics: dict[str, Any] = {"loss": loss, "grad_norm": grad_norm, "lr": lr,
                                    "nonfinite": (~finite).astype(jnp.int32), **parts}
-        if phase.selects_prompts:  # which pool prompts are picked: collapse shows here
-            idx = jnp.concatenate([i.reshape(-1) for i in indices])
-            metrics["pool_selection"] = jnp.bincount(idx, length=model.pool_size)
-        else:  # no matching term in this phase: do not log constant zeros
-            for key in ("match_cb", "match_ib"):
-                metrics.pop(key, None)
+        if indices[0].shape[-1]:  # the pool entries picked: collapse shows here
+            metrics["pool_selection"] = jnp.concatenate([i.reshape(-1) for i in indices])
         return new_state, metrics
 
     return TrainStep(step, phase, phase.trainable_patterns(config), tx, schedule,

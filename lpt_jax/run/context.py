@@ -1,5 +1,5 @@
 """What every phase, evaluation and prediction of a run shares, built once and checked before
-anything is written: the mesh, the data source, the model and its parameters."""
+anything is written: the mesh, the data source, the method, the model and its parameters."""
 
 from __future__ import annotations
 
@@ -10,12 +10,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from lpt_jax import backbones as models
-from lpt_jax import data, parallel
-from lpt_jax.config import checks as config_checks
-from lpt_jax.errors import ConfigError
-from lpt_jax.method.lpt import LPT, lpt_from_config
-from lpt_jax.method.phases import PHASES
+from lpt_jax import backbones, data, parallel
+from lpt_jax.config import schema
+from lpt_jax.errors import CheckpointError, ConfigError, Setting
+from lpt_jax.method import registry
+from lpt_jax.method.registry import Method
 from lpt_jax.text import head as text_head
 from lpt_jax.weights.npz import file_fingerprint
 
@@ -26,8 +25,9 @@ class Context:
     workdir: str
     mesh: jax.sharding.Mesh
     source: Any               # lpt_jax.data.Source: counts, class names, splits
-    model: LPT
-    params: dict              # the full LPT tree (host arrays; the backbone loaded)
+    method: Method            # lpt_jax.method.registry: phases, objective, ...
+    model: Any                # the method's Flax model around the backbone
+    params: dict              # the full param tree (host arrays; the backbone loaded)
     backbone_identity: dict   # size + hash of the backbone file, recorded in exports
 
 
@@ -36,12 +36,14 @@ def build_context(config, workdir: str, *, load_backbone: bool = True,
     """Validates config, data and checkpoint, and builds the model and its parameters.
     `trained_head`: an export will supply the head (eval, predict), so model.head_init='text'
     need not run the text tower."""
-    config_checks.check(config)
+    schema.check(config)
+    method = registry.of(config)
     n = config.train.num_devices
     if n and n > jax.device_count():
-        raise ConfigError(f"train.num_devices={n} but only {jax.device_count()} devices exist")
+        raise ConfigError(f"train.num_devices={n} but only {jax.device_count()} devices exist",
+                          field="train.num_devices")
     mesh = parallel.make_mesh(jax.devices()[:n] if n else None)
-    for phase in PHASES.values():
+    for phase in method.phases:
         batch = phase.section(config).batch_size
         parallel.check_batch_size(batch, mesh, f"{phase.name}.batch_size")
         group = config.data.cb_images_per_class * jax.process_count()
@@ -49,29 +51,29 @@ def build_context(config, workdir: str, *, load_backbone: bool = True,
             raise ConfigError(
                 f"{phase.name}.batch_size={batch} must be a multiple of "
                 f"data.cb_images_per_class x processes = {group}: the class-balanced batch "
-                "comes in same-class groups")
+                "comes in same-class groups", field=f"{phase.name}.batch_size")
     parallel.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
     source = data.get_source(config.data)
     _check_against_data(config, source)
-    model = lpt_from_config(config.model, source.num_classes)
-    depth = model.backbone.depth
-    if config.model.lpt.shared_depth > depth:
-        raise ConfigError(f"model.lpt.shared_depth={config.model.lpt.shared_depth}: expected "
-                          f"an integer in [0, {depth}] (the backbone's depth)")
+    family = backbones.get(config.model.backbone)
+    model = method.build(config.model, source.num_classes, family.from_config(
+        config.model[config.model.backbone]))
     params = init_params(model, config)
     identity = {}
     if load_backbone:
-        family = models.get_backbone(config.model.get("backbone", "vit"))
-        # Only a two-tower file needs a subtree; other backbone families need not know it.
-        subtree = config.backbone.get("subtree", "")
-        params["backbone"] = family.load_params(
-            config.backbone.checkpoint, params["backbone"], dont_load=config.backbone.dont_load,
-            ignore=config.backbone.ignore, model=model.backbone,
-            **({"subtree": subtree} if subtree else {}))
-        identity = file_fingerprint(config.backbone.checkpoint)
-        if config.model.get("head_init", "random") == "text" and not trained_head:
+        try:
+            params["backbone"] = family.load_params(
+                config.backbone.checkpoint, params["backbone"],
+                dont_load=config.backbone.dont_load, ignore=config.backbone.ignore,
+                model=model.backbone, subtree=config.backbone.subtree)
+            identity = file_fingerprint(config.backbone.checkpoint)
+        except CheckpointError as e:
+            raise e.with_hint("check ", Setting("backbone.checkpoint"), " and ",
+                              Setting(f"model.{config.model.backbone}"),
+                              field="backbone.checkpoint") from None
+        if config.model.head_init == "text" and not trained_head:
             params["head"] = _text_head(config, source, params["head"])
-    return Context(config, workdir, mesh, source, model, params, identity)
+    return Context(config, workdir, mesh, source, method, model, params, identity)
 
 
 def _text_head(config, source, head: dict) -> dict:
@@ -88,7 +90,7 @@ def _check_against_data(config, source) -> None:
     split = config.eval.final_split
     if split not in source.splits:
         raise ConfigError(f"eval.final_split={split!r}, but {config.data.name} has the splits "
-                          f"{sorted(source.splits)}")
+                          f"{sorted(source.splits)}", field="eval.final_split")
 
 
 def expected_class_names(ctx: Context):
@@ -97,9 +99,9 @@ def expected_class_names(ctx: Context):
     return None if ctx.config.eval.allow_other_class_names else ctx.source.class_names
 
 
-def init_params(model: LPT, config) -> dict:
-    """Initialises the LPT tree; the backbone part is only created abstractly (shapes), since
-    it will be loaded (XLA drops its unused random init)."""
+def init_params(model, config) -> dict:
+    """Initialises the model's tree; the backbone part is only created abstractly (shapes),
+    since it will be loaded (XLA drops its unused random init)."""
     size = model.backbone.image_size
     h, w = (size, size) if isinstance(size, int) else size
     dummy = jnp.zeros((1, h, w, 3), jnp.float32)

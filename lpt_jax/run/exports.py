@@ -1,19 +1,24 @@
 """A phase's result as one small .npz: the trained prompts/pool/keys/head (never the backbone)
-plus JSON meta (phase, step, config, class names, the backbone file's identity). Eval, predict
-and phase 2 load it next to the backbone; nothing in it is trusted without a check."""
+plus JSON meta (method, phase, step, config, class names, the backbone file's identity). Eval,
+predict, serving and a later phase load it next to the backbone; nothing in it is trusted
+without a check: its keys and shapes against the model, its values for finiteness, its class
+names against the data, and the settings no shape shows (the fields declared EXPORTED) against
+the run's config."""
 
 from __future__ import annotations
 
 import io
 import json
-from typing import Mapping
+from typing import Mapping, Optional
 
 import jax
 import numpy as np
 
 from lpt_jax import tree
-from lpt_jax.errors import CheckpointError, ExportError
-from lpt_jax.method.phases import PHASES
+from lpt_jax.config import schema
+from lpt_jax.config.fields import EXPORTED
+from lpt_jax.errors import CheckpointError, ConfigError, ExportError, Setting
+from lpt_jax.method import registry
 from lpt_jax.storage import files
 from lpt_jax.weights.npz import read_npz
 
@@ -49,10 +54,20 @@ def read(path: str) -> tuple[dict, dict]:
     if version != VERSION:
         raise ExportError(f"{path}: export version {version!r}, this lpt_jax reads "
                               f"version {VERSION}")
-    if meta.get("phase") not in PHASES:
-        raise ExportError(f"{path}: the export's meta names phase {meta.get('phase')!r}; "
-                              f"known phases: {sorted(PHASES)}")
+    phase_of(path, meta)
     return tree.unflatten(arrays), meta
+
+
+def phase_of(path: str, meta: Mapping):
+    """(method, phase) an export's meta names (exports written before methods were named
+    hold an LPT phase)."""
+    try:
+        method = registry.get(meta.get("method", "lpt"))
+        return method, method.phase(meta.get("phase"))
+    except ConfigError:
+        raise ExportError(f"{path}: the export's meta names method {meta.get('method', 'lpt')!r}"
+                          f", phase {meta.get('phase')!r}, which this lpt_jax does not have "
+                          f"(methods: {registry.known()})", path=path) from None
 
 
 def check_class_names(path: str, theirs, ours) -> None:
@@ -64,54 +79,50 @@ def check_class_names(path: str, theirs, ours) -> None:
     else:
         i = next(i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b)
         detail = f"label {i} is {theirs[i]!r} in the export and {ours[i]!r} in the data"
-    raise ExportError(f"{path} was trained on other classes or another class order ({detail}); "
-                      "use the data it was trained on, or pass "
-                      "--config.eval.allow_other_class_names=True")
+    raise ExportError(f"{path} was trained on other classes or another class order ({detail})",
+                      path=path, hint=("use the data it was trained on, or pass ",
+                                       Setting("eval.allow_other_class_names", True)))
 
 
-# Model settings that change the outputs but no parameter's shape (a shape difference is
-# caught leaf by leaf): an export means something only with the values it was trained with.
-_SHAPELESS = ("backbone", "{backbone}.layernorm_epsilon", "{backbone}.gelu_approximate",
-              "{backbone}.pool_type", "lpt.top_k", "lpt.prompt_position", "lpt.shared_depth")
-
-
-def check_model(path: str, meta: Mapping, model: Mapping) -> None:
-    """The export's model settings that no shape shows equal this run's `model` config
-    (an export without a recorded model section is judged by its shapes alone)."""
-    theirs = (meta.get("config") or {}).get("model")
+def check_model(path: str, meta: Mapping, config) -> None:
+    """The export's settings that no shape shows (the fields declared EXPORTED) equal this
+    run's `config`; a field the export's recorded config lacks is judged by its shapes."""
+    theirs = meta.get("config")
     if not isinstance(theirs, Mapping):
         return
-    backbone = str(tree.lookup(model, "backbone", None) or "vit")
     differ = []
-    for dotted in _SHAPELESS:
-        dotted = dotted.format(backbone=backbone)
-        a, b = tree.lookup(theirs, dotted, None), tree.lookup(model, dotted, None)
+    for field in schema.fields(config, EXPORTED):
+        a, b = tree.lookup(theirs, field, None), tree.lookup(config, field, None)
         if a is not None and b is not None and a != b:
-            differ.append((dotted, a, b))
+            differ.append((field, a, b))
     if differ:
-        was = ", ".join(f"model.{f}={a!r}" for f, a, _ in differ)
+        was = ", ".join(f"{f}={a!r}" for f, a, _ in differ)
         now = ", ".join(f"{b!r}" for _, _, b in differ)
-        flags = " ".join(f"--config.model.{f}={a}" for f, a, _ in differ)
-        raise ExportError(f"{path} was trained with {was}; this run has {now}: pass {flags}")
+        fixes = [part for f, a, _ in differ for part in (" ", Setting(f, a))]
+        raise ExportError(f"{path} was trained with {was}; this run has {now}", path=path,
+                          field=differ[0][0], hint=("pass", *fixes))
 
 
-def exported_subtree(params: Mapping, phase) -> dict:
-    return tree.split(params, phase.exported_patterns())[0]
+def exported_subtree(params: Mapping, phase, method=None) -> dict:
+    """What `phase`'s export holds of `params` (lpt_jax.method.registry.Method.exported_patterns)."""
+    method = registry.get(method or "lpt")
+    return tree.split(params, method.exported_patterns(phase))[0]
 
 
 def apply(params: Mapping, path: str, phase=None, class_names=None,
-          model: Mapping | None = None) -> tuple[dict, dict]:
+          config: Optional[object] = None) -> tuple[dict, dict]:
     """`params` with the leaves of an export put in, and its meta. The export must hold
     exactly what its phase (or `phase`, when given) exports, in this model's shapes, with
-    finite values, trained on `class_names` in this order and with the settings of the
-    `model` config section (when given)."""
+    finite values, trained on `class_names` in this order and with the EXPORTED settings of
+    `config` (when given)."""
     trained, meta = read(path)
     if class_names is not None and "class_names" in meta:
         check_class_names(path, meta["class_names"], class_names)
-    if model is not None:
-        check_model(path, meta, model)
-    phase = phase or PHASES[meta["phase"]]
-    expected = tree.flatten(exported_subtree(params, phase))
+    if config is not None:
+        check_model(path, meta, config)
+    method, recorded = phase_of(path, meta)
+    phase = phase or recorded
+    expected = tree.flatten(tree.split(params, method.exported_patterns(phase))[0])
     got = tree.flatten(trained)
     missing = sorted(set(expected) - set(got))
     extra = sorted(set(got) - set(expected))

@@ -14,10 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from lpt_jax import data, parallel
-from lpt_jax.errors import ConfigError
-from lpt_jax.method.lpt import backbone_in_compute_dtype
-from lpt_jax.method.phases import PHASES, Phase
+from lpt_jax import backbones, data, parallel
+from lpt_jax.errors import ConfigError, ExportError, Input
+from lpt_jax.method.phases import Phase
 from lpt_jax.run import exports, preemption, reports, rundir
 from lpt_jax.run.context import Context, build_context, expected_class_names
 
@@ -30,10 +29,7 @@ def make_predict_fn(model, phase: Phase, mesh) -> Callable:
 
     def predict(params, images):
         out = forward(params, images, False, None)
-        indices = out["indices"]
-        if indices is None:
-            indices = jnp.zeros((images.shape[0], 0), jnp.int32)
-        return out["logits"], indices
+        return out["logits"], out["indices"]
     rep = parallel.replicated(mesh)
     return jax.jit(predict, in_shardings=(rep, parallel.batch_sharding(mesh)),
                    out_shardings=rep)
@@ -41,8 +37,9 @@ def make_predict_fn(model, phase: Phase, mesh) -> Callable:
 
 def place_params(model, params, mesh):
     """`params` on `mesh` as the predict function reads them: replicated, and a bfloat16
-    model's frozen backbone in bfloat16 (`backbone_in_compute_dtype`)."""
-    return jax.device_put(backbone_in_compute_dtype(params, model), parallel.replicated(mesh))
+    model's frozen backbone in bfloat16 (`backbones.stored_in_compute_dtype`)."""
+    return jax.device_put(backbones.stored_in_compute_dtype(params, model.backbone),
+                          parallel.replicated(mesh))
 
 
 def _gather(x):
@@ -119,21 +116,29 @@ def validation_scalars(ctx: Context, params, phase: Phase) -> dict:
 # ------------------------------------------------------------------------------------------
 # A trained result from a workdir or an export file.
 
+def title(ctx: Context, phase: Phase, split: str) -> str:
+    return f"{ctx.method.name.upper()} phase {phase.number} on {ctx.config.data.name} {split}"
+
+
 def load_trained(ctx: Context, path: Optional[str] = None) -> tuple[dict, Phase]:
     """Full params with an export's trained leaves, and the export's phase."""
     if path is None:
-        path = rundir.latest_export(ctx.workdir, PHASES)
+        path = rundir.latest_export(ctx.workdir, ctx.method.phases)
         if path is None:
             raise ConfigError(f"no export.npz under {ctx.workdir}/phase<n>/: train first or "
-                              "pass --export")
-    params, meta = exports.apply(ctx.params, path, class_names=expected_class_names(ctx),
-                                 model=ctx.config.model.to_dict())
+                              "pass ", Input("export"))
+    try:
+        params, meta = exports.apply(ctx.params, path, class_names=expected_class_names(ctx),
+                                     config=ctx.config)
+    except ExportError as e:
+        raise e.with_hint("check ", Input("export"), " (default: the workdir's newest "
+                          "phase<n>/export.npz)") from None
     theirs = meta.get("backbone") or {}
     if ctx.backbone_identity and theirs and (
             theirs.get("sha256_head_tail") != ctx.backbone_identity["sha256_head_tail"]):
         logging.warning("%s was trained with backbone %s, now loading %s", path,
                         theirs.get("path"), ctx.backbone_identity["path"])
-    return params, PHASES[meta["phase"]]
+    return params, exports.phase_of(path, meta)[1]
 
 
 def evaluate_workdir(config, workdir: str, export: Optional[str] = None) -> dict:
@@ -141,13 +146,13 @@ def evaluate_workdir(config, workdir: str, export: Optional[str] = None) -> dict
     params, phase = load_trained(ctx, export)
     split = config.eval.final_split
     return evaluate(ctx, params, phase, split, rundir.eval_dir(workdir),
-                    f"LPT phase {phase.number} on {config.data.name} {split}")
+                    title(ctx, phase, split))
 
 
 def predict_files(config, workdir: str, files: Sequence[str],
                   export: Optional[str] = None) -> Iterator[dict]:
     """One dict per image: file, and the top-k classes with label, name, `probability`
-    (softmax of the cosines times the loss scale, config.loss.cb.scale, as in training) and
+    (softmax of the cosines times the method's scale, LPT's loss.cb.scale, as in training) and
     `score` (the cosine similarity to the class weight, in [-1, 1])."""
     ctx = build_context(config, workdir, trained_head=True)  # the head is the export's
     params, phase = load_trained(ctx, export)
@@ -155,7 +160,7 @@ def predict_files(config, workdir: str, files: Sequence[str],
     predict = make_predict_fn(ctx.model, phase, mesh)
     params = place_params(ctx.model, params, mesh)  # once, not with every chunk of files
     k = min(config.predict.top_k, ctx.source.num_classes)  # every class, at most
-    scale = float(config.loss.cb.scale)
+    scale = ctx.method.probability_scale(config)
     for i in range(0, len(files), config.predict.batch_size):
         chunk = list(files[i:i + config.predict.batch_size])
         logits, _ = predict(params, jnp.asarray(data.load_image_files(chunk, config.data)))

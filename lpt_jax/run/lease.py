@@ -46,7 +46,7 @@ from typing import Iterator, Optional
 
 from absl import logging
 
-from lpt_jax.errors import LeaseError
+from lpt_jax.errors import Input, LeaseError
 from lpt_jax.run import process_identity
 from lpt_jax.storage import files
 
@@ -191,7 +191,8 @@ class WorkdirLease:
     def _refuse(self, rec: dict, path: str) -> LeaseError:
         return LeaseError(
             f"{self.workdir} is in use by another run ({_describe(rec, time.time())}): wait for "
-            f"it to end or use another --workdir; if that run is gone, delete {path}")
+            "it to end or use another ", Input("workdir"), f"; if that run is gone, delete {path}",
+            path=path)
 
     # -- local disks and gs://: atomic create ----------------------------------------------
 

@@ -109,11 +109,10 @@ class Progress:
         scalars = {k: float(np.mean([m[k] for m in host])) for k, v in host[-1].items()
                    if np.ndim(v) == 0 and k != "nonfinite"}
         scalars["nonfinite_steps"] = float(sum(int(m["nonfinite"]) for m in host))
-        if "pool_selection" in host[-1]:  # which pool prompts are picked: collapse shows here
-            counts = np.sum([m["pool_selection"] for m in host], axis=0)
-            scalars["pool_entries_used"] = float(np.count_nonzero(counts))
-            self.writer.write_histograms(steps[-1], {"pool_selection": np.repeat(
-                np.arange(len(counts)), counts.astype(np.int64))})
+        if "pool_selection" in host[-1]:  # the pool entries picked: collapse shows here
+            picked = np.concatenate([m["pool_selection"] for m in host]).astype(np.int64)
+            scalars["pool_entries_used"] = float(len(np.unique(picked)))
+            self.writer.write_histograms(steps[-1], {"pool_selection": np.sort(picked)})
         self.writer.write_scalars(steps[-1], scalars)
         self._line(steps[-1], scalars)
 

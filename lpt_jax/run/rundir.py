@@ -1,4 +1,4 @@
-"""The run directory (`--workdir`): its layout, the guard that keeps one run per workdir, and
+"""The run directory (the workdir): its layout, the guard that keeps one run per workdir, and
 the undo of an invocation that failed before it saved anything.
 
     config.json                 the run-defining config (a different one refuses to resume)
@@ -8,7 +8,10 @@ the undo of an invocation that failed before it saved anything.
     phase<n>/events.out...      TensorBoard curves
     phase<n>/val/               the phase's validation report (never the test split)
     results/                    the final table (md + json), per-class CSV and plot
-    eval/                       what --mode=eval writes
+    eval/                       what an evaluation of the workdir writes
+
+`phase<n>` is a phase's name (lpt_jax.method.phases). What defines a run is derived from the
+config's field declarations (lpt_jax.config.schema.run_defining).
 """
 
 from __future__ import annotations
@@ -20,28 +23,18 @@ from typing import Optional
 
 from absl import logging
 
-from lpt_jax.errors import ConfigError
+from lpt_jax.config import schema
+from lpt_jax.errors import ConfigError, Input, Setting
 from lpt_jax.storage import files
 
 CONFIG_FILE = "config.json"
-# Config sections that define a run; a restart with different values would mix two runs.
-RUN_DEFINING_SECTIONS = ("seed", "model", "backbone", "data", "loss", "optim", "phase1", "phase2")
-# Fields that say only *where* an input is. They are left out of the comparison so that a
-# workdir resumes from a clone at another path; what they point at is compared by identity
-# (the backbone file's size and hash, the training data's counts and class names) instead.
-LOCATION_FIELDS = ("backbone.checkpoint", "data.root", "data.split_dir", "data.train_list",
-                   "data.val_list", "data.test_list", "data.class_names_file",
-                   "data.tfds_data_dir", "data.cache_dir", "model.text.tokenizer",
-                   "model.text.checkpoint")
-# Fields that cannot change what a run computes (how hard to try a download), or only its
-# float rounding (which attention kernel runs: a run trained on CPU resumes on a GPU).
-NOT_RUN_DEFINING = ("data.download_retries", "model.vit.attention")
 # Entries that mean an invocation made progress worth resuming from (never undone).
 _PROGRESS = re.compile(r"phase\d+/(checkpoints/\d+(\.damaged-[\w-]+)?|export\.npz)")
 
 
 def phase_dir(workdir: str, phase) -> str:
-    return os.path.join(workdir, f"phase{int(getattr(phase, 'number', phase))}")
+    """`phase`: a Phase, or its number."""
+    return os.path.join(workdir, getattr(phase, "name", f"phase{phase}"))
 
 
 def checkpoint_dir(workdir: str, phase) -> str:
@@ -65,10 +58,10 @@ def eval_dir(workdir: str) -> str:
 
 
 def latest_export(workdir: str, phases) -> Optional[str]:
-    """The export of the last of `phases` (numbers, tried from the last) that exists."""
-    for number in sorted(phases, reverse=True):
-        if files.exists(export_path(workdir, number)):
-            return export_path(workdir, number)
+    """The export of the last of `phases` (tried from the last) that exists."""
+    for phase in sorted(phases, key=lambda p: p.number, reverse=True):
+        if files.exists(export_path(workdir, phase)):
+            return export_path(workdir, phase)
     return None
 
 
@@ -76,17 +69,8 @@ def latest_export(workdir: str, phases) -> Optional[str]:
 # One run per workdir.
 
 def run_defining(config) -> dict:
-    """The config sections that define a run, without the location-only fields."""
-    full = json.loads(config.to_json_best_effort())
-    out = {k: full[k] for k in RUN_DEFINING_SECTIONS if k in full}
-    for field in LOCATION_FIELDS + NOT_RUN_DEFINING:
-        *parents, name = field.split(".")
-        section = out
-        for part in parents:
-            section = section.get(part) if isinstance(section, dict) else None
-        if isinstance(section, dict):
-            section.pop(name, None)
-    return out
+    """The fields that define what the run computes (lpt_jax.config.schema.run_defining)."""
+    return schema.run_defining(config)
 
 
 def run_identity(config, backbone_identity: dict, data_identity: dict) -> dict:
@@ -124,24 +108,47 @@ def _refuse_if_different(config, workdir: str, part: str, ours: dict) -> None:
         theirs = json.loads(files.read_text(path))
     except ValueError as e:
         raise ConfigError(f"{path} is not readable JSON ({e}): this workdir was not written by "
-                          "this lpt_jax or was damaged; use a new --workdir") from None
-    diff = sorted(_diff(theirs.get(part, {}), ours))
-    if diff and not config.train.get("allow_config_change", False):
+                          "this lpt_jax or was damaged; use a new ", Input("workdir"),
+                          path=path) from None
+    if not isinstance(theirs, dict):
+        raise ConfigError(f"{path} holds {type(theirs).__name__}, not a run record: this "
+                          "workdir was not written by this lpt_jax or was damaged; use a new ",
+                          Input("workdir"), path=path)
+    recorded = theirs.get(part) if isinstance(theirs.get(part), dict) else {}
+    if part == "config":  # a field the record lacks was added since: it ran at its default
+        diff = sorted(p for p in _leaves(ours) if _at(ours, p) != _at(
+            recorded, p, lambda: schema.declared_default(config, p)))
+    else:
+        diff = sorted(p for p in set(_leaves(recorded)) | set(_leaves(ours))
+                      if _at(recorded, p) != _at(ours, p))
+    if diff and not config.train.allow_config_change:
         what = ("a run with a different config" if part == "config" else
                 "a run that read other inputs (backbone file or training data)")
         raise ConfigError(
             f"{workdir} holds {what} ({', '.join(diff[:8])}"
-            f"{' ...' if len(diff) > 8 else ''}): use a new --workdir, or pass "
-            "--config.train.allow_config_change=True to resume it anyway")
+            f"{' ...' if len(diff) > 8 else ''}): use a new ", Input("workdir"),
+            ", or pass ", Setting("train.allow_config_change", True), " to resume it anyway",
+            path=path)
 
 
-def _diff(a, b, prefix="") -> list:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for k in set(a) | set(b):
-            out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
-        return out
-    return [prefix.rstrip(".")] if a != b else []
+_ABSENT = object()
+
+
+def _leaves(tree: dict, prefix: str = "") -> list[str]:
+    """Dotted paths of the values in a nested dict."""
+    out = []
+    for k, v in tree.items():
+        out += _leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"]
+    return out
+
+
+def _at(tree: dict, dotted: str, missing=lambda: _ABSENT):
+    node = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return missing()
+        node = node[part]
+    return node
 
 
 # ------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The LPT trainer: the configured phases in order, each resumable, then the final table.
+"""The trainer: the configured phases of the method in order, each resumable, then the final table.
 
     train(config, workdir)
       check the workdir and build the context (every early check, before any write)
@@ -21,9 +21,9 @@ import jax
 from absl import logging
 
 from lpt_jax import data, parallel, tree
-from lpt_jax.errors import ConfigError, Preempted, Stopped
-from lpt_jax.method import steps
-from lpt_jax.method.phases import PHASES, Phase, parse_phases
+from lpt_jax.errors import ConfigError, ExportError, Preempted, Setting, Stopped
+from lpt_jax.method import registry, steps
+from lpt_jax.method.phases import Phase
 from lpt_jax.run import exports, inference, lease, preemption, rundir
 from lpt_jax.run.checkpoint import PhaseCheckpointer
 from lpt_jax.run.context import Context, build_context, expected_class_names
@@ -40,7 +40,7 @@ def train(config, workdir: str) -> dict:
 
 
 def _train(config, workdir: str) -> dict:
-    phases = parse_phases(config.train.phases)
+    phases = registry.of(config).parse_phases(config.train.phases)
     rundir.check_config(config, workdir)
     ctx = build_context(config, workdir)
     identity = rundir.run_identity(config, ctx.backbone_identity, ctx.source.identity())
@@ -52,14 +52,14 @@ def _train(config, workdir: str) -> dict:
                  ctx.mesh.devices.size, jax.devices()[0].platform, jax.process_count())
     params = ctx.params
     for phase in phases:
-        params = run_phase(ctx, phase, params)
+        params = run_phase(ctx, phase, params, first=phase is phases[0])
         preemption.raise_if_interrupted()
         if "val" in ctx.source.splits:  # model selection looks at val, never at test
             inference.evaluate(ctx, params, phase, "val", rundir.val_dir(workdir, phase),
                                f"phase {phase.number}, val")
     final, split = phases[-1], config.eval.final_split
     return inference.evaluate(ctx, params, final, split, rundir.results_dir(workdir),
-                              f"LPT phase {final.number} on {config.data.name} {split}")
+                              inference.title(ctx, final, split))
 
 
 def phase_schedule(config, phase: Phase, num_train: int) -> tuple[int, int, int]:
@@ -72,13 +72,15 @@ def phase_schedule(config, phase: Phase, num_train: int) -> tuple[int, int, int]
     return section.batch_size, spe, total
 
 
-def run_phase(ctx: Context, phase: Phase, params: dict) -> dict:
-    """Trains one phase (resuming if a checkpoint exists); returns the full param tree."""
+def run_phase(ctx: Context, phase: Phase, params: dict, *, first: bool = True) -> dict:
+    """Trains one phase (resuming if a checkpoint exists); returns the full param tree.
+    `first`: no earlier phase ran in this invocation (train.start_export may name the export
+    it starts from)."""
     config, mesh, workdir = ctx.config, ctx.mesh, ctx.workdir
     if phase.starts_from:
-        params = _start_from(ctx, params, phase)
+        params = _start_from(ctx, params, phase, first)
     batch_size, spe, total = phase_schedule(config, phase, ctx.source.num_train)
-    done = _finished(workdir, params, phase, total)
+    done = _finished(ctx, params, phase, total)
     if done is not None:
         logging.info("phase %d already finished (%s): skipping", phase.number,
                      rundir.export_path(workdir, phase))
@@ -102,7 +104,7 @@ def run_phase(ctx: Context, phase: Phase, params: dict) -> dict:
                                     process_index=jax.process_index(),
                                     process_count=jax.process_count())
     writer = make_writer(rundir.phase_dir(workdir, phase))
-    images_per_step = batch_size * (2 if config.loss.dual_sampling else 1)
+    images_per_step = batch_size * len(ctx.method.streams(config))
     progress = Progress(phase.number, total, spe, images_per_step, writer,
                         config.train.log_every_steps, config.train.on_nonfinite)
     validate_every = spe * config.eval.every_epochs if "val" in ctx.source.splits else 0
@@ -143,36 +145,44 @@ def run_phase(ctx: Context, phase: Phase, params: dict) -> dict:
 
     result = tree.merge(jax.device_get(state["trainable"]), jax.device_get(frozen))
     if jax.process_index() == 0:
-        exports.write(rundir.export_path(workdir, phase), exports.exported_subtree(result, phase),
+        exports.write(rundir.export_path(workdir, phase),
+                      exports.exported_subtree(result, phase, ctx.method),
                       _export_meta(ctx, phase, total))
     parallel.sync("export")
     return result
 
 
-def _start_from(ctx: Context, params: dict, phase: Phase) -> dict:
+def _start_from(ctx: Context, params: dict, phase: Phase, first: bool) -> dict:
     """`params` with the export of the phase this one starts from put in."""
-    previous = phase.starts_from
-    path = ctx.config.train.get("phase1_export") if previous == 1 else ""
-    path = path or rundir.export_path(ctx.workdir, previous)
+    previous = ctx.method.phase(phase.starts_from)
+    given = ctx.config.train.start_export if first else ""
+    path = given or rundir.export_path(ctx.workdir, previous)
     if not files.exists(path):
         raise ConfigError(
-            f"phase {phase.number} needs the result of phase {previous}, and {path} does not "
-            f"exist: run phase {previous} first (--config.train.phases={previous},"
-            f"{phase.number}) or point --config.train.phase1_export at an export.npz")
-    return exports.apply(params, path, PHASES[previous], class_names=expected_class_names(ctx))[0]
+            f"phase {phase.number} needs the result of phase {previous.number}, and {path} does "
+            f"not exist: run phase {previous.number} first (",
+            Setting("train.phases", f"{previous.number},{phase.number}"), ") or point ",
+            Setting("train.start_export"), " at an export.npz", path=path,
+            field="train.start_export")
+    try:
+        return exports.apply(params, path, previous, class_names=expected_class_names(ctx),
+                             config=ctx.config)[0]
+    except ExportError as e:
+        raise e.with_hint("check ", Setting("train.start_export"), " (default: the workdir's "
+                          f"{previous.name}/export.npz)", field="train.start_export") from None
 
 
-def _finished(workdir: str, params: dict, phase: Phase, total: int):
+def _finished(ctx: Context, params: dict, phase: Phase, total: int):
     """The params with this phase's export put in, if that export is of a finished run."""
-    path = rundir.export_path(workdir, phase)
+    path = rundir.export_path(ctx.workdir, phase)
     if not files.exists(path):
         return None
-    finished, meta = exports.apply(params, path, phase)
+    finished, meta = exports.apply(params, path, phase, config=ctx.config)
     return finished if meta.get("step") == total else None
 
 
 def _export_meta(ctx: Context, phase: Phase, step: int) -> dict:
-    return {"phase": phase.number, "step": step,
+    return {"method": ctx.method.name, "phase": phase.number, "step": step,
             "config": json.loads(ctx.config.to_json_best_effort()),
             "backbone": ctx.backbone_identity, "num_classes": ctx.source.num_classes,
             "class_names": list(ctx.source.class_names)}

@@ -24,9 +24,85 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lpt_jax.errors import ConfigError
+from lpt_jax.config import fields as f
+from lpt_jax.config.fields import INCIDENTAL, LOCATION, Accepts, Field, Section
+from lpt_jax.errors import ConfigError, Setting
 from lpt_jax.storage import files
 from lpt_jax.text import tower as siglip_text
+
+HEAD_INIT = Field("random", "the cosine head's start: 'random' (unit columns, spec §2) or "
+                  "'text' (class-name prompts through the two-tower model's text tower, "
+                  "model.text; docs/siglip.md)", f.one_of("random", "text"))
+
+
+def _one_slot(template) -> bool:
+    """A prompt template with one '{}' for the class name and nothing else to fill."""
+    try:
+        return isinstance(template, str) and "{}" in template and bool(template.format("x"))
+    except (IndexError, KeyError, ValueError):
+        return False
+
+
+def _templates():
+    return Accepts(lambda v: not isinstance(v, str) and bool(v) and all(map(_one_slot, v)),
+                   "a non-empty tuple of strings, each with '{}' where the class name goes, "
+                   "e.g. ('a photo of a {}.',)")
+
+
+def _tokenizer_exists(text_cfg, root) -> None:
+    """With head_init='text' the tokenizer must be named and reachable (one line)."""
+    if root is None or root.model.head_init != "text":
+        return
+    path = text_cfg.tokenizer
+    if not path:
+        raise ConfigError("model.head_init='text' needs ", Setting("model.text.tokenizer"),
+                          ": the path of the text tower's SentencePiece model (SigLIP en: "
+                          "gs://t5-data/vocabs/cc_en.32000/sentencepiece.model)",
+                          field="model.text.tokenizer")
+    try:
+        found = files.exists(path)
+    except OSError as e:  # e.g. RemoteError: gs:// without a network
+        raise ConfigError(f"model.text.tokenizer={path!r}: cannot reach it ({e}); copy it once "
+                          "and point the field at the local copy",
+                          field="model.text.tokenizer") from None
+    if not found:
+        raise ConfigError(f"model.text.tokenizer={path!r}: no such file",
+                          field="model.text.tokenizer")
+
+
+def _size(doc):
+    return Field(None, doc + " (set by variant unless variant is None)", f.integer(at_least=1),
+                 kind=int)
+
+
+FIELDS = Section("the SigLIP text tower, read only for head_init='text' (lpt_jax.text.tower)",
+                 dict(
+    variant=Field("B", "big_vision's size name (B, L, So400m, ...): sets width, depth, mlp_dim, "
+                  "num_heads; None: set them one by one", f.text(), kind=str),
+    width=_size("token width"),
+    depth=_size("number of blocks"),
+    num_heads=_size("attention heads"),
+    mlp_dim=_size("MLP hidden width"),
+    vocab_size=Field(32_000, "token vocabulary", f.integer(at_least=1)),
+    max_len=Field(64, "tokenized length", f.integer(
+        at_least=2, note="a piece and the end token")),
+    embed_dim=Field(None, "the image-text embedding width (None: the tower's width)",
+                    f.integer(at_least=1), kind=int),
+    pool_type=Field("last", "pooling of the text tokens ('last': the end token)",
+                    f.one_of(*siglip_text.POOL_TYPES)),
+    layernorm_epsilon=Field(1e-6, "LayerNorm epsilon (SigLIP: 1e-6)", f.number(above=0)),
+    gelu_approximate=Field(True, "tanh GELU (SigLIP's)", f.boolean()),
+    dtype=Field("float32", "compute dtype", f.one_of("float32", "bfloat16", "float16")),
+    tokenizer=Field("", "the SentencePiece model of the text tower", f.text(), LOCATION),
+    checkpoint=Field("", "the text tower's file ('' = the backbone's two-tower file)", f.text(),
+                     LOCATION),
+    subtree=Field("txt", "the tower in that file", f.text()),
+    templates=Field(("a photo of a {}.",), "prompt templates, averaged ('{}' = the class name)",
+                    _templates()),
+    pad_id=Field(-1, "pad token id (-1: the end token, SigLIP's 'sticky' EOS)", f.integer()),
+    lower=Field(True, "lower-case the prompts before tokenizing", f.boolean()),
+    batch_size=Field(64, "prompts per text-tower batch", f.integer(at_least=1), INCIDENTAL)),
+    rules=(_tokenizer_exists,))
 
 
 def load_tokenizer(path: str, field: str = "model.text.tokenizer"):
@@ -96,7 +172,7 @@ def embed(model, params, tokens: np.ndarray, batch_size: int = 64) -> np.ndarray
 
 
 def unit(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    """x / max(||x||, 1e-12), as lpt_jax.method.lpt.l2_normalize."""
+    """x / max(||x||, 1e-12), as lpt_jax.method.lpt_model.l2_normalize."""
     return x / np.maximum(np.linalg.norm(x, axis=axis, keepdims=True), 1e-12)
 
 

@@ -80,11 +80,6 @@ class TextTransformer(nn.Module):
         return x
 
 
-# Fields of the config section (configs/common.py `model.text`) that are not the module's.
-_NOT_MODEL_FIELDS = frozenset({"variant", "tokenizer", "checkpoint", "subtree", "templates",
-                               "pad_id", "lower", "batch_size"})
-
-
 def from_config(cfg, **overrides) -> TextTransformer:
     """The text tower of a `model.text` config section: `variant` ('B', 'L', 'So400m', ...,
     big_vision's size names) sets width/depth/mlp_dim/num_heads unless given one by one."""
@@ -98,7 +93,7 @@ def from_config(cfg, **overrides) -> TextTransformer:
         kwargs.update(zip(("width", "depth", "mlp_dim", "num_heads"), vit.VARIANTS[variant]))
     fields = {f.name for f in dataclasses.fields(TextTransformer)} - {"parent", "name"}
     for key, value in cfg.items():
-        if key in fields and key not in _NOT_MODEL_FIELDS and value is not None:
+        if key in fields and value is not None:  # the section also says how to tokenize
             kwargs[key] = value
     kwargs.update(overrides)
     dtype = kwargs.get("dtype", "float32")
