@@ -1,6 +1,7 @@
 """Checkpoint loading: both layouts, scan layout, bf16, posemb resampling, and clear errors."""
 
 import io
+import os
 import zipfile
 
 import jax
@@ -193,20 +194,19 @@ def test_structured_npy_loads(tmp_path):
           unflatten(ref))
 
 
-def test_remote_paths_go_through_gfile(tmp_path, monkeypatch):
-    """Other schemes than gs:// (here TF's in-memory `ram://`) are read via tf.io.gfile; gs://
-    goes through lpt_jax.gcs (tests/test_gcs.py, against an emulator)."""
-    tf = pytest.importorskip("tensorflow")
+def test_other_url_schemes_are_read_through_fsspec():
+    """Other schemes than gs:// (here fsspec's in-memory `memory://`) are read through fsspec;
+    gs:// goes through lpt_jax.storage.gcs (tests/test_gcs.py, against an emulator)."""
+    import fsspec
     model = _vit()
     ref = _params(model)
     buf = io.BytesIO()
     np.savez(buf, **{k: np.asarray(v) for k, v in flatten(ref).items()})
-    path = "ram://ckpts/vit.npz"
-    with tf.io.gfile.GFile(path, "wb") as f:
-        f.write(buf.getvalue())
+    path = f"memory://ckpts-{os.getpid()}/vit.npz"
+    fsspec.filesystem("memory").pipe_file(path, buf.getvalue())
     _same(vit_weights.load_params(path, _params(model, 5)), ref)
-    with pytest.raises(CheckpointError, match="not found: ram://ckpts/nope.npz"):
-        vit_weights.load_params("ram://ckpts/nope.npz", _params(model))
+    with pytest.raises(CheckpointError, match="not found: memory://ckpts/nope.npz"):
+        vit_weights.load_params("memory://ckpts/nope.npz", _params(model))
     assert zipfile.is_zipfile(io.BytesIO(buf.getvalue()))
 
 

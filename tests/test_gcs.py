@@ -30,7 +30,7 @@ from lpt_jax.run import exports, inference, rundir, trainer
 from lpt_jax.run.lease import WorkdirLease
 from lpt_jax.storage import files, gcs
 
-from gcs_emulator import Emulator, Refusing, free_port
+from gcs_emulator import Emulator, Refusing, free_port, list_objects
 from helpers import REPO, tb_scalars
 from tiny_run import tiny_config
 
@@ -95,11 +95,10 @@ def _cli(tmp):
 
 
 def _objects(prefix: str) -> list[str]:
-    """Names under gs://bucket/<prefix>/, listed by the Cloud Storage client itself (not by
+    """Names under gs://bucket/<prefix>/, listed by the emulator's JSON API itself (not by
     the seam under test)."""
-    from google.cloud import storage
-    client = storage.Client(project="test")
-    return sorted(b.name[len(prefix) + 1:] for b in client.list_blobs(BUCKET, prefix=prefix + "/"))
+    names = list_objects(os.environ[gcs.EMULATOR_ENV], BUCKET, prefix + "/")
+    return sorted(n[len(prefix) + 1:] for n in names)
 
 
 @pytest.fixture(scope="module")
@@ -236,6 +235,46 @@ def test_lease_on_a_bucket(emulator, caplog):
     assert _objects(workdir[len(f"gs://{BUCKET}/"):]) == []
 
 
+def test_create_if_absent_honours_the_precondition(emulator):
+    """files.create_new on a bucket (gcsfs pipe_file mode='create', ifGenerationMatch=0): the
+    first create wins, a second one of the same name is False and changes nothing, and of
+    threads creating one name at once exactly one succeeds."""
+    path = f"gs://{BUCKET}/create-{uuid.uuid4().hex[:8]}/lease.json"
+    assert files.create_new(path, b"first") is True
+    assert files.create_new(path, b"second") is False
+    assert files.read_bytes(path) == b"first"
+    results, barrier = [], threading.Barrier(4)
+
+    def create(i):
+        barrier.wait()
+        results.append(files.create_new(f"{path}.race", f"{i}".encode()))
+    threads = [threading.Thread(target=create, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == [False, False, False, True]
+
+
+def test_reads_stream_in_ranges_pinned_to_one_generation(emulator):
+    """open_read is seekable, reads in ranges of gcs.BLOCK bytes, and an object replaced while
+    it is read is an error, never a mix of two files."""
+    path = f"gs://{BUCKET}/pinned-{uuid.uuid4().hex[:8]}.bin"
+    data = np.random.default_rng(0).integers(0, 256, gcs.BLOCK + 4096, np.uint8).tobytes()
+    files.write_bytes(path, data)
+    with files.open_read(path) as f:
+        f.seek(len(data) - 10)
+        assert f.read() == data[-10:]
+        f.seek(0)
+        assert f.read(100) == data[:100]
+        files.write_bytes(path, bytes(len(data)))  # replaced meanwhile
+        assert f.read(100) == data[100:200]  # still the first range, read at open
+        f.seek(gcs.BLOCK + 100)  # beyond it: a new range of the old generation
+        with pytest.raises(RemoteError, match="replaced or removed while being read"):
+            f.read(10)
+    assert files.read_bytes(path) == bytes(len(data))
+
+
 def test_damaged_checkpoint_in_a_bucket_is_set_aside(emulator):
     """A truncated newest step in a bucket: restored from the step before, set aside as
     <step>.damaged-<time> through the seam, and Orbax's next listing no longer sees it."""
@@ -317,6 +356,7 @@ def test_bad_buckets_end_in_one_line_each(emulator, inputs, monkeypatch):
     line = _one_line(err.value)
     assert time.time() - t0 < 5
     assert workdir in line and "cannot reach Cloud Storage" in line and gcs.RETRY_ENV in line
+    assert "connection refused" in line
     assert snapshot.undo() == []
     with pytest.raises(CheckpointError) as err:
         vit_weights.read_arrays(BACKBONE)

@@ -1,7 +1,7 @@
 """The workdir lease: a second live run is refused with one line naming the holder, a gone
-holder's lease is taken over with a warning, the lease is given back however the run ends,
-remote stores (TensorFlow's offline ram:// filesystem standing in for gs://) follow the
-candidate protocol, and of two processes racing for one workdir exactly one wins."""
+holder's lease is taken over with a warning, the lease is given back however the run ends, of
+two processes racing for one workdir exactly one wins, and a workdir on a store without an
+exclusive create is refused (gs:// buckets: tests/test_gcs.py, against an emulator)."""
 
 import json
 import logging
@@ -9,7 +9,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
 
@@ -192,63 +191,14 @@ def test_two_processes_racing_exactly_one_wins(tmp_path, stale):
 
 
 # ------------------------------------------------------------------------------------------
-# Remote stores: ram:// is a tf.io.gfile scheme that works offline.
+# Stores without an exclusive create (gs:// is tested against an emulator in test_gcs.py).
 
-@pytest.fixture
-def ram_workdir():
-    path = f"ram://lease_test/{uuid.uuid4().hex}/run"
-    assert files.is_remote(path)
-    return path
-
-
-def test_remote_second_run_refused_then_free(ram_workdir):
-    first = WorkdirLease(ram_workdir).acquire()
-    assert first.path.startswith(ram_workdir + "/lease/")
-    second = WorkdirLease(ram_workdir)
+def test_workdir_on_a_store_without_exclusive_create_is_refused():
+    workdir = f"memory://lease_test/{uuid.uuid4().hex}/run"
+    assert files.is_remote(workdir) and not files.can_create_new(workdir)
     with pytest.raises(LeaseError) as err:
-        second.acquire()
-    assert f"pid {os.getpid()}" in str(err.value) and first.path in str(err.value)
-    assert files.listdir(f"{ram_workdir}/lease") == [os.path.basename(first.path)]
-    first.release()
-    assert files.listdir(f"{ram_workdir}/lease") == []
-    with WorkdirLease(ram_workdir):
-        pass
-
-
-def test_remote_stale_candidate_taken_over_live_one_refused(ram_workdir, caplog):
-    folder = f"{ram_workdir}/lease"
-    stale = _plant(f"{folder}/{'a' * 32}.json", machine="gone|x|y",
-                   heartbeat=time.time() - 3600)
-    caplog.set_level(logging.WARNING)
-    with WorkdirLease(ram_workdir) as held:
-        assert files.listdir(folder) == [os.path.basename(held.path)]
-    assert any("left by a run that is gone" in w and f"pid {stale['pid']}" in w
-               for w in _warnings(caplog))
-    _plant(f"{folder}/{'b' * 32}.json", machine="other|x|y", pid=99)  # live, elsewhere
-    with pytest.raises(LeaseError, match="pid 99"):
-        WorkdirLease(ram_workdir).acquire()
-    assert files.listdir(folder) == ["b" * 32 + ".json"]  # the refused run left nothing
-
-
-def test_remote_concurrent_runs_never_both_proceed(ram_workdir):
-    """Threads standing in for runs that start together: at most one may win (both may be
-    refused when their candidates cross)."""
-    for attempt in range(10):
-        workdir = f"{ram_workdir}{attempt}"
-        barrier, results = threading.Barrier(2), []
-
-        def run():
-            held = WorkdirLease(workdir)
-            barrier.wait()
-            try:
-                held.acquire()
-                results.append("won")
-            except LeaseError:
-                results.append("refused")
-
-        threads = [threading.Thread(target=run) for _ in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert results.count("won") <= 1, results
+        WorkdirLease(workdir).acquire()
+    assert isinstance(err.value, ConfigError)
+    line = err.value.text(cli=True)
+    assert "\n" not in line and f"--workdir={workdir} must be a local folder or a gs://" in line
+    assert not files.exists(workdir)  # refused before anything is written

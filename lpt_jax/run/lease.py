@@ -15,20 +15,13 @@ A holder that finds its lease taken over (it was stalled for longer than `stale_
 error, and its train loop stops at the next step with a LeaseError (`check_held`; with several
 processes only the error is logged, since process 0 alone cannot leave a collective).
 
-Local disks and gs:// buckets: <workdir>/lease.json, created complete and atomically only if
-no such file exists (files.create_new: a hard-linked temp file locally, the precondition
-ifGenerationMatch=0 on Cloud Storage, whose writes and listings Google documents as strongly
-consistent). Taking over a stale lease is serialised by a short-lived break lock
+A workdir is a local folder or a gs:// path: <workdir>/lease.json is created complete and
+atomically only if no such file exists (files.create_new: a hard-linked temp file locally, the
+precondition ifGenerationMatch=0 on Cloud Storage, whose writes and listings Google documents
+as strongly consistent). Taking over a stale lease is serialised by a short-lived break lock
 (lease.json.break, created the same way), so of two runs that find the same stale lease
-exactly one wins. Tested on local disks and on a GCS emulator (fake-gcs-server).
-
-Other remote stores (gfile schemes such as ram://) have no exclusive create, so one file
-cannot be claimed atomically. Each run writes its own candidate <workdir>/lease/<token>.json,
-then lists lease/; if it sees another live candidate it deletes its own and is refused. Since
-the later of two writes is followed by that run's listing, the later run always sees the
-earlier candidate, so two runs never both proceed -- provided the store's writes and listings
-are strongly consistent. Two runs started within the same moment may both be refused (rerun
-one). Tested on TensorFlow's ram:// filesystem.
+exactly one wins. Tested on local disks and on a GCS emulator (fake-gcs-server). Other stores
+(memory://, s3://, ...) have no exclusive create: a workdir there is refused with one line.
 """
 
 from __future__ import annotations
@@ -50,8 +43,7 @@ from lpt_jax.errors import Input, LeaseError
 from lpt_jax.run import process_identity
 from lpt_jax.storage import files
 
-LEASE_FILE = "lease.json"        # stores with an exclusive create: local disks, gs://
-LEASE_DIR = "lease"              # other remote stores: one candidate file per run
+LEASE_FILE = "lease.json"
 HEARTBEAT_S = 30.0
 STALE_S = 300.0
 _BREAK_STALE_S = 60.0            # a break lock older than this was left by a crashed run
@@ -76,12 +68,10 @@ class WorkdirLease:
                  stale_s: float = STALE_S):
         self.workdir = files.absolute(workdir)
         self.remote = files.is_remote(self.workdir)
-        self.candidates = not files.can_create_new(self.workdir)  # see the module docstring
         self.heartbeat_s, self.stale_s = float(heartbeat_s), float(stale_s)
         self.token = uuid.uuid4().hex
         self.machine = process_identity.machine_id()
-        self.path = (os.path.join(self.workdir, LEASE_DIR, f"{self.token}.json")
-                     if self.candidates else os.path.join(self.workdir, LEASE_FILE))
+        self.path = os.path.join(self.workdir, LEASE_FILE)
         self.held = False
         self._created = False
         self.lost: Optional[str] = None
@@ -99,10 +89,14 @@ class WorkdirLease:
 
     def acquire(self) -> "WorkdirLease":
         """Takes the lease, or raises LeaseError naming the live holder."""
+        if not files.can_create_new(self.workdir):
+            raise LeaseError(Input("workdir", self.workdir), " must be a local folder or a "
+                             "gs:// path: this store cannot create a file only if it is absent, "
+                             "so two runs could both write the workdir")
         self._created = not files.isdir(self.workdir)
         files.makedirs(self.workdir)
         try:
-            self._acquire_candidate() if self.candidates else self._acquire_exclusive()
+            self._acquire_exclusive()
         except BaseException:
             self._remove_if_created_and_empty()
             raise
@@ -161,7 +155,7 @@ class WorkdirLease:
         while True:
             try:
                 raw = files.read_bytes(path)
-            except Exception as e:  # noqa: BLE001 - gfile's NotFoundError is no OSError
+            except Exception as e:  # noqa: BLE001 - whatever the store says: ask exists()
                 if not files.exists(path):
                     return None
                 raw, error = b"", e
@@ -194,7 +188,7 @@ class WorkdirLease:
             "it to end or use another ", Input("workdir"), f"; if that run is gone, delete {path}",
             path=path)
 
-    # -- local disks and gs://: atomic create ----------------------------------------------
+    # -- taking the lease: atomic create ----------------------------------------------------
 
     def _acquire_exclusive(self) -> None:
         deadline = time.time() + _ACQUIRE_TIMEOUT_S
@@ -231,43 +225,9 @@ class WorkdirLease:
         finally:
             files.remove(lock)
 
-    # -- other remote stores: candidates ---------------------------------------------------
-
-    def _acquire_candidate(self) -> None:
-        folder = os.path.dirname(self.path)
-        files.makedirs(folder)
-        files.write_bytes(self.path, self._encode())
-        live = []
-        for name in files.listdir(folder):
-            if not name.endswith(".json") or name == os.path.basename(self.path):
-                continue
-            path = os.path.join(folder, name)
-            try:
-                rec = self._read(path)
-            except LeaseError:
-                self._remove_quietly(self.path)
-                raise
-            if rec is None:
-                continue
-            why = self._stale(rec)
-            if why is None:
-                live.append((rec, path))
-            else:
-                self._remove_quietly(path)
-                self._warn_gone(rec, why)
-        if live:
-            self._remove_quietly(self.path)
-            rec, path = min(live, key=lambda t: t[0].get("started", ""))
-            raise self._refuse(rec, path)
-
     def _warn_gone(self, rec: dict, why: str) -> None:
         logging.warning("removed the lease of %s left by a run that is gone (%s; %s)",
                         self.workdir, _describe(rec, time.time()), why)
-
-    @staticmethod
-    def _remove_quietly(path: str) -> None:
-        with contextlib.suppress(Exception):
-            files.remove(path)
 
     # -- heartbeat --------------------------------------------------------------------------
 
