@@ -1,50 +1,27 @@
-"""CPU reference for issue 8: LPT's steps in PyTorch + timm, as users of the release run them.
+"""The PyTorch + timm CPU reference: the LPT release's steps as its users run them (issue 8).
 
-Builds a timm ViT-B/16 (224 px, LayerNorm eps 1e-5, exact GELU, no head; random weights)
-and times, in fp32 on the CPU, the computations of the PyTorch LPT release (DongSky/LPT):
+A timm ViT-B/16 (224 px, LayerNorm eps 1e-5, exact GELU, random weights), fp32 on the CPU, and
+the PyTorch release's (DongSky/LPT) computations on it: `vit_forward`; `phase1_train_step`
+(shared prompt at every block, cosine head, A-GCL on the dual pair, backward to prompt + head,
+SGD); `phase2_train_step_reference` and `phase2_inference_reference` (a no_grad query pass,
+top-2 of 20 keys, a full main pass with the group prompts); `*_trunk`: the same phase 2 on the
+exact shared trunk (18 block evaluations instead of 24, as lpt_jax's `LPT.phase2`).
 
-  vit_forward                  plain ViT forward to the CLS feature (eval, no_grad), B images;
-  phase1_train_step            VPT-deep shared prompt (12, 10, 768) appended at every block and
-                               dropped after it, dropout 0.1, cosine head (365 classes), A-GCL
-                               (s=20, m=0.1) on the dual pair; backward to prompt + head only
-                               (backbone requires_grad=False); SGD momentum 0.9, wd 0.01;
-  phase2_train_step_reference  the release's phase 2: per batch a full no_grad query pass with
-                               the shared prompt (12 blocks), cosine top-2 of 20 keys, then a
-                               full main pass (shared prompt at blocks 0..5, shared + averaged
-                               group prompts (20, 6, 10, 768) at blocks 6..11), loss
-                               AGCL_cb - 0.5 S_cb + eta (AGCL_ib - 0.5 S_ib); backward to
-                               pool + keys + head; SGD step;
-  phase2_inference_reference   the release's inference: query pass + main pass, no_grad, B images.
-
-Train steps run the dual pair as the release does: a class-balanced batch and an
-instance-balanced batch of B images each, two forward passes, one backward: 2B images per
-step. Images/s = images per call / median seconds over `--repeats` timed calls after
-`--warmup` untimed ones. Extra cases `phase2_train_step_trunk` / `phase2_inference_trunk`
-compute the same phase-2 result on the exact shared trunk (blocks 0..5 once, 18 block
-evaluations instead of 24): the like-for-like counterpart of lpt_jax's `LPT.phase2`.
-
-Run it in the oracle venv (torch and TensorFlow must not share a process):
+A separate script because torch and TensorFlow must not share a process: it runs in the oracle
+venv (requirements-torch.txt) and imports torch, timm, numpy and harness.py (no lpt_jax).
+`bench.py vs_pytorch` runs its child `torch_cases`, `bench.py convert` its `write_release`.
 
     /work/oracle_venv/bin/python benchmarks/bench_torch_reference.py [--batch 8] [--repeats 3]
-    /work/oracle_venv/bin/python benchmarks/bench_torch_reference.py --smoke   # tiny, seconds
-
-Writes benchmarks/results/torch_reference.md and .json (not with --smoke). Never touches the
-network. Timings on shared machines vary: compare numbers from one run, as ratios.
+    /work/oracle_venv/bin/python benchmarks/bench_torch_reference.py --smoke --results ''
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import datetime
-import json
 import os
-import platform
 import statistics
 import sys
-import time
 from functools import partial
-from pathlib import Path
 from typing import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # timm pulls in huggingface_hub
@@ -54,7 +31,8 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+import harness  # noqa: E402
+from harness import arg, case, child  # noqa: E402
 
 
 def import_timm():
@@ -363,128 +341,112 @@ def time_case(case: Case, warmup: int, repeats: int, vit, lpt) -> dict:
     for _ in range(warmup):
         case.fn()
     check_gradients(case, vit, lpt)
-    times, cpu = [], []
-    for _ in range(repeats):
-        t0, c0 = time.perf_counter(), time.process_time()
-        case.fn()
-        times.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
+    calls = [harness.timed(case.fn)[:2] for _ in range(repeats)]
+    times, cpu = [w for w, _ in calls], [c for _, c in calls]
     median = statistics.median(times)
     # Share of the threads' wall time spent on the CPU: well below 1 means other processes
     # took the cores (the wall-clock numbers are then pessimistic).
-    busy = statistics.median(c / (t * torch.get_num_threads()) for c, t in zip(cpu, times))
+    threads = torch.get_num_threads()
+    busy = statistics.median(c / (t * threads) for c, t in zip(cpu, times, strict=True))
     return dict(images_per_s=case.images_per_call / median, median_s=median, times_s=times,
                 images_per_s_best=case.images_per_call / min(times),
                 images_per_cpu_s=case.images_per_call / statistics.median(cpu), cpu_s=cpu,
-                cpu_share=busy,
-                images_per_call=case.images_per_call,
-                block_evals_per_image=case.block_evals_per_image,
-                description=case.description)
+                cpu_share=busy, images_per_call=case.images_per_call,
+                block_evals_per_image=case.block_evals_per_image, description=case.description)
+
+
+def write_release(path: str, s: Setup = Setup()) -> None:
+    """A random release checkpoint of ViT-B/16 size in the release's format (~333 MiB):
+    {'config', 'state_dict' (module.-prefixed timm names + prompt_learner.*), 'val_acc'}."""
+    g = torch.Generator().manual_seed(0)
+    d, m = s.width, 4 * s.width
+    grid = s.img_size // s.patch_size
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g) * 0.02
+    state = {"cls_token": rand(1, 1, d), "pos_embed": rand(1, 1 + grid ** 2, d),
+             "patch_embed.proj.weight": rand(d, 3, s.patch_size, s.patch_size),
+             "patch_embed.proj.bias": rand(d), "norm.weight": rand(d), "norm.bias": rand(d)}
+    for i in range(s.depth):
+        shapes = {"norm1.weight": (d,), "norm1.bias": (d,), "attn.qkv.weight": (3 * d, d),
+                  "attn.qkv.bias": (3 * d,), "attn.proj.weight": (d, d), "attn.proj.bias": (d,),
+                  "norm2.weight": (d,), "norm2.bias": (d,), "mlp.fc1.weight": (m, d),
+                  "mlp.fc1.bias": (m,), "mlp.fc2.weight": (d, m), "mlp.fc2.bias": (d,)}
+        state.update({f"blocks.{i}.{k}": rand(*v) for k, v in shapes.items()})
+    p, pool, shared = s.prompt_length, s.pool_size, s.shared_depth
+    state.update({"prompt_learner.Prompt_Tokens": rand(s.depth, p, d),
+                  "prompt_learner.Prompt_Tokens_pool": rand(pool, s.depth - shared, p, d),
+                  "prompt_learner.Prompt_Keys": rand(pool, d),
+                  "prompt_learner.head.weight": rand(d, s.num_classes)})
+    torch.save({"config": {"base_model": "vit_base_patch16_224_in21k"},
+                "state_dict": {f"module.{k}": v for k, v in state.items()}, "val_acc": 0.5}, path)
 
 
 # ------------------------------------------------------------------------------------------
-# Reporting.
+# The harness: the case, its fresh-process child, and the release file for `bench.py convert`.
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
-
-
-def format_markdown(meta: dict, results: dict) -> str:
-    lines = [
-        "# PyTorch + timm CPU reference for LPT (issue 8)",
-        "",
-        f"Machine: {meta['cpu']}, {meta['cores']} cores, torch threads {meta['threads']}; "
-        f"Python {meta['python']}, torch {meta['torch']}, timm {meta['timm']}, "
-        f"numpy {meta['numpy']}. Date: {meta['date']}.",
-        f"Script: `benchmarks/bench_torch_reference.py` (oracle venv). ViT {meta['variant']}, "
-        f"{meta['image_size']} px, {meta['num_classes']} classes, fp32, "
-        f"LayerNorm eps 1e-5, exact GELU, attention: "
-        f"{'fused SDPA (timm default)' if meta['fused_attention'] else 'manual softmax(qk^T)v'}; "
-        f"batch B = {meta['batch']}; {meta['warmup']} warm-up call(s), median of "
-        f"{meta['repeats']} timed calls.",
-        "Train steps run the dual pair (class-balanced + instance-balanced batch, B images each: "
-        "2B images per step, two forward passes and one backward, as the release does); "
-        "inference and the plain forward count B images per call.",
-        f"Other processes share this CPU: load average {meta['loadavg_before']} before, "
-        f"{meta['loadavg_after']} after (1/5/15 min); expect up to 2x run-to-run spread.",
-        "",
-        "| case | images/call | block evals per image | median s | images/s | best call, "
-        "images/s | images per CPU-s | CPU share |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for name, r in results.items():
-        lines.append(f"| {name} | {r['images_per_call']} | {r['block_evals_per_image']} | "
-                     f"{r['median_s']:.2f} | **{r['images_per_s']:.2f}** | "
-                     f"{r['images_per_s_best']:.2f} | {r['images_per_cpu_s']:.2f} | "
-                     f"{r['cpu_share']:.2f} |")
-    lines += ["", "CPU share = process CPU time / (wall time x threads), median over the timed "
-              "calls: near 1 on an idle machine; lower means other processes held the cores. "
-              "Images per CPU-s = images per call / median process CPU seconds (all threads).",
-              "", "Cases:", ""]
-    lines += [f"- `{name}`: {r['description']}." for name, r in results.items()]
-    lines += ["", "Machine-readable: `benchmarks/results/torch_reference.json` "
-              "(`cases.<name>.images_per_s`: median; `images_per_s_best`: fastest call; "
-              "`images_per_cpu_s`)."]
-    return "\n".join(lines) + "\n"
-
-
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--cases", nargs="+", default=list(DEFAULT_CASES), choices=DEFAULT_CASES)
-    ap.add_argument("--attention", choices=("fused", "manual"), default="fused",
-                    help="timm's fused SDPA (default) or the release's explicit softmax(qk^T)v")
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--smoke", action="store_true",
-                    help="tiny model (32 px, width 64), batch 2, 1 repeat; writes nothing")
-    ap.add_argument("--out", default=str(REPO / "benchmarks/results/torch_reference"),
-                    help="results path without extension (.md and .json); '' to skip")
-    args = ap.parse_args(argv)
-
-    setup = SMOKE if args.smoke else Setup()
-    if args.smoke:
-        args.batch, args.repeats, args.out = 2, 1, ""
-    torch.set_num_threads(args.threads)
+def run_cases(batch: int, repeats: int, warmup: int, names, smoke: bool, fused: bool = True,
+              threads: int = 0) -> dict:
+    setup = SMOKE if smoke else Setup()
+    torch.set_num_threads(threads or os.cpu_count())
     torch.manual_seed(0)
     timm = import_timm()
-
-    loadavg_before = [round(x, 2) for x in os.getloadavg()]
-    vit = build_backbone(timm, setup, args.attention == "fused")
+    vit = build_backbone(timm, setup, fused)
     lpt = LPTParams(setup)
     self_check(vit, lpt, setup)
-    cases = make_cases(vit, lpt, setup, args.batch)
+    cases = make_cases(vit, lpt, setup, batch)
     results = {}
-    t_start = time.perf_counter()
-    for name in args.cases:
-        results[name] = time_case(cases[name], args.warmup, args.repeats, vit, lpt)
-        r = results[name]
-        print(f"{name:30s} {r['images_per_s']:7.2f} img/s  (median {r['median_s']:.2f} s for "
-              f"{r['images_per_call']} images; {', '.join(f'{t:.2f}' for t in r['times_s'])})",
-              flush=True)
-    meta = dict(
-        cpu=cpu_model(), cores=os.cpu_count(), threads=torch.get_num_threads(),
-        python=platform.python_version(), torch=torch.__version__, timm=timm.__version__,
-        numpy=np.__version__, date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
-        batch=args.batch, repeats=args.repeats, warmup=args.warmup, dtype="float32",
-        fused_attention=args.attention == "fused", image_size=setup.img_size,
-        variant="smoke" if args.smoke else "B/16", num_classes=setup.num_classes,
-        train_step_images="2B (class-balanced + instance-balanced batch)",
-        loadavg_before=loadavg_before, loadavg_after=[round(x, 2) for x in os.getloadavg()],
-        total_seconds=round(time.perf_counter() - t_start, 1))
-    text = format_markdown(meta, results)
-    print(text)
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".md").write_text(text)
-        out.with_suffix(".json").write_text(json.dumps(dict(meta, cases=results), indent=2) + "\n")
+    for name in names:
+        r = results[name] = time_case(cases[name], warmup, repeats, vit, lpt)
+        harness.log(f"{name:30s} {r['images_per_s']:7.2f} img/s (median {r['median_s']:.2f} s "
+                    f"for {r['images_per_call']} images)")
+    return dict(cases=results, torch=torch.__version__, timm=timm.__version__,
+                threads=torch.get_num_threads(), variant="smoke" if smoke else "B/16",
+                image_size=setup.img_size, num_classes=setup.num_classes)
+
+
+@child("torch_cases")
+def torch_cases(p: dict) -> dict:
+    return run_cases(p["batch"], p["repeats"], 1, p["cases"], p["smoke"])
+
+
+@child("write_release")
+def write_release_child(p: dict) -> dict:
+    write_release(p["path"])
+    return dict(path=p["path"], bytes=os.path.getsize(p["path"]))
+
+
+@case("torch_reference", "torch_reference",
+      "the PyTorch + timm CPU reference: the release's LPT steps (oracle venv)",
+      arg("--batch", type=int, default=8), arg("--repeats", type=int, default=3),
+      arg("--warmup", type=int, default=1),
+      arg("--cases", nargs="+", default=list(DEFAULT_CASES), choices=DEFAULT_CASES),
+      arg("--attention", choices=("fused", "manual"), default="fused",
+          help="timm's fused SDPA (default) or the release's explicit softmax(qk^T)v"),
+      arg("--threads", type=int, default=0, help="torch threads (0: all cores)"),
+      arg("--smoke", action="store_true", help="tiny model (32 px, width 64), batch 2"))
+def torch_reference(args, rec):
+    if args.smoke:
+        args.batch, args.repeats = 2, 1
+    out = run_cases(args.batch, args.repeats, args.warmup, args.cases, args.smoke,
+                    args.attention == "fused", args.threads)
+    text = (f"ViT {out['variant']}, {out['image_size']} px, {out['num_classes']} classes, fp32, "
+            f"LayerNorm eps 1e-5, exact GELU, attention "
+            f"{'fused SDPA (timm default)' if args.attention == 'fused' else 'manual'}; torch "
+            f"{out['torch']}, timm {out['timm']}, {out['threads']} threads; batch B = "
+            f"{args.batch}; median of {args.repeats} calls after {args.warmup}. Train steps: "
+            "the dual pair (2B images). CPU share = process CPU time / (wall x threads): near "
+            "1 on an idle machine.\n\n")
+    text += harness.table(
+        ["case", "images/call", "block evals per image", "median s", "images/s",
+         "best call, images/s", "images per CPU-s", "CPU share"],
+        [[n, r["images_per_call"], r["block_evals_per_image"], f"{r['median_s']:.2f}",
+          f"**{r['images_per_s']:.2f}**", f"{r['images_per_s_best']:.2f}",
+          f"{r['images_per_cpu_s']:.2f}", f"{r['cpu_share']:.2f}"]
+         for n, r in out["cases"].items()])
+    text += "\n\n" + "\n".join(f"- `{n}`: {r['description']}." for n, r in out["cases"].items())
+    rec.write(text, dict(args=vars(args), **out))
 
 
 if __name__ == "__main__":
-    main()
+    harness.main(default="torch_reference")
