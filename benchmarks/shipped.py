@@ -24,6 +24,7 @@ import numpy as np
 
 from configs.common import base_config, use_siglip
 from lpt_jax import parallel
+from lpt_jax.backbones import layers
 from lpt_jax.backbones import vit as vit_module
 from lpt_jax.method import steps
 from lpt_jax.method.lpt import METHOD
@@ -114,7 +115,7 @@ def model_dims(model: LPT) -> dict:
 def attention(model: LPT) -> str:
     """The ViT's attention setting and what it runs as on this backend."""
     name = model.backbone.attention
-    resolved = vit_module.attention_implementation(name)
+    resolved = layers.attention_implementation(name)
     return name if resolved == name else f"{name} ({resolved})"
 
 

@@ -1,10 +1,13 @@
 """The shipped configs: the spec's constants, the ':arg' form, and command-line overrides."""
 
+import subprocess
+import sys
+
 import pytest
 
 from lpt_jax.method.optim import epoch_learning_rates
 
-from helpers import CONFIGS, load_config
+from helpers import CONFIGS, REPO, load_config
 
 
 def _load(name, arg=None):
@@ -120,3 +123,20 @@ def test_command_line_overrides_are_type_checked(name):
     with pytest.raises(flags.IllegalFlagValueError):
         _parse_config_flags(["prog", f"--config={CONFIGS / name}.py",
                              "--config.model.vit.width=wide"])
+
+
+def test_help_config_lists_every_field_from_its_declaration():
+    """run.py --help_config prints each field of the config (after the overrides) with its
+    default, what it accepts, its doc and its roles, and exits 0 without a --workdir."""
+    from lpt_jax.config import schema
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "run.py"), f"--config={CONFIGS}/demo.py", "--help_config",
+         "--config.optim.base_lr=0.5"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    paths = [line.split()[0] for line in lines if line and not line.startswith(" ")]
+    assert paths == [p for p, _, _ in schema.of(_load("demo")).walk()]
+    text = proc.stdout
+    assert "optim.base_lr" in text and "0.5 (default 0.02)" in text
+    assert "accepts 'epoch_permutation' or 'independent'" in text
+    assert "[location]" in text and "not run-defining" in text

@@ -101,6 +101,19 @@ def test_ctrl_c_saves_like_sigterm_and_exits_130(straight):
     assert names and all(n.isdigit() for n in names), names  # no tmp folder left
 
 
+def test_stop_after_steps_is_its_own_outcome_not_a_preemption(straight):
+    """train.stop_after_steps saves and stops with exit 3 and a 'stopped:' line (a preemption
+    is 128 + its signal and says 'preempted:')."""
+    tmp, _ = straight
+    workdir = tmp / "stopped"
+    proc = _cli(tmp, workdir, "--config.train.stop_after_steps=2")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 3, out[-3000:]
+    assert "stopped: phase 1 stopped at step 2 (train.stop_after_steps)" in out, out[-3000:]
+    assert "preempted" not in out and "Traceback" not in out, out[-3000:]
+    assert "2" in [p.name for p in (workdir / "phase1" / "checkpoints").iterdir()]
+
+
 def _tree(path):
     return {str(p.relative_to(path)): p.read_bytes() if p.is_file() else None
             for p in sorted(Path(path).rglob("*"))}

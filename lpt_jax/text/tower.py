@@ -25,7 +25,7 @@ from typing import Iterable, Mapping, Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
-from lpt_jax.backbones import vit
+from lpt_jax.backbones import layers, vit
 from lpt_jax.backbones import vit_weights as checkpoints
 
 POOL_TYPES = ("last", "first", "gap", "max", "map")
@@ -73,7 +73,7 @@ class TextTransformer(nn.Module):
         elif self.pool_type == "max":
             x = jnp.max(x, axis=1)
         else:
-            x = vit.MAPHead(mlp_dim, self.num_heads, self.layernorm_epsilon,
+            x = layers.MAPHead(mlp_dim, self.num_heads, self.layernorm_epsilon,
                             self.gelu_approximate, self.dtype, name="MAPHead_0")(x)
         if self.embed_dim != 0:
             x = nn.Dense(self.out_dim, dtype=self.dtype, name="head")(x)
