@@ -111,7 +111,7 @@ def main(argv):
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(1)
-    snapshot = rundir.Snapshot(workdir)
+    snapshot = rundir.Snapshot(workdir, _MODE.value)  # what a failure will undo
 
     def fail(message: str, code: int):
         if jax.process_index() == 0:
@@ -122,17 +122,17 @@ def main(argv):
         sys.exit(code)
 
     try:
-        if _MODE.value == "train":
-            trainer.train(config, workdir)
-        elif _MODE.value == "eval":
-            inference.evaluate_workdir(config, workdir, _EXPORT.value)
-        else:
-            rows = _predict(config, workdir)
-            out = open(_OUTPUT.value, "w") if _OUTPUT.value else sys.stdout
-            for row in rows:
-                out.write(json.dumps(row) + "\n")
-            if out is not sys.stdout:
-                out.close()
+        with snapshot:
+            if _MODE.value == "train":
+                trainer.train(config, workdir)
+            elif _MODE.value == "eval":
+                inference.evaluate_workdir(config, workdir, _EXPORT.value)
+            else:
+                lines = (json.dumps(row) + "\n" for row in _predict(config, workdir))
+                if _OUTPUT.value:  # whole or not at all: a failure leaves no partial file
+                    cli.write_lines_atomically(_OUTPUT.value, lines)
+                else:
+                    sys.stdout.writelines(lines)
         preemption.raise_if_interrupted()  # a signal whose exception a finalizer swallowed
     except errors.LeaseError as e:  # another run holds the workdir: what changed there is its own
         logging.error("%s: %s", type(e).__name__, e)
@@ -170,7 +170,12 @@ def _predict(config, workdir):
         files = cli.expand_files(_FILES.value)
         if not files:
             raise ConfigError("--mode=predict needs --files (image files or folders)")
+        cli.refuse_output_over_inputs(_OUTPUT.value, workdir, config, cli.config_file(sys.argv),
+                                      [_EXPORT.value] if _EXPORT.value else [], None, files)
         return inference.predict_files(config, workdir, files, _EXPORT.value)
+    cli.refuse_output_over_inputs(_OUTPUT.value, workdir, config, cli.config_file(sys.argv),
+                                  list(plan[0].values()), _REQUESTS.value,
+                                  [f for _, f in plan[1]])
     from lpt_jax import (
         serving,  # several tasks on one backbone, every export and request checked first
     )

@@ -4,6 +4,7 @@ several exports), quiet library logs, and every error the user can fix worded as
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import logging as logging_std
@@ -171,6 +172,11 @@ class QuietLibraries(logging_std.Filter):
 
 # ------------------------------------------------------------------------------------------
 # Command-line errors: one line naming the flag, the field and what it accepts.
+
+def config_file(argv) -> str:
+    """The path of the config file --config names (without its ':arg')."""
+    return (_config_arg(argv) or "").split(":")[0]
+
 
 def _config_arg(argv):
     """The --config value absl uses: the last one given."""
@@ -343,6 +349,63 @@ def output_problem(workdir: str, output) -> "str | None":
         if not os.path.isdir(parent):
             return f"--output={output}: the folder {parent} does not exist; create it first"
     return None
+
+
+def refuse_output_over_inputs(output, workdir: str, config, config_file: str,
+                              exports, requests, images) -> None:
+    """--output may be none of this predict's inputs and nothing inside the workdir (nor
+    inside a folder the config reads from): ConfigError before anything is written. Paths are
+    compared resolved (symlinks, '..')."""
+    if not output:
+        return
+    from lpt_jax.config import schema
+    from lpt_jax.config.fields import LOCATION
+    from lpt_jax.storage import files
+    from lpt_jax.tree import lookup
+    out = os.path.realpath(output)
+
+    def inside(folder: str) -> bool:
+        folder = os.path.realpath(folder)
+        return out == folder or out.startswith(folder.rstrip(os.sep) + os.sep)
+
+    def refuse(what: str, path: str):
+        raise ConfigError(f"--output={output} is {what} ({path}): predicting would overwrite "
+                          "it; choose another --output")
+    if not files.is_remote(workdir) and inside(workdir):
+        raise ConfigError(f"--output={output} is inside --workdir={workdir}: predictions are "
+                          "never written into a run's folder; choose a path outside it")
+    named = [("the config file", config_file)]
+    named += [("an export of --export", p) for p in exports]
+    named += [("the --requests file", requests)] if requests else []
+    named += [(f"--config.{f}", lookup(config, f, "")) for f in schema.fields(config, LOCATION)]
+    for image in images:
+        if not files.is_remote(image) and os.path.realpath(image) == out:
+            refuse("an image to predict", image)
+    for what, path in named:
+        path = str(path)
+        if not path or files.is_remote(path):
+            continue
+        if os.path.isdir(path) and inside(path):
+            refuse(f"inside {what}", path)
+        if os.path.realpath(path) == out:
+            refuse(what, path)
+
+
+def write_lines_atomically(path: str, lines) -> None:
+    """Writes `lines` to `path` whole or not at all: a temporary file beside it, renamed over
+    the name once every line is written (a failure at line 5,000 leaves no partial file)."""
+    import uuid
+    tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            f.writelines(lines)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def os_error_line(err: OSError) -> str:

@@ -193,6 +193,11 @@ def cli_cases(inputs, skip_workdir, copy_of_skip_workdir):
     nan = _altered_export(good_export, inputs.base / "export_nan.npz", nan="shared_prompt")
     reordered = _altered_export(good_export, inputs.base / "export_reordered.npz",
                                 reorder_classes=True)
+    export_copy = inputs.base / "export_copy.npz"
+    shutil.copy(good_export, export_copy)
+    an_image = sorted((inputs.good / "test" / "class_0").iterdir())[0]
+    config_link = inputs.base / "link_to_config.py"
+    config_link.symlink_to(inputs.config_file)
     return {
         "read-only workdir": Case(
             (), 1, (f"cannot write or read {read_only}/lease.json: Permission denied",
@@ -227,6 +232,28 @@ def cli_cases(inputs, skip_workdir, copy_of_skip_workdir):
             ("--mode=predict", f"--files={inputs.good}",
              f"--output={inputs.base / 'missing' / 'preds.jsonl'}"), 1,
             (f"the folder {inputs.base / 'missing'} does not exist; create it first",)),
+        "predict --output over its export": Case(
+            ("--mode=predict", f"--export={export_copy}", f"--files={inputs.good}/test",
+             f"--output={export_copy}"), 1,
+            (f"--output={export_copy} is an export of --export ({export_copy}): predicting "
+             "would overwrite it; choose another --output",)),
+        "predict --output over an image": Case(
+            ("--mode=predict", f"--export={good_export}", f"--files={an_image}",
+             f"--output={an_image}"), 1,
+            (f"--output={an_image} is an image to predict",)),
+        "predict --output into the workdir": Case(
+            ("--mode=predict", f"--files={inputs.good}/test",
+             f"--output={copy_of_skip_workdir}/config.json"), 1,
+            (f"--output={copy_of_skip_workdir}/config.json is inside --workdir=",
+             "choose a path outside it"), workdir=str(copy_of_skip_workdir)),
+        "predict --output through a symlink to the config file": Case(
+            ("--mode=predict", f"--export={good_export}", f"--files={inputs.good}/test",
+             f"--output={config_link}"), 1,
+            (f"--output={config_link} is the config file",)),
+        "predict failing after some rows": Case(
+            ("--mode=predict", f"--export={good_export}", f"--files={an_image},{inputs.bad_test}",
+             "--config.predict.batch_size=1", f"--output={inputs.base / 'partial.jsonl'}"), 1,
+            (f"cannot read image {inputs.bad_test}",)),
         "predict --output in a bucket": Case(
             ("--mode=predict", f"--files={inputs.good}", "--output=gs://bucket/preds.jsonl"), 1,
             ("--output=gs://bucket/preds.jsonl: predictions are written to a local file",)),
@@ -353,6 +380,10 @@ CLI_CASES = ["config file with a syntax error", "workdir that is a file", "read-
              "several exports and a setting they decide", "--files with --mode=train",
              "predict without --files",
              "predict --output in a missing folder", "predict --output in a bucket",
+             "predict --output over its export", "predict --output over an image",
+             "predict --output into the workdir",
+             "predict --output through a symlink to the config file",
+             "predict failing after some rows",
              "unknown config field", "value of the wrong type",
              "all-corrupt image folder", "all-corrupt image folder, skip mode",
              "corrupt JPEG among good ones, fail mode", "checkpoint of another model size",
@@ -372,6 +403,18 @@ def test_cli_error(cli, name):
         assert fragment in message, f"{fragment!r} not in {message!r}"
     assert outcome.returncode == outcome.case.exit_code, outcome.stderr
     assert outcome.after == outcome.before, "the workdir changed"
+
+
+def test_predict_never_writes_over_its_inputs_nor_leaves_a_partial_output(inputs, cli):
+    """Refused outputs leave their files as they were; a predict that fails after writing
+    rows leaves no file at all (the lines go to a temporary file renamed at the end)."""
+    export = inputs.base / "export_copy.npz"
+    with np.load(export) as f:
+        assert META_KEY in f.files  # still a whole export
+    image = cli["predict --output over an image"].case.args[2].split("=", 1)[1]
+    assert Path(image).stat().st_size > 100
+    assert not (inputs.base / "partial.jsonl").exists()
+    assert not [p for p in inputs.base.iterdir() if p.name.startswith("partial.jsonl")]
 
 
 def _bad_input_table(inputs, cli) -> str:

@@ -115,3 +115,19 @@ def test_a_failed_atomic_write_leaves_no_temp_file(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         files.write_bytes(str(target), b"new contents")
     assert target.read_text() == "old" and not (tmp_path / "config.json.tmp").exists()
+
+
+def test_evaluation_beside_a_live_run_reads_and_leaves_its_lease(run):
+    """Evaluation (and prediction) read a workdir beside a live run: they take no lease, write
+    only eval/, and leave the holder's lease alone."""
+    import os
+
+    from lpt_jax.run import lease
+
+    def holder():
+        return json.loads(open(os.path.join(workdir, "lease.json")).read())["token"]
+    config, workdir, _ = run
+    with lease.hold(workdir):  # the live run
+        token = holder()
+        assert inference.evaluate_workdir(config, workdir)["phase"] == 1
+        assert holder() == token

@@ -16,6 +16,7 @@ config's field declarations (lpt_jax.config.schema.run_defining).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -154,44 +155,82 @@ def _at(tree: dict, dotted: str, missing=lambda: _ABSENT):
 # ------------------------------------------------------------------------------------------
 # Leaving the workdir as found when an invocation fails early.
 
-class Snapshot:
-    """What a workdir held before an invocation; `undo` removes what the invocation added
-    (and restores config.json) unless it saved a checkpoint or an export to resume from."""
+# What each mode writes in a workdir (top-level names). Training holds the workdir's lease, so
+# nothing else writes these meanwhile; evaluation and prediction take no lease and undo only
+# the files they themselves created.
+TRAINING_OUTPUTS = re.compile(r"config\.json|phase\d+|results")
 
-    def __init__(self, workdir: str):
-        self.workdir, self.readable = workdir, True
+
+class Snapshot:
+    """What a workdir held before an invocation, and what the invocation creates through the
+    file seam; `undo` removes what this invocation added and nothing else.
+
+    Training (`mode='train'`, under the lease): new entries among its own outputs
+    (`config.json`, `phase<n>/`, `results/`; not the lease, not `eval/`), config.json restored,
+    unless it saved a checkpoint or an export to resume from. Evaluation and prediction (no
+    lease: another run may write beside them): exactly the files and folders they created,
+    by name. Use as a context manager around the invocation."""
+
+    def __init__(self, workdir: str, mode: str = "train"):
+        self.workdir, self.mode, self.readable = workdir, mode, True
+        self.created: list[str] = []
+        self._recording = None
         try:
-            self.entries = _entries(workdir)
+            self.entries = _entries(workdir) if mode == "train" else None
             config = os.path.join(workdir, CONFIG_FILE)
             self.config_json = (files.read_bytes(config) if self.entries is not None
                                 and files.exists(config) else None)
+            self.existed = files.isdir(workdir)
         except OSError as e:  # an unreachable or forbidden bucket: the run reports it itself
             logging.debug("cannot list %s (%s): nothing will be undone", workdir, e)
-            self.readable, self.entries, self.config_json = False, None, None
+            self.readable, self.entries, self.config_json, self.existed = False, None, None, True
+
+    def __enter__(self) -> "Snapshot":
+        self._recording = files.recording()
+        self.created = self._recording.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._recording.__exit__(*exc)
 
     def undo(self) -> list[str]:
         """What was removed or restored (never raises: it runs while an error is reported)."""
         if not self.readable:
             return []
         try:
-            return self._undo()
+            return self._undo_training() if self.mode == "train" else self._undo_created()
         except OSError as e:
             logging.warning("could not undo this run's partial output in %s (%s)",
                             self.workdir, e)
             return []
 
-    def _undo(self) -> list[str]:
+    def _undo_created(self) -> list[str]:
+        root = files.absolute(self.workdir).rstrip("/") + "/"
+        undone = []
+        for path in reversed(self.created):  # deepest first: folders after their files
+            inside = files.absolute(path)
+            if not (inside + "/").startswith(root) and inside != root.rstrip("/"):
+                continue
+            if files.is_remote(path) or not os.path.isdir(path):
+                if files.exists(path):
+                    files.remove(path)
+                    undone.append(path)
+            elif not os.listdir(path):  # a folder it created and nothing else filled
+                os.rmdir(path)
+                undone.append(path)
+        return [os.path.relpath(p, self.workdir) if not files.is_remote(p) else p
+                for p in undone]
+
+    def _undo_training(self) -> list[str]:
         after = _entries(self.workdir)
         if after is None:
             return []
-        new = after - (self.entries or set())
+        new = {p for p in after - (self.entries or set())
+               if TRAINING_OUTPUTS.fullmatch(p.split("/")[0])}
         if any(_PROGRESS.fullmatch(p) for p in new):
             logging.warning("keeping the checkpoints this run saved in %s: rerun the same "
                             "command to resume once the problem is fixed", self.workdir)
             return []
-        if self.entries is None:  # the workdir itself is new
-            files.remove(self.workdir)
-            return [self.workdir]
         undone = sorted(p for p in new if os.path.dirname(p) not in new)
         for p in undone:
             files.remove(os.path.join(self.workdir, p))
@@ -200,6 +239,10 @@ class Snapshot:
                 not files.exists(path) or files.read_bytes(path) != self.config_json):
             files.write_bytes(path, self.config_json)
             undone.append(f"{CONFIG_FILE} (restored)")
+        if not self.existed and not files.is_remote(self.workdir):
+            with contextlib.suppress(OSError):  # a folder it created, if nothing else is there
+                os.rmdir(self.workdir)
+                undone.append(self.workdir)
         return undone
 
 

@@ -14,6 +14,8 @@ Errors are the OSError family, worded in one line: FileNotFoundError, Permission
     files.create_new(path, data)    # atomic create-if-absent (local disks and gs://)
     files.read_text(path)
     with files.open_read(path) as f: ...
+    with files.recording() as created: ...   # what this block created, by name
+
 
 Orbax reaches gs:// through its own libraries (etils.epath -> gcsfs for folders and metadata,
 tensorstore for arrays): `configure_remote_libraries()` points them at the same endpoint
@@ -45,6 +47,36 @@ def _is_gcs(path: str) -> bool:
 def _store(path: str):
     """The module for a remote `path`: gcs for gs://, fsspec_store for any other scheme."""
     return gcs if _is_gcs(path) else fsspec_store
+
+
+# ------------------------------------------------------------------------------------------
+# What an invocation created, by name: the undo of a failed start removes these and nothing
+# else (another run may have written beside it meanwhile).
+
+_recorders: list[list[str]] = []
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[str]]:
+    """The files and folders created through the seam inside the block, in creation order
+    (a path that existed before is not created, whatever is written to it)."""
+    created: list[str] = []
+    _recorders.append(created)
+    try:
+        yield created
+    finally:
+        _recorders.remove(created)
+
+
+def _note_new(path: str) -> bool:
+    """Whether a recorder listens and `path` does not exist yet (then the caller records it
+    with `_created` once it is written)."""
+    return bool(_recorders) and not exists(path)
+
+
+def _created(path: str) -> None:
+    for created in _recorders:
+        created.append(path)
 
 
 def absolute(path: str) -> str:
@@ -87,8 +119,16 @@ def makedirs(path: str) -> None:
     exists, so a wrong bucket name is found before anything is written)."""
     if is_remote(path):
         _store(path).makedirs(path)
-    else:
-        os.makedirs(path, exist_ok=True)
+        return
+    missing = []
+    if _recorders:
+        head = os.path.abspath(path)
+        while head and not os.path.exists(head):
+            missing.append(head)
+            head = os.path.dirname(head)
+    os.makedirs(path, exist_ok=True)
+    for folder in reversed(missing):
+        _created(folder)
 
 
 def remove(path: str) -> None:
@@ -109,12 +149,17 @@ def open_read(path: str) -> IO[bytes]:
 def open_write(path: str) -> IO[bytes]:
     """A binary file object for writing (not atomic, except on gs://, where the object
     appears whole at close: prefer `write_bytes`)."""
+    new = _note_new(path)
     if is_remote(path):
-        return _store(path).open_write(path)
-    parent = os.path.dirname(path)
-    if parent:
-        makedirs(parent)
-    return open(path, "wb")
+        f = _store(path).open_write(path)
+    else:
+        parent = os.path.dirname(path)
+        if parent:
+            makedirs(parent)
+        f = open(path, "wb")
+    if new:
+        _created(path)
+    return f
 
 
 def rename(src: str, dst: str) -> None:
@@ -140,20 +185,26 @@ def write_bytes(path: str, data: bytes) -> None:
     """Writes atomically: a reader (another process, a resumed run) sees the old file or the
     new one, never a partial one (gs://: one upload; local: a temporary file, fsync'd, then
     renamed over the name)."""
+    new = _note_new(path)
     if is_remote(path):
         _store(path).write_bytes(path, data)
-        return
-    tmp = f"{path}.tmp"
-    try:
-        with open_write(tmp) as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:  # disk full, Ctrl-C ...: leave no half-written temp file behind
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-    os.replace(tmp, path)
+    else:
+        parent = os.path.dirname(path)
+        if parent:
+            makedirs(parent)
+        tmp = f"{path}.{uuid.uuid4().hex}.tmp"  # unique: two writers never share one
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:  # disk full, Ctrl-C ...: leave no half-written temp file behind
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
+        os.replace(tmp, path)
+    if new:
+        _created(path)
 
 
 def write_text(path: str, text: str) -> None:
@@ -171,7 +222,10 @@ def create_new(path: str, data: bytes) -> bool:
     False if something has. Local: a complete temp file hard-linked to the name (O_EXCL where
     hard links are not supported); gs://: an upload with the precondition ifGenerationMatch=0."""
     if _is_gcs(path):
-        return gcs.write_bytes(path, data, if_absent=True)
+        made = gcs.write_bytes(path, data, if_absent=True)
+        if made:
+            _created(path)
+        return made
     if is_remote(path):
         raise RemoteError(path, "this store has no exclusive create (local folders and gs:// "
                           "have one)")
@@ -182,6 +236,7 @@ def create_new(path: str, data: bytes) -> bool:
         os.fsync(f.fileno())
     try:
         os.link(tmp, path)
+        _created(path)
         return True
     except FileExistsError:
         return False
@@ -194,6 +249,7 @@ def create_new(path: str, data: bytes) -> bool:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        _created(path)
         return True
     finally:
         os.remove(tmp)
