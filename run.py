@@ -126,6 +126,8 @@ def main(argv):
             if _MODE.value == "train":
                 trainer.train(config, workdir)
             elif _MODE.value == "eval":
+                _refuse_ignored_settings(config, workdir, "eval",
+                                         [_EXPORT.value] if _EXPORT.value else [])
                 inference.evaluate_workdir(config, workdir, _EXPORT.value)
             else:
                 lines = (json.dumps(row) + "\n" for row in _predict(config, workdir))
@@ -167,6 +169,8 @@ def _predict(config, workdir):
     from lpt_jax.run import inference
     plan = cli.predict_plan(_EXPORT.value, _FILES.value, _REQUESTS.value)
     if plan is None:  # one export: the single-task path
+        _refuse_ignored_settings(config, workdir, "predict",
+                                 [_EXPORT.value] if _EXPORT.value else [])
         files = cli.expand_files(_FILES.value)
         if not files:
             raise ConfigError("--mode=predict needs --files (image files or folders)")
@@ -179,13 +183,37 @@ def _predict(config, workdir):
     from lpt_jax import (
         serving,  # several tasks on one backbone, every export and request checked first
     )
+    from lpt_jax.config import schema
+    from lpt_jax.run import exports as exports_lib
     settings = serving.cli_settings(config)
-    stray = cli.overrides_outside(sys.argv, settings)
+    recorded = [exports_lib.read(p)[1].get("config") or {} for p in plan[0].values()]
+    unread = [p for p, _, _ in schema.of(config).walk() if p not in settings]
+    stray = cli.ignored_overrides(sys.argv, config, unread, recorded)
     if stray:  # it would be ignored: each task's settings come from its export
         raise ConfigError(f"{stray[0]}: with several exports every setting comes from each "
                           "export; the command line sets only "
                           + ", ".join(f"--config.{f}" for f in settings))
     return serving.predict_requests(config, *plan)
+
+
+def _refuse_ignored_settings(config, workdir: str, mode: str, exports: list):
+    """Evaluation and prediction take the model and its head from the export(s): a setting
+    only training reads, given another value than the export's run had, would be ignored, so
+    it is refused (as a setting several exports decide is)."""
+    from lpt_jax.config import schema
+    from lpt_jax.config.fields import TRAINING
+    from lpt_jax.errors import ConfigError
+    from lpt_jax.method import registry
+    from lpt_jax.run import exports as exports_lib
+    from lpt_jax.run import rundir
+    if not cli.overrides_outside(sys.argv, ()):
+        return
+    paths = exports or [rundir.latest_export(workdir, registry.of(config).phases)]
+    recorded = [exports_lib.read(p)[1].get("config") or {} for p in paths if p]
+    stray = cli.ignored_overrides(sys.argv, config, schema.fields(config, TRAINING), recorded)
+    if stray:
+        raise ConfigError(f"{stray[0]}: --mode={mode} takes it from the export ({paths[0]}), "
+                          "whose run had another value; it only shapes training: drop it")
 
 
 def _fail_usage(message: str):

@@ -162,10 +162,17 @@ def predict_plan(export, file_args, requests):
 
 
 class QuietLibraries(logging_std.Filter):
-    """Orbax and TF log every checkpoint step at INFO: keep their warnings only."""
+    """Orbax and TF log every checkpoint step at INFO: keep their warnings only. A failure in
+    Orbax's background writes is logged there with its traceback (and again by asyncio for
+    each of its tasks) before the main thread raises it, which run.py reports as one line:
+    those logs go."""
 
     def filter(self, record):
         noisy = ("orbax", "tensorflow", "jax._src", "clu/platform")
+        from_orbax = "orbax" in record.pathname or "orbax" in str(record.msg)
+        if from_orbax and (record.exc_info or "raised an exception" in str(record.msg)
+                           or "exception was never retrieved" in str(record.msg)):
+            return False
         return record.levelno >= logging_std.WARNING or not any(
             n in record.pathname for n in noisy)
 
@@ -217,6 +224,20 @@ def flag_outside_its_modes(mode: str, given: dict) -> "str | None":
 def overrides_outside(argv, allowed) -> list[str]:
     """The --config.a.b=value arguments (as typed) that set no field of `allowed`."""
     return [typed for path, typed in _overrides(argv) if path not in allowed]
+
+
+def ignored_overrides(argv, config, unread, recorded) -> list[str]:
+    """The --config.a.b=value arguments (as typed) that set a field of `unread` (fields this
+    command does not read: it takes them from the exports) to a value other than the one
+    every config of `recorded` (the exports' runs) holds: they would be silently ignored.
+    The same value (the training command reused) is no conflict."""
+    from lpt_jax.tree import lookup
+    unread, out = tuple(unread), []
+    for path, typed in _overrides(argv):
+        fields = [f for f in unread if f == path or f.startswith(path + ".")]
+        if any(lookup(c, f, object()) != lookup(config, f) for f in fields for c in recorded):
+            out.append(typed)
+    return out
 
 
 def _load_config(spec):

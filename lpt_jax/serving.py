@@ -72,27 +72,12 @@ class Scores:
     indices: np.ndarray         # (n, k_max) pool prompts picked (phase 2); -1 where none
 
 
-def _check_backbone(task: str, path: str, recorded, backbone_path: str, ours: dict) -> None:
-    if not isinstance(recorded, Mapping) or not recorded.get("sha256_head_tail"):
-        raise ExportError(f"{path} (task {task!r}) records no backbone identity, so nothing "
-                          f"shows it was trained on {backbone_path}; export it again with "
-                          "this lpt_jax", path=path)
-    if (recorded.get("sha256_head_tail"), recorded.get("size")) != (
-            ours["sha256_head_tail"], ours["size"]):
-        raise ExportError(
-            f"{path} (task {task!r}) was trained on another backbone ({recorded.get('path')}, "
-            f"{recorded.get('size')} bytes, fingerprint {str(recorded['sha256_head_tail'])[:12]}) "
-            f"than {backbone_path} ({ours['size']} bytes, fingerprint "
-            f"{ours['sha256_head_tail'][:12]}): prompts only work on the backbone they were "
-            "trained with", path=path)
-
-
 def _read_task(name: str, path: str, backbone_path: str, identity: dict) -> Task:
     """A Task from an export's meta, the backbone identity checked."""
     if not isinstance(name, str) or not name:
         raise ConfigError(f"task name {name!r} of {path}: expected a non-empty string")
     _, meta = exports.read(path)
-    _check_backbone(name, path, meta.get("backbone"), backbone_path, identity)
+    exports.check_backbone(path, meta.get("backbone"), backbone_path, identity, task=name)
     method, phase = exports.phase_of(path, meta)
     if not isinstance(meta.get("config"), dict):
         raise ExportError(f"{path} (task {name!r}): its meta holds no run config; export it "
@@ -245,6 +230,7 @@ class MultiTaskPredictor:
             backbone_path, shapes[next(iter(shapes))]["backbone"], dont_load=(),
             ignore=tuple(config.backbone.ignore), model=backbone,
             subtree=config.backbone.subtree)
+        backbones.check_finite(backbone_params, backbone_path)
         return cls(method.serving_model(config.model, backbone), backbone_params, tasks, trained,
                    batch_size)
 
@@ -259,11 +245,22 @@ class MultiTaskPredictor:
     def scores(self, images, tasks: Sequence[str]) -> Scores:
         """Cosines, probabilities and picked pool prompts of images (n, H, W, 3) in [-1, 1],
         preprocessed as each task's run did (`load_images`); `tasks[i]` is image i's task."""
-        images = np.asarray(images, np.float32)
+        images = np.asarray(images)
         tasks = list(tasks)
         if images.ndim != 4 or images.shape[1:] != self.image_shape:
             raise RequestError(f"images of shape {images.shape}: expected (n, "
                                f"{', '.join(map(str, self.image_shape))})")
+        if not np.issubdtype(images.dtype, np.floating):
+            raise RequestError(f"images of dtype {images.dtype}: expected floats in [-1, 1], "
+                               "preprocessed as each task's run did (load_images)")
+        images = images.astype(np.float32)
+        bad = np.flatnonzero(~np.isfinite(images).reshape(len(images), -1).all(axis=1))
+        if bad.size:
+            raise RequestError(f"image {int(bad[0])} holds non-finite values ({bad.size} such "
+                               "images)")
+        if images.size and np.abs(images).max() > 1 + 1e-3:
+            raise RequestError(f"image values reach {np.abs(images).max():.4g}: expected [-1, "
+                               "1], preprocessed as each task's run did (load_images)")
         if len(tasks) != len(images):
             raise RequestError(f"{len(images)} images but {len(tasks)} task names")
         ids = np.array([self.task_index(t) for t in tasks], np.int32)
@@ -303,7 +300,7 @@ class MultiTaskPredictor:
         """One dict per image: task, and its task's top-k classes (at most all of them) with
         label, name, probability and score (the cosine), as single-task predict gives them;
         `digits` rounds the floats."""
-        if not isinstance(top_k, int) or top_k < 1:
+        if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
             raise RequestError(f"top_k={top_k!r}: expected a positive integer")
         s = self.scores(images, tasks)
         out = []

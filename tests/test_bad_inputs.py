@@ -198,6 +198,7 @@ def cli_cases(inputs, skip_workdir, copy_of_skip_workdir):
     an_image = sorted((inputs.good / "test" / "class_0").iterdir())[0]
     config_link = inputs.base / "link_to_config.py"
     config_link.symlink_to(inputs.config_file)
+    other_backbone = make_backbone(inputs.base / "other_vit.npz", seed=1)
     return {
         "read-only workdir": Case(
             (), 1, (f"cannot write or read {read_only}/lease.json: Permission denied",
@@ -250,6 +251,16 @@ def cli_cases(inputs, skip_workdir, copy_of_skip_workdir):
             ("--mode=predict", f"--export={good_export}", f"--files={inputs.good}/test",
              f"--output={config_link}"), 1,
             (f"--output={config_link} is the config file",)),
+        "eval with a training setting the export's run did not have": Case(
+            ("--mode=eval", "--config.optim.base_lr=0.5"), 1,
+            ("--config.optim.base_lr=0.5: --mode=eval takes it from the export",
+             "it only shapes training: drop it"), workdir=str(copy_of_skip_workdir)),
+        "predict with an export of another backbone file": Case(
+            ("--mode=predict", f"--export={good_export}", f"--files={inputs.good}/test",
+             f"--config.backbone.checkpoint={other_backbone}"), 1,
+            (f"{good_export} was trained on another backbone",
+             "prompts only work on the backbone they were trained with",
+             "point --config.backbone.checkpoint at the file it was trained on")),
         "predict failing after some rows": Case(
             ("--mode=predict", f"--export={good_export}", f"--files={an_image},{inputs.bad_test}",
              "--config.predict.batch_size=1", f"--output={inputs.base / 'partial.jsonl'}"), 1,
@@ -384,6 +395,8 @@ CLI_CASES = ["config file with a syntax error", "workdir that is a file", "read-
              "predict --output into the workdir",
              "predict --output through a symlink to the config file",
              "predict failing after some rows",
+             "eval with a training setting the export's run did not have",
+             "predict with an export of another backbone file",
              "unknown config field", "value of the wrong type",
              "all-corrupt image folder", "all-corrupt image folder, skip mode",
              "corrupt JPEG among good ones, fail mode", "checkpoint of another model size",
@@ -415,6 +428,17 @@ def test_predict_never_writes_over_its_inputs_nor_leaves_a_partial_output(inputs
     assert Path(image).stat().st_size > 100
     assert not (inputs.base / "partial.jsonl").exists()
     assert not [p for p in inputs.base.iterdir() if p.name.startswith("partial.jsonl")]
+
+
+def test_eval_accepts_the_training_commands_own_settings(inputs, cli):
+    """The training command reused for --mode=eval: settings equal to the export's run's are
+    no conflict (only another value would be ignored, and is refused above)."""
+    workdir = inputs.base / "skip_run_for_eval"
+    shutil.copytree(inputs.base / "skip_run_copy", workdir)
+    case = Case(("--mode=eval", "--config.optim.base_lr=0.02", "--config.phase1.epochs=2"), 0,
+                ())
+    outcome = _run_cli(inputs, case, str(workdir))
+    assert outcome.returncode == 0 and "error:" not in outcome.stderr, outcome.stderr[-2000:]
 
 
 def _bad_input_table(inputs, cli) -> str:

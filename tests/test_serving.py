@@ -187,6 +187,20 @@ def test_unknown_task_is_one_clear_error(served):
         predictor.predict(np.zeros((2, 16, 16, 3)), ["cars", "cars"])
 
 
+def test_images_that_are_not_preprocessed_are_refused_in_one_line(served):
+    predictor, images = served["predictor"], served["tasks"]["cars"]["images"][:2]
+    nan = images.copy()
+    nan[1, 0, 0, 0] = np.nan
+    with pytest.raises(RequestError, match=r"image 1 holds non-finite values"):
+        predictor.predict(nan, ["cars", "cars"])
+    with pytest.raises(RequestError, match=r"images of dtype uint8: expected floats in \[-1, 1\]"):
+        predictor.predict(np.full(images.shape, 200, np.uint8), ["cars", "cars"])
+    with pytest.raises(RequestError, match=r"image values reach 255: expected \[-1, 1\]"):
+        predictor.predict(np.full(images.shape, 255.0, np.float32), ["cars", "cars"])
+    with pytest.raises(RequestError, match=r"top_k=True: expected a positive integer"):
+        predictor.predict(images, ["cars", "cars"], top_k=True)
+
+
 def test_exports_of_another_backbone_are_refused(served):
     other = write_backbone(served["tmp"] / "other_vit.npz", seed=1)
     with pytest.raises(ExportError, match=r"\(task 'birds'\) was trained on another backbone "

@@ -42,7 +42,7 @@ from types import ModuleType
 from typing import Mapping, Optional
 
 from lpt_jax.config.fields import LOCATION, SERVING, Field, Section, patterns, text
-from lpt_jax.errors import ConfigError
+from lpt_jax.errors import CheckpointError, ConfigError
 
 _BUILTIN = {"vit": "lpt_jax.backbones.vit"}   # name -> module
 _REGISTERED: dict[str, ModuleType] = {}
@@ -101,6 +101,21 @@ def from_config(model_cfg):
         raise ConfigError(f"model.backbone={name!r} but the config has no model.{name}",
                           field="model.backbone")
     return get(name).from_config(section)
+
+
+def check_finite(params: Mapping, path: str) -> None:
+    """One CheckpointError if a loaded weight holds NaN or inf (a damaged or hostile file):
+    every output would be, with nothing else to tell."""
+    import numpy as np
+
+    from lpt_jax.tree import flatten
+    for name, value in flatten(params).items():
+        a = np.asarray(value)
+        if np.issubdtype(a.dtype, np.inexact) and not np.isfinite(a).all():
+            bad = int(a.size - np.count_nonzero(np.isfinite(a)))
+            raise CheckpointError(f"{path} holds non-finite values in {name} ({bad} of "
+                                  f"{a.size}): a backbone with NaN or inf weights gives NaN "
+                                  "outputs", path=path)
 
 
 def stored_in_compute_dtype(params: Mapping, backbone) -> dict:

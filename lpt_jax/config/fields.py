@@ -34,7 +34,9 @@ BATCHED = "batched"        # shapes the tokens every example of a batch goes thr
                            # served in one batch must agree on it
 SERVING = "serving"        # set by the multi-export command line (every other setting of a
                            # served task comes from its export)
-ROLES = (LOCATION, INCIDENTAL, EXPORTED, BATCHED, SERVING)
+TRAINING = "training"      # read only while training: evaluation and prediction take the
+                           # model and head from the export and refuse an override of it
+ROLES = (LOCATION, INCIDENTAL, EXPORTED, BATCHED, SERVING, TRAINING)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,6 +10,7 @@ from typing import Optional
 
 import numpy as np
 
+from lpt_jax.backbones import check_finite
 from lpt_jax.backbones.vit import vit_from_config
 from lpt_jax.backbones.vit_timm import heads_for_width
 from lpt_jax.backbones.vit_weights import read_arrays
@@ -90,6 +91,7 @@ def convert_release(path: str, out_dir: str, *, num_heads: Optional[int] = None,
                     overwrite: bool = False) -> dict:
     """Writes `out_dir/backbone.npz` and `out_dir/export.npz`; returns what was written."""
     release = read_release(path, num_heads, top_k)
+    check_finite({**release.backbone, **release.prompts}, path)  # before anything is written
     names = read_class_names(class_names, release.num_classes)
     backbone_path, export_path = _outputs(out_dir, ("backbone.npz", "export.npz"), overwrite)
     source = {"path": files.absolute(path), "format": RELEASE_FORMAT,
@@ -115,6 +117,7 @@ def convert_backbone(path: str, out: str, *, num_heads: Optional[int] = None,
     check_fits(path, arrays, flatten(abstract_params(vit_from_config(shapes))),
                f"a ViT ({shapes['width']} wide, {shapes['depth']} blocks, "
                f"{shapes['num_heads']} heads)")
+    check_finite(arrays, path)  # before anything is written
     (out,) = _outputs(os.path.dirname(out) or ".", (os.path.basename(out),), overwrite)
     _write_npz(out, arrays)
     return {"out": out, "shapes": shapes}

@@ -4,7 +4,7 @@ default, what it accepts, its doc and its roles (lpt_jax.config.fields). TensorF
 import ml_collections
 
 from lpt_jax.config import fields as f
-from lpt_jax.config.fields import BATCHED, INCIDENTAL, LOCATION, Field
+from lpt_jax.config.fields import BATCHED, INCIDENTAL, LOCATION, TRAINING, Field
 from lpt_jax.data.registry import registered_sources
 from lpt_jax.errors import DataError
 
@@ -52,14 +52,15 @@ FIELDS = f.Section("the data set, its splits and the input pipeline", dict(
                       f.integer(at_least=1)),
     antialias=Field(True, "PIL-style (antialiased) bilinear resizing, as the PyTorch reference",
                     f.boolean()),
-    jpeg_fast_crop=Field(True, "decode only the crop window of a JPEG (faster; a few border "
-                         "pixels differ by a few levels)", f.boolean()),
+    jpeg_fast_crop=Field(True, "training crops: decode only the crop window of a JPEG "
+                         "(faster; a few border pixels differ by a few levels)", f.boolean(),
+                         TRAINING),
     cb_images_per_class=Field(4, "class-balanced batch: consecutive images per visited class",
-                              f.integer(at_least=1)),
+                              f.integer(at_least=1), TRAINING),
     ib_sampling=Field("epoch_permutation", "instance-balanced batch: 'epoch_permutation' (every "
                       "image once per epoch) or 'independent' (each step draws its batch on its "
                       "own, as the release's per-step loader: ~63 % of the images per epoch)",
-                      f.one_of("epoch_permutation", "independent")),
+                      f.one_of("epoch_permutation", "independent"), TRAINING),
     corrupt_images=Field("fail", "an unreadable image: 'fail' (name it and stop) or 'skip' "
                          "(substitute or mask it, counted)", f.one_of("fail", "skip")),
     num_parallel_calls=Field(-1, "tf.data parallel decodes (-1: AUTOTUNE)",

@@ -17,6 +17,7 @@ import numpy as np
 from lpt_jax.config.fields import (
     BATCHED,
     EXPORTED,
+    TRAINING,
     Field,
     Section,
     boolean,
@@ -65,7 +66,7 @@ LOSS = Section("A-GCL per branch and the dual-sampling objective (spec §3)", di
     match_weight=Field(0.5, "w in L = loss_cb - w S_cb + eta_e (loss_ib - w S_ib)",
                        number(at_least=0)),
     dual_sampling=Field(True, "both batches per step (False: the instance-balanced batch "
-                        "alone, weight 1)", boolean())))
+                        "alone, weight 1)", boolean())), roles=frozenset({TRAINING}))
 
 
 # ------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lpt_jax.config.fields import Field, Section, integer, number
+from lpt_jax.config.fields import TRAINING, Field, Section, integer, number
 
 FIELDS = Section("SGD with momentum and coupled weight decay, stepped per epoch (spec §5)", dict(
     base_lr=Field(0.02, "peak learning rate at batch lr_reference_batch (lr = base_lr * B / "
@@ -20,7 +20,7 @@ FIELDS = Section("SGD with momentum and coupled weight decay, stepped per epoch 
     warmup_lr=Field(1e-6, "the learning rate of epoch 0 (the warm-up ramps from it)",
                     number(at_least=0)),
     warmup_epochs=Field(1, "epochs of linear warm-up from warmup_lr to the peak",
-                        integer(at_least=0))))
+                        integer(at_least=0))), roles=frozenset({TRAINING}))
 
 
 def epoch_learning_rates(base_lr: float, epochs: int, *, warmup_lr: float = 1e-6,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Optional
 
-from lpt_jax.config.fields import Field, Section, integer, regexes
+from lpt_jax.config.fields import TRAINING, Field, Section, integer, regexes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +41,8 @@ class Phase:
 
     def fields(self) -> Section:
         """Its config section."""
-        return Section(self.doc or f"phase {self.number}", dict(
+        return Section(self.doc or f"phase {self.number}", roles=frozenset({TRAINING}),
+                       fields=dict(
             epochs=Field(self.epochs, "epochs of this phase", integer(at_least=1)),
             batch_size=Field(self.batch_size, "images per stream and step (a dual-sampling step "
                              "sees 2 x batch_size)", integer(at_least=1)),

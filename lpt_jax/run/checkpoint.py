@@ -26,6 +26,7 @@ set-aside renames go through the seam itself.
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import hashlib
 import json
@@ -88,8 +89,9 @@ class PhaseCheckpointer:
                    "from it" if latest else "no checkpoint of this phase was saved"))
         meta = {k: v for k, v in meta.items() if k not in (CHECKSUM_KEY, VERSION_KEY)}
         meta.update({CHECKSUM_KEY: _digest(leaves, meta), VERSION_KEY: CHECKSUM_VERSION})
-        return self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+        with self._write_errors():  # an earlier asynchronous write's failure surfaces here
+            return self._manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
 
     def restore(self, step: int, abstract_state: Optional[Mapping]) -> tuple[Any, dict]:
         """(state, meta) of `step`, verified against its checksum; `DamagedCheckpointError`
@@ -179,8 +181,28 @@ class PhaseCheckpointer:
         return names
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        try:
+            with self._write_errors():
+                self._manager.wait_until_finished()
+        finally:
+            with contextlib.suppress(Exception):  # the failure above is the one to report
+                self._manager.close()
+
+    @contextlib.contextmanager
+    def _write_errors(self):
+        """A checkpoint write that failed (in Orbax's background threads: disk full,
+        permissions, a bucket gone) as one OSError naming the checkpoint folder, which run.py
+        words as one line; what was saved before stays."""
+        try:
+            yield
+        except OSError:
+            raise
+        except Exception as e:  # noqa: BLE001 - Orbax and TensorStore raise ValueError & co.
+            text = str(e)
+            full = "No space left on device" in text or "RESOURCE_EXHAUSTED" in text
+            why = ("No space left on device" if full else
+                   f"the checkpoint could not be written ({_short(e)})")
+            raise OSError(errno.ENOSPC if full else errno.EIO, why, self.directory) from None
 
 
 # ------------------------------------------------------------------------------------------

@@ -66,6 +66,7 @@ def build_context(config, workdir: str, *, load_backbone: bool = True,
                 config.backbone.checkpoint, params["backbone"],
                 dont_load=config.backbone.dont_load, ignore=config.backbone.ignore,
                 model=model.backbone, subtree=config.backbone.subtree)
+            backbones.check_finite(params["backbone"], config.backbone.checkpoint)
             identity = file_fingerprint(config.backbone.checkpoint)
         except CheckpointError as e:
             raise e.with_hint("check ", Setting("backbone.checkpoint"), " and ",

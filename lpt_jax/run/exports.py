@@ -103,6 +103,27 @@ def check_model(path: str, meta: Mapping, config) -> None:
                           field=differ[0][0], hint=("pass", *fixes))
 
 
+def check_backbone(path: str, recorded, backbone_path: str, ours: Mapping,
+                   task: Optional[str] = None) -> None:
+    """The export was trained on this backbone file (the identity in its meta equals `ours`,
+    `file_fingerprint(backbone_path)`): prompts only work on the backbone they were trained
+    with. The same policy for single-task evaluation and prediction and for serving."""
+    who = f"{path} (task {task!r})" if task else path
+    if not isinstance(recorded, Mapping) or not recorded.get("sha256_head_tail"):
+        raise ExportError(f"{who} records no backbone identity, so nothing shows it was "
+                          f"trained on {backbone_path}; export it again with this lpt_jax",
+                          path=path)
+    if (recorded.get("sha256_head_tail"), recorded.get("size")) != (
+            ours["sha256_head_tail"], ours["size"]):
+        raise ExportError(
+            f"{who} was trained on another backbone ({recorded.get('path')}, "
+            f"{recorded.get('size')} bytes, fingerprint {str(recorded['sha256_head_tail'])[:12]}) "
+            f"than {backbone_path} ({ours['size']} bytes, fingerprint "
+            f"{ours['sha256_head_tail'][:12]}): prompts only work on the backbone they were "
+            "trained with", path=path, hint=("point ", Setting("backbone.checkpoint"),
+                                             " at the file it was trained on"))
+
+
 def exported_subtree(params: Mapping, phase, method=None) -> dict:
     """What `phase`'s export holds of `params` (lpt_jax.method.registry.Method.exported_patterns)."""
     method = registry.get(method or "lpt")

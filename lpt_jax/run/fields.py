@@ -8,6 +8,7 @@ from lpt_jax.config.fields import (
                                    INCIDENTAL,
                                    LOCATION,
                                    SERVING,
+                                   TRAINING,
                                    Field,
                                    Section,
                                    boolean,
@@ -17,32 +18,32 @@ from lpt_jax.config.fields import (
 )
 
 SEED = Field(0, "seed of the prompt init and of each phase's data order and augmentation "
-             "(phase n: seed + 1000 n)", integer())
+             "(phase n: seed + 1000 n)", integer(), TRAINING)
 
 TRAIN = Section("how the configured phases run", dict(
     phases=Field("1,2", "the phases to run, in order: their numbers ('1', '2', '1,2') or names",
-                 text()),
+                 text(), TRAINING),
     log_every_steps=Field(50, "steps between console lines and TensorBoard scalars",
-                          integer(at_least=1)),
+                          integer(at_least=1), TRAINING),
     checkpoint_every_steps=Field(500, "steps between checkpoints (and one at each phase's end)",
-                                 integer(at_least=1)),
+                                 integer(at_least=1), TRAINING),
     keep_checkpoints=Field(3, "checkpoints kept per phase", integer(
-        at_least=1, note="0 would keep no checkpoint to resume from")),
+        at_least=1, note="0 would keep no checkpoint to resume from"), TRAINING),
     max_steps=Field(0, "stop each phase after this many steps (smoke tests; 0: no limit)",
-                    integer(at_least=0, note="0: no limit")),
+                    integer(at_least=0, note="0: no limit"), TRAINING),
     on_nonfinite=Field("stop", "a non-finite loss or gradient: 'stop' (the last checkpoint "
                        "holds the last good state) or 'skip' the update and count it",
-                       one_of("stop", "skip")),
+                       one_of("stop", "skip"), TRAINING),
     stop_after_steps=Field(0, "save and stop this invocation after this many steps (0: run "
                            "to the end); rerunning continues", integer(
-                               at_least=0, note="0: no limit")),
+                               at_least=0, note="0: no limit"), TRAINING),
     num_devices=Field(0, "devices to use: the first n (0: all)",
                       integer(at_least=0, note="0: all devices"), INCIDENTAL),
     start_export=Field("", "when the first configured phase starts from an earlier one "
                        "(phase 2 from phase 1): that phase's export.npz ('' = the workdir's)",
-                       text(), LOCATION),
+                       text(), LOCATION, TRAINING),
     allow_config_change=Field(False, "resume a workdir whose run had another config or "
-                              "inputs", boolean())), run_defining=False)
+                              "inputs", boolean(), TRAINING)), run_defining=False)
 
 EVAL = Section("evaluation: validation during training and the final table", dict(
     batch_size=Field(256, "images per evaluation batch (all devices)", integer(at_least=1)),

@@ -120,8 +120,9 @@ def title(ctx: Context, phase: Phase, split: str) -> str:
     return f"{ctx.method.name.upper()} phase {phase.number} on {ctx.config.data.name} {split}"
 
 
-def load_trained(ctx: Context, path: Optional[str] = None) -> tuple[dict, Phase]:
-    """Full params with an export's trained leaves, and the export's phase."""
+def load_trained(ctx: Context, path: Optional[str] = None, *, with_meta: bool = False):
+    """Full params with an export's trained leaves, and the export's phase (and its meta,
+    `with_meta`)."""
     if path is None:
         path = rundir.latest_export(ctx.workdir, ctx.method.phases)
         if path is None:
@@ -133,12 +134,23 @@ def load_trained(ctx: Context, path: Optional[str] = None) -> tuple[dict, Phase]
     except ExportError as e:
         raise e.with_hint("check ", Input("export"), " (default: the workdir's newest "
                           "phase<n>/export.npz)") from None
-    theirs = meta.get("backbone") or {}
-    if ctx.backbone_identity and theirs and (
-            theirs.get("sha256_head_tail") != ctx.backbone_identity["sha256_head_tail"]):
-        logging.warning("%s was trained with backbone %s, now loading %s", path,
-                        theirs.get("path"), ctx.backbone_identity["path"])
-    return params, exports.phase_of(path, meta)[1]
+    if ctx.backbone_identity:  # serving's policy: only on the backbone it was trained with
+        exports.check_backbone(path, meta.get("backbone"), ctx.config.backbone.checkpoint,
+                               ctx.backbone_identity)
+    phase = exports.phase_of(path, meta)[1]
+    return (params, phase, meta) if with_meta else (params, phase)
+
+
+def export_scale(ctx: Context, meta) -> float:
+    """The softmax scale of predicted probabilities: the export's run's (as serving takes
+    it), else this run's."""
+    import ml_collections
+    if isinstance(meta.get("config"), dict):
+        try:
+            return float(ctx.method.probability_scale(ml_collections.ConfigDict(meta["config"])))
+        except (AttributeError, KeyError, TypeError, ValueError):
+            pass
+    return float(ctx.method.probability_scale(ctx.config))
 
 
 def evaluate_workdir(config, workdir: str, export: Optional[str] = None) -> dict:
@@ -155,12 +167,12 @@ def predict_files(config, workdir: str, files: Sequence[str],
     (softmax of the cosines times the method's scale, LPT's loss.cb.scale, as in training) and
     `score` (the cosine similarity to the class weight, in [-1, 1])."""
     ctx = build_context(config, workdir, trained_head=True)  # the head is the export's
-    params, phase = load_trained(ctx, export)
+    params, phase, meta = load_trained(ctx, export, with_meta=True)
     mesh = parallel.make_mesh(jax.devices()[:1])
     predict = make_predict_fn(ctx.model, phase, mesh)
     params = place_params(ctx.model, params, mesh)  # once, not with every chunk of files
     k = min(config.predict.top_k, ctx.source.num_classes)  # every class, at most
-    scale = ctx.method.probability_scale(config)
+    scale = export_scale(ctx, meta)
     for i in range(0, len(files), config.predict.batch_size):
         chunk = list(files[i:i + config.predict.batch_size])
         logits, _ = predict(params, jnp.asarray(data.load_image_files(chunk, config.data)))

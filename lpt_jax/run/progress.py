@@ -79,9 +79,10 @@ class Progress:
     them every `every` steps: mean scalars to TensorBoard, one line to the console."""
 
     def __init__(self, phase: int, total: int, steps_per_epoch: int, images_per_step: int,
-                 writer, every: int, on_nonfinite: str):
+                 writer, every: int, on_nonfinite: str, latest_checkpoint=lambda: None):
         self.phase, self.total, self.spe, self.ips = phase, total, steps_per_epoch, images_per_step
         self.writer, self.every, self.on_nonfinite = writer, every, on_nonfinite
+        self.latest_checkpoint = latest_checkpoint  # () -> the newest saved step, or None
         self.pending: list = []
         self.t0, self.s0 = None, None
         self.report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
@@ -123,7 +124,11 @@ class Progress:
                f"(values: {', '.join(f'{k}={v:.4g}' for k, v in parts.items())}); "
                "the update was not applied")
         if self.on_nonfinite == "stop":
-            raise NonFiniteError(msg + "; the last checkpoint holds the last good state")
+            saved = self.latest_checkpoint()
+            raise NonFiniteError(msg + (
+                f"; the checkpoint of step {saved} holds the last good state" if saved else
+                "; no checkpoint of this phase was saved yet (lower optim.base_lr, or set "
+                "train.on_nonfinite='skip')"))
         logging.warning(msg + "; skipped (train.on_nonfinite='skip')")
 
     def _line(self, step: int, scalars) -> None:

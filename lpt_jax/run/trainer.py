@@ -106,7 +106,8 @@ def run_phase(ctx: Context, phase: Phase, params: dict, *, first: bool = True) -
     writer = make_writer(rundir.phase_dir(workdir, phase))
     images_per_step = batch_size * len(ctx.method.streams(config))
     progress = Progress(phase.number, total, spe, images_per_step, writer,
-                        config.train.log_every_steps, config.train.on_nonfinite)
+                        config.train.log_every_steps, config.train.on_nonfinite,
+                        latest_checkpoint=ckpt.latest_step)
     validate_every = spe * config.eval.every_epochs if "val" in ctx.source.splits else 0
     meta = {"phase": phase.number, "total_steps": total, "steps_per_epoch": spe}
     stop_after, step = config.train.stop_after_steps, start

@@ -198,9 +198,11 @@ def write_bytes(path: str, data: bytes) -> None:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-        except BaseException:  # disk full, Ctrl-C ...: leave no half-written temp file behind
+        except BaseException as e:  # disk full, Ctrl-C ...: leave no half-written temp file
             with contextlib.suppress(OSError):
                 os.remove(tmp)
+            if isinstance(e, OSError) and e.filename is None:  # a failed write names no file
+                raise OSError(e.errno, e.strerror, path) from None
             raise
         os.replace(tmp, path)
     if new:

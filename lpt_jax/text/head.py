@@ -25,14 +25,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from lpt_jax.config import fields as f
-from lpt_jax.config.fields import INCIDENTAL, LOCATION, Accepts, Field, Section
+from lpt_jax.config.fields import INCIDENTAL, LOCATION, TRAINING, Accepts, Field, Section
 from lpt_jax.errors import ConfigError, Setting
 from lpt_jax.storage import files
 from lpt_jax.text import tower as siglip_text
 
 HEAD_INIT = Field("random", "the cosine head's start: 'random' (unit columns, spec §2) or "
                   "'text' (class-name prompts through the two-tower model's text tower, "
-                  "model.text; docs/siglip.md)", f.one_of("random", "text"))
+                  "model.text; docs/siglip.md)", f.one_of("random", "text"), TRAINING)
 
 
 def _one_slot(template) -> bool:
@@ -102,7 +102,7 @@ FIELDS = Section("the SigLIP text tower, read only for head_init='text' (lpt_jax
     pad_id=Field(-1, "pad token id (-1: the end token, SigLIP's 'sticky' EOS)", f.integer()),
     lower=Field(True, "lower-case the prompts before tokenizing", f.boolean()),
     batch_size=Field(64, "prompts per text-tower batch", f.integer(at_least=1), INCIDENTAL)),
-    rules=(_tokenizer_exists,))
+    rules=(_tokenizer_exists,), roles=frozenset({TRAINING}))
 
 
 def load_tokenizer(path: str, field: str = "model.text.tokenizer"):

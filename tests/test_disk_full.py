@@ -1,0 +1,79 @@
+"""A full disk is one `error:` line naming the file or folder: a checkpoint that Orbax fails to
+write in its background threads (measured on a real 20 MB tmpfs where this machine allows the
+mount), and any other write that fails without naming its file."""
+
+import errno
+import os
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+from lpt_jax import cli
+from lpt_jax.run.checkpoint import PhaseCheckpointer
+from lpt_jax.storage import files
+
+from helpers import REPO, make_image_folder
+from tiny_run import make_backbone
+
+
+def test_a_failed_asynchronous_checkpoint_write_is_an_oserror_naming_the_folder(tmp_path):
+    ckpt = PhaseCheckpointer(str(tmp_path / "checkpoints"), every_steps=1, keep=1)
+
+    def failing(*args, **kwargs):  # what Orbax raises once a background write ran out of space
+        raise ValueError('RESOURCE_EXHAUSTED: Error writing "step/0": Failed to write 6941 '
+                         "bytes to file 12: No space left on device [os_error_code='28']")
+    ckpt._manager.wait_until_finished = failing
+    with pytest.raises(OSError) as err:
+        ckpt.close()
+    assert err.value.errno == errno.ENOSPC and err.value.filename == ckpt.directory
+    assert cli.os_error_line(err.value) == (
+        f"cannot write or read {ckpt.directory}: No space left on device; free some space "
+        "(the run resumes from its last checkpoint)")
+
+
+def test_a_write_that_fails_names_its_file(tmp_path, monkeypatch):
+    def no_space(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")  # as file.write raises it
+    monkeypatch.setattr(os, "fsync", no_space)
+    path = str(tmp_path / "results" / "table.md")
+    with pytest.raises(OSError) as err:
+        files.write_bytes(path, b"x")
+    assert err.value.filename == path
+    assert not [p for p in (tmp_path / "results").iterdir()]  # no temporary file left
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 20 MB tmpfs, nearly full, or a skip where this machine does not allow the mount."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(mount)],
+                          capture_output=True)
+    if done.returncode != 0:
+        pytest.skip("mounting a 20 MB tmpfs is not allowed here (needs root with "
+                    "CAP_SYS_ADMIN): the disk-full run cannot be staged")
+    try:
+        free = os.statvfs(mount).f_bavail * os.statvfs(mount).f_frsize
+        with open(mount / "filler", "wb") as f:
+            f.write(b"\0" * (free - (300 << 10)))  # 300 KiB left: config.json fits, a step not
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+def test_disk_full_during_a_checkpoint_is_one_line(tmp_path, tiny_disk):
+    make_image_folder(tmp_path / "data")
+    make_backbone(tmp_path / "vit.npz")
+    workdir = tiny_disk / f"wd{uuid.uuid4().hex[:6]}"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "run.py"), f"--config={REPO}/tests/tiny_cli_config.py:{tmp_path}",
+         f"--workdir={workdir}", "--config.train.phases=1", "--config.eval.plot=False"],
+        cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: cannot write or read {workdir}/phase1/checkpoints: No space left "
+                      "on device; free some space (the run resumes from its last checkpoint)"]
+    assert "Traceback" not in proc.stderr and "RESOURCE_EXHAUSTED" not in proc.stderr
+    assert len(proc.stderr.splitlines()) < 40, proc.stderr
