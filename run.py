@@ -85,7 +85,8 @@ def _parse_flags(argv):
 def main(argv):
     logging.get_absl_handler().addFilter(cli.QuietLibraries())
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        _fail_usage(f"unexpected arguments {argv[1:]}: every input is a flag, --name=value "
+                    "(see --helpshort)")
     if _HELP_CONFIG.value:
         from lpt_jax.config import schema
         print(schema.describe(_CONFIG.value))
@@ -171,7 +172,7 @@ def _predict(config, workdir):
     if plan is None:  # one export: the single-task path
         _refuse_ignored_settings(config, workdir, "predict",
                                  [_EXPORT.value] if _EXPORT.value else [])
-        files = cli.expand_files(_FILES.value)
+        files = cli.existing_files(_FILES.value)
         if not files:
             raise ConfigError("--mode=predict needs --files (image files or folders)")
         cli.refuse_output_over_inputs(_OUTPUT.value, workdir, config, cli.config_file(sys.argv),

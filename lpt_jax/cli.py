@@ -21,6 +21,22 @@ from lpt_jax.errors import ConfigError, Error, render
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 
 
+def existing_files(entries) -> list:
+    """--files entries as local files, folders walked for images: each must exist. absl splits
+    the flag at commas, so a name holding one arrives in pieces: that is said too."""
+    from lpt_jax.storage import files
+    for i, entry in enumerate(entries):
+        if files.is_remote(entry) or os.path.exists(entry):
+            continue
+        joined = next((",".join(entries[i:j]) for j in range(i + 2, len(entries) + 1)
+                       if os.path.exists(",".join(entries[i:j]))), None)
+        if joined:
+            raise ConfigError(f"--files: {joined} holds a comma, and --files splits at commas; "
+                              "give its folder instead, or rename it")
+        raise ConfigError(f"--files: {entry} does not exist")
+    return expand_files(entries)
+
+
 def expand_files(paths):
     """Files as given, folders walked for images (sorted)."""
     out = []
@@ -249,7 +265,9 @@ def _load_config(spec):
     saved, sys.argv = sys.argv, argv  # config_flags also reads overrides from sys.argv
     try:
         private(argv)
-        return holder.value
+        value = holder.value
+        # config_flags defers a file's load error: an object that raises it on first use
+        return value if isinstance(value, ConfigDict) else None
     except Exception:  # noqa: BLE001 - only used to word an error better
         return None
     finally:
@@ -302,6 +320,11 @@ def flag_error(err, argv) -> str:
     spec = _config_arg(argv)
     text = str(err).strip()
     config = _load_config(spec) if spec else None
+    if spec and config is None:  # the file itself is the problem: say that, not the override
+        path = spec.split(":")[0]
+        why = ("no such file" if not os.path.exists(path) else
+               "it does not load: run it alone to see why")
+        return f"--config={spec}: cannot load the config file ({why})"
     if config is not None:
         for path, arg in _overrides(argv):
             unknown = _unknown_field(config, path)

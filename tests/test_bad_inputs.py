@@ -199,6 +199,12 @@ def cli_cases(inputs, skip_workdir, copy_of_skip_workdir):
     config_link = inputs.base / "link_to_config.py"
     config_link.symlink_to(inputs.config_file)
     other_backbone = make_backbone(inputs.base / "other_vit.npz", seed=1)
+    comma = inputs.base / "comma"
+    comma.mkdir()
+    shutil.copy(an_image, comma / "a,b.jpg")
+    null_record = inputs.base / "null_record"
+    null_record.mkdir()
+    (null_record / "config.json").write_text("null")
     return {
         "read-only workdir": Case(
             (), 1, (f"cannot write or read {read_only}/lease.json: Permission denied",
@@ -261,6 +267,17 @@ def cli_cases(inputs, skip_workdir, copy_of_skip_workdir):
             (f"{good_export} was trained on another backbone",
              "prompts only work on the backbone they were trained with",
              "point --config.backbone.checkpoint at the file it was trained on")),
+        "config file that does not exist, with an override": Case(
+            (f"--config={inputs.base / 'nope.py'}", "--config.phase1.epochs=2"), 2,
+            (f"--config={inputs.base / 'nope.py'}: cannot load the config file (no such file)",)),
+        "a stray positional argument": Case(
+            ("stray",), 2, ("unexpected arguments ['stray']: every input is a flag",)),
+        "--files name holding a comma": Case(
+            ("--mode=predict", f"--export={good_export}", f"--files={comma / 'a,b.jpg'}"), 1,
+            (f"--files: {comma / 'a,b.jpg'} holds a comma, and --files splits at commas",)),
+        "workdir whose config.json holds null": Case(
+            (), 1, (f"{null_record}/config.json holds null, not a run record",
+                    "use a new --workdir"), workdir=str(null_record)),
         "predict failing after some rows": Case(
             ("--mode=predict", f"--export={good_export}", f"--files={an_image},{inputs.bad_test}",
              "--config.predict.batch_size=1", f"--output={inputs.base / 'partial.jsonl'}"), 1,
@@ -395,6 +412,8 @@ CLI_CASES = ["config file with a syntax error", "workdir that is a file", "read-
              "predict --output into the workdir",
              "predict --output through a symlink to the config file",
              "predict failing after some rows",
+             "config file that does not exist, with an override", "a stray positional argument",
+             "--files name holding a comma", "workdir whose config.json holds null",
              "eval with a training setting the export's run did not have",
              "predict with an export of another backbone file",
              "unknown config field", "value of the wrong type",

@@ -197,9 +197,17 @@ def test_a_workdir_resumes_from_another_path_but_not_on_other_data(tmp_path):
     assert config.data.root != str(first / "data")
     trainer.train(config, str(moved / "wd"))  # accepted: the same run, elsewhere
     rare = sorted((moved / "data" / "train" / "class_3").iterdir())
+    replaced = moved / "replaced"  # images replaced under the same names and counts
+    shutil.copytree(moved, replaced)
     shutil.copy(rare[0], rare[0].with_name("extra" + rare[0].suffix))
     with pytest.raises(ConfigError, match="read other inputs.*data.num_train"):
         trainer.train(config, str(moved / "wd"))
+    other = sorted((replaced / "data" / "train" / "class_0").iterdir())[-1]
+    target = replaced / "data" / "train" / "class_3" / rare[0].name
+    assert other.stat().st_size != target.stat().st_size
+    shutil.copy(other, target)
+    with pytest.raises(ConfigError, match=r"read other inputs.*\(data.train_content_sha256\)"):
+        trainer.train(config_in(replaced), str(replaced / "wd"))
 
 
 def test_kill_and_resume_is_bitwise(tmp_path):

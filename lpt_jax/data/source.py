@@ -52,14 +52,21 @@ class Source:
         class names or order all differ here).
 
         The hashes are sha256 hex digests of `json.dumps` of the list of per-class training
-        counts (ints) and of the list of class names (strs), with json's default separators.
+        counts (ints) and of the list of class names (strs), with json's default separators;
+        `train_content_sha256` digests the training images themselves where the store can do
+        so cheaply (file sizes of a local folder, the packed sizes of a prepared directory, the
+        pixels of an in-memory set): images replaced under the same names differ there.
         """
         def sha(values: list) -> str:
             return hashlib.sha256(json.dumps(values).encode("utf-8")).hexdigest()
-        return {"name": self.name, "num_classes": int(self.num_classes),
-                "num_train": int(self.num_train),
-                "train_counts_sha256": sha([int(c) for c in self.train_counts]),
-                "class_names_sha256": sha([str(n) for n in self.class_names])}
+        out = {"name": self.name, "num_classes": int(self.num_classes),
+               "num_train": int(self.num_train),
+               "train_counts_sha256": sha([int(c) for c in self.train_counts]),
+               "class_names_sha256": sha([str(n) for n in self.class_names])}
+        digest = getattr(self.splits["train"].store, "content_digest", lambda: None)()
+        if digest is not None:
+            out["train_content_sha256"] = digest
+        return out
 
     def shot_groups(self, rule: str = "release") -> dict:
         """'many' | 'medium' | 'few' -> class ids, from `train_counts` (see groups.py)."""

@@ -8,7 +8,14 @@ returns depends on `kind`:
   'pixels' decoded uint8 images (n, h, w, 3) of one fixed size held in memory.
 """
 
+import hashlib
+import os
+
 import numpy as np
+
+
+def _digest(values) -> str:
+    return hashlib.sha256(np.ascontiguousarray(values).tobytes()).hexdigest()
 
 
 class FileStore:
@@ -28,6 +35,20 @@ class FileStore:
 
     def describe(self, index: int) -> str:
         return self._paths[index].decode("utf-8")
+
+    def content_digest(self):
+        """sha256 of every file's size, in order (-1: unreadable), for a local root; None
+        for a remote one (one request per image would be its cost)."""
+        first = self._paths[0].decode("utf-8") if len(self._paths) else ""
+        if "://" in first:
+            return None
+        sizes = np.empty(len(self._paths), np.int64)
+        for i, p in enumerate(self._paths):
+            try:
+                sizes[i] = os.stat(p).st_size
+            except OSError:
+                sizes[i] = -1
+        return _digest(sizes)
 
 
 class BytesStore:
@@ -49,6 +70,9 @@ class BytesStore:
 
     def describe(self, index: int) -> str:
         return str(self._names[index])
+
+    def content_digest(self) -> str:
+        return _digest(np.diff(self._offsets))  # every packed image's size
 
 
 class PixelStore:
@@ -72,6 +96,9 @@ class PixelStore:
 
     def fetch(self, indices: np.ndarray) -> np.ndarray:
         return self._images[indices]
+
+    def content_digest(self) -> str:
+        return _digest(self._images)
 
     def describe(self, index: int) -> str:
         return str(self._names[index])

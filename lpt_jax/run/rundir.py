@@ -112,16 +112,17 @@ def _refuse_if_different(config, workdir: str, part: str, ours: dict) -> None:
                           "this lpt_jax or was damaged; use a new ", Input("workdir"),
                           path=path) from None
     if not isinstance(theirs, dict):
-        raise ConfigError(f"{path} holds {type(theirs).__name__}, not a run record: this "
+        raise ConfigError(f"{path} holds {json.dumps(theirs)[:60]}, not a run record: this "
                           "workdir was not written by this lpt_jax or was damaged; use a new ",
                           Input("workdir"), path=path)
     recorded = theirs.get(part) if isinstance(theirs.get(part), dict) else {}
     if part == "config":  # a field the record lacks was added since: it ran at its default
         diff = sorted(p for p in _leaves(ours) if _at(ours, p) != _at(
             recorded, p, lambda: schema.declared_default(config, p)))
-    else:
+    else:  # an identity a record lacks (written before it was recorded) is not compared
         diff = sorted(p for p in set(_leaves(recorded)) | set(_leaves(ours))
-                      if _at(recorded, p) != _at(ours, p))
+                      if _at(recorded, p) != _at(ours, p)
+                      and not (_at(recorded, p) is _ABSENT and p in _LATER_IDENTITIES))
     if diff and not config.train.allow_config_change:
         what = ("a run with a different config" if part == "config" else
                 "a run that read other inputs (backbone file or training data)")
@@ -133,6 +134,9 @@ def _refuse_if_different(config, workdir: str, part: str, ours: dict) -> None:
 
 
 _ABSENT = object()
+# Input identities added after the first records: an older record without them still
+# resumes (it is judged by what it has).
+_LATER_IDENTITIES = ("data.train_content_sha256",)
 
 
 def _leaves(tree: dict, prefix: str = "") -> list[str]:
