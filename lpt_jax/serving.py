@@ -151,7 +151,8 @@ def _forward(model, serves, max_classes: int, params, stacks, heads, images, tas
     for rows, picked in picks:
         if picked.shape[1]:
             indices = indices.at[rows, :picked.shape[1]].set(picked, mode="drop")
-    cosines = l2_normalize(features) @ heads["kernel"]                      # (B, sum of C)
+    cosines = jnp.matmul(l2_normalize(features), heads["kernel"],         # (B, sum of C)
+                         precision=jax.lax.Precision.HIGHEST)  # as CosineHead
     columns = jnp.arange(max_classes)
     inside = columns[None] < heads["num_classes"][task][:, None]
     picked_columns = jnp.take_along_axis(

@@ -43,7 +43,8 @@ def require_shared(path: Path, what: str) -> Path:
 TINY_BLOCK = dict(width=32, num_heads=2, mlp_dim=64)
 TINY_VIT = dict(variant=None, **TINY_BLOCK, depth=4, patch_size=8, image_size=32,
                 pool_type="tok", representation_size=0, layernorm_epsilon=1e-5,
-                gelu_approximate=False, dtype="float32", remat=False, attention="auto")
+                gelu_approximate=False, dtype="float32", remat=False, attention="auto",
+                matmul_precision="float32")
 
 
 def vit_kwargs(spec: dict) -> dict:

@@ -122,6 +122,38 @@ def test_attention_implementations_give_the_same_lpt_outputs():
     np.testing.assert_array_equal(outs["einsum"]["indices"], outs["xla"]["indices"])
 
 
+@pytest.mark.parametrize("attention", ["einsum", "xla"])
+def test_matmul_precision_reaches_every_product_of_the_compiled_program(attention):
+    """model.vit.matmul_precision: every matmul and convolution of the shipped phase-2
+    forward (train and predict run it) asks for that precision ('float32', the default, the
+    release's: no TF32 on NVIDIA GPUs); the cosine head and the key matching always float32."""
+    import collections
+    import re
+    c = base_config()
+    c.model.vit.update({k: v for k, v in TINY_VIT.items()})
+    c.model.vit.attention = attention
+    c.model.lpt.update(dict(prompt_length=3, pool_size=5, shared_depth=2))
+    images = jnp.zeros((B, 32, 32, 3))
+    seen = {}
+    with jax.default_matmul_precision("default"):  # this file's fixture asks float32
+        for name, want in (("float32", "HIGHEST"), ("tensorfloat32", "HIGH"),
+                           ("bfloat16", "DEFAULT"), ("default", "DEFAULT")):
+            c.model.vit.matmul_precision = name
+            model = lpt_from_config(c.model, 7)
+            params = jax.eval_shape(model.init, jax.random.key(0), images)["params"]
+            text = jax.jit(lambda p, x: model.apply({"params": p}, x, method=LPT.phase2)).lower(
+                params, images).as_text()
+            ops = [line for line in text.splitlines() if "stablehlo.dot_general" in line
+                   or "stablehlo.convolution" in line]
+            found = collections.Counter(re.search(r"precision[ =\[#a-z<]*(HIGHEST|HIGH|DEFAULT)",
+                                                  line).group(1) for line in ops)
+            seen[name] = found
+            assert sum(found.values()) == len(ops) > 10, (name, found)  # every product says it
+            backbone = found[want] - (2 if want == "HIGHEST" else 0)
+            assert backbone >= len(ops) - 2 and found["HIGHEST"] >= 2, (name, found)
+    assert seen["float32"] != seen["tensorfloat32"] != seen["bfloat16"]
+
+
 def test_a_bfloat16_model_stores_its_frozen_backbone_in_bfloat16_with_the_same_outputs():
     """TrainStep.init keeps no float32 copy of the frozen weights of a bf16 model (LayerNorm
     parameters excepted), and the model computes exactly what it computes from float32

@@ -180,17 +180,40 @@ def test_independent_ib_is_a_pure_function_of_seed_and_step(places_labels):
     assert len(drawn) == 8 and sorted(drawn[:5].tolist()) == [0, 1, 2, 3, 4]
 
 
-def test_default_ib_is_unchanged_epoch_permutation(places_labels):
+def test_default_ib_is_the_epoch_permutation(places_labels):
     n = len(places_labels)
     s = _sampler(places_labels, seed=5)
     assert s.ib_sampling == "epoch_permutation" == data.default_config().ib_sampling
-    # The plan as it always was: epoch e's permutation from generator (seed, 3, e).
+    # Epoch e's permutation from generator (seed, 3, e), away from an epoch's first batch.
     t = np.arange(300 * B, 301 * B)
+    epochs, positions = np.divmod(t, n)
+    assert positions.min() >= B  # this step lies inside an epoch
     expected = [np.random.default_rng([5, 3, int(e)]).permutation(n)[p]
-                for e, p in zip(*np.divmod(t, n))]
+                for e, p in zip(epochs, positions)]
     assert np.array_equal(s.instance_balanced(300), expected)
     first_epoch = np.concatenate([s.instance_balanced(k) for k in range(n // B)])
     assert len(np.unique(first_epoch)) == len(first_epoch)  # each image at most once
+
+
+@pytest.mark.parametrize("n,batch", [(62500, 256), (45, 8), (12, 8), (765, 32)])
+def test_no_batch_repeats_an_image_across_an_epoch_boundary(n, batch):
+    """A batch that straddles two epochs takes the end of one and the start of the next;
+    before, one image could be in both (Places-LT, B=256: step 244 held image 25583 twice).
+    Still every image once per epoch, and a pure function of (seed, step)."""
+    labels = np.arange(n) % 3
+    s = data.DualSampler(labels, 3, batch, seed=0)
+    if n == 62500:
+        b = s.instance_balanced(244)
+        assert len(set(b.tolist())) == batch, "step 244 repeats an image"
+    steps = (3 * n) // batch + 2
+    seq = [s.instance_balanced(t) for t in range(steps)]
+    assert all(len(set(b.tolist())) == batch for b in seq)
+    flat = np.concatenate(seq)
+    for e in range(3):
+        assert np.array_equal(np.sort(flat[e * n:(e + 1) * n]), np.arange(n)), e
+    fresh = data.DualSampler(labels, 3, batch, seed=0)
+    for t in (steps - 1, 1, steps // 2):  # out of order, no hidden state
+        assert np.array_equal(fresh.instance_balanced(t), seq[t])
 
 
 def test_ib_sampling_is_validated(tmp_path):

@@ -262,9 +262,9 @@ def xent(logits, labels):
 LABELS = jnp.array([0, 3, 5, 6])
 
 
-def phase2_loss(trainable, frozen, images, labels, match_weight=0.5, stop_trunk_gradient=True):
+def phase2_loss(trainable, frozen, images, labels, match_weight=0.5, through_trunk=False):
     out = make_model().apply({"params": tree.merge(trainable, frozen)}, images,
-                             method=LPT.phase2, stop_trunk_gradient=stop_trunk_gradient)
+                             method=LPT.phase2, through_trunk=through_trunk)
     return xent(out["logits"], labels) - match_weight * out["match"]
 
 
@@ -275,7 +275,7 @@ def phase1_loss(trainable, frozen, images, labels):
 
 
 # One compiled gradient per phase, shared by the tests (match_weight is traced).
-phase2_grad = jax.jit(jax.grad(phase2_loss), static_argnames="stop_trunk_gradient")
+phase2_grad = jax.jit(jax.grad(phase2_loss), static_argnames="through_trunk")
 phase1_grad = jax.jit(jax.grad(phase1_loss))
 
 
@@ -328,7 +328,7 @@ def test_phase2_backward_does_no_work_for_the_trunk(params):
     assert full == pytest.approx(trunk_fwd + tail_grad, rel=0.01)
 
     wide, frozen_w = tree.split(params, PHASES[0].trainable + PHASES[1].trainable)
-    control = _flops(jax.grad(functools.partial(phase2_loss, stop_trunk_gradient=False)),
+    control = _flops(jax.grad(functools.partial(phase2_loss, through_trunk=True)),
                      wide, frozen_w, images, LABELS)
     assert control - full > 0.5 * trunk_fwd
 

@@ -155,6 +155,29 @@ def test_tokenize_is_big_vision_sticky_eos(tokenizer_path):
     assert text_head.readable("/a/airplane_cabin") == "airplane cabin"
 
 
+def test_tokenize_lower_cases_as_big_vision_does(tmp_path):
+    """big_vision lower-cases with tf.strings.lower: ASCII letters only. 'ÉCLAIR au CAFÉ'
+    keeps its É (str.lower would make it é, other pieces, other text-head columns)."""
+    import sentencepiece
+    import tensorflow as tf
+    words = ["Éclair", "éclair", "café", "cafÉ", "Ñandú", "ñandú", "grande", "Łódź", "łódź",
+             "photo", "a", "of", "class", "au"]
+    out = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(  # both cases of each accented letter in pieces
+        sentence_iterator=iter([" ".join(words)] * 20), model_writer=out, vocab_size=60,
+        model_type="char", character_coverage=1.0, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+        normalization_rule_name="identity", num_threads=1, minloglevel=2)
+    (tmp_path / "accents.model").write_bytes(out.getvalue())
+    sp = text_head.load_tokenizer(str(tmp_path / "accents.model"))
+    assert sp.EncodeAsIds("É") != sp.EncodeAsIds("é")
+    for text in ("ÉCLAIR au CAFÉ", "Ñandú GRANDE", "ŁÓDŹ Photo", "a photo of a CLASS 3."):
+        lowered = tf.strings.lower(text).numpy().decode("utf-8")  # big_vision's (the oracle)
+        want = sp.EncodeAsIds(lowered) + [sp.eos_id()]
+        got = text_head.tokenize(sp, [text], len(want))[0].tolist()
+        assert got == want, (text, lowered)
+    assert tf.strings.lower("ÉCLAIR").numpy().decode() == "Éclair"  # what is at stake
+
+
 def _random_two_tower(path, vit_kw, text_model):
     """A random SigLIP-layout two-tower file: params/img (MAP ViT), params/txt, t, b (values
     drawn in NumPy for the models' shapes: nothing to compile)."""

@@ -369,3 +369,39 @@ def test_remat_and_bf16_steps_and_a_relative_workdir(tmp_path, monkeypatch):
     base.train.allow_config_change = True
     trainer.train(base, "runs/base")
     assert exports.read(rundir.export_path("runs/base", 1))[1]["step"] == 3
+
+
+def test_phase2_trained_with_the_shared_prompt_gets_its_gradient_in_every_block(tmp_path):
+    """Widening phase 2's trainable set to the shared prompt: the step no longer stops the
+    gradient through the shared trunk (blocks 0..K-1), so the prompt's gradient there equals
+    the release's two-pass computation's (it was silently 0 before), and a step moves it."""
+    from lpt_jax.method.lpt_model import LPT
+    config = tiny_config(tmp_path)
+    config.phase2.trainable = ("shared_prompt", "pool_prompts", "pool_keys", "head/.*")
+    config.optim.update(weight_decay=0.0, momentum=0.0, warmup_epochs=0)
+    ctx = context.build_context(config, str(tmp_path / "wd"))
+    phase, k = PHASES[1], config.model.lpt.shared_depth
+    trainable, frozen = tree.split(ctx.params, config.phase2.trainable)
+    images = jax.random.uniform(jax.random.key(0), (4, 32, 32, 3), minval=-1, maxval=1)
+
+    def grad_of(forward):
+        def loss(t):
+            out = forward(tree.merge(t, frozen), images, False, None)
+            return jnp.sum(out["logits"] ** 2) - out["match"]
+        return jax.grad(loss)(trainable)["shared_prompt"]
+
+    def two_passes(params, x, train, rng):
+        return ctx.model.apply({"params": params}, x, train, method=LPT.phase2_reference)
+    shipped, reference = grad_of(phase.forward(ctx.model, True)), grad_of(two_passes)
+    np.testing.assert_allclose(shipped, reference, atol=1e-6)
+    assert np.abs(reference[:k]).max() > 1e-4  # the trunk blocks do have a gradient
+    assert np.abs(grad_of(phase.forward(ctx.model))[:k]).max() == 0  # the frozen-trunk path
+
+    step = steps.make_train_step(ctx.model, phase, config, class_counts=ctx.source.train_counts,
+                                 steps_per_epoch=5, batch_size=8)
+    state, frozen_state = step.init(ctx.params)
+    batch = next(data.make_train_stream(ctx.source, config.data, global_batch_size=8, seed=0))
+    before = np.asarray(state["trainable"]["shared_prompt"])
+    after, _ = jax.jit(step.fn)(state, frozen_state, batch)
+    moved = np.abs(np.asarray(after["trainable"]["shared_prompt"]) - before)
+    assert moved[:k].max() > 0 and moved[k:].max() > 0

@@ -1,25 +1,35 @@
 """Attention with Flax's parameter names (big_vision's), the way each backend runs it fastest,
 and the layers built on it that the ViT and the SigLIP text tower share: the MLP block, and
-big_vision's MAP head (a learned probe attends over the tokens)."""
+big_vision's MAP head (a learned probe attends over the tokens). Every matmul takes the
+`precision` of its module (a float32 model's matmuls run in float32 unless asked otherwise:
+`PRECISIONS`)."""
 
 from __future__ import annotations
+
+from typing import Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+# model.vit.matmul_precision -> the precision every matmul of the backbone asks for.
+PRECISIONS = {"float32": jax.lax.Precision.HIGHEST, "tensorfloat32": jax.lax.Precision.HIGH,
+              "bfloat16": jax.lax.Precision.DEFAULT, "default": None}
+_NAMES = {v: k for k, v in PRECISIONS.items() if v is not None}
 
 
 class MlpBlock(nn.Module):
     mlp_dim: int
     gelu_approximate: bool = False
     dtype: jnp.dtype = jnp.float32
+    precision: Optional[jax.lax.Precision] = None
 
     @nn.compact
     def __call__(self, x):
         width = x.shape[-1]
         dense = lambda n, name: nn.Dense(  # noqa: E731
             n, dtype=self.dtype, name=name, kernel_init=nn.initializers.xavier_uniform(),
-            bias_init=nn.initializers.normal(stddev=1e-6))
+            bias_init=nn.initializers.normal(stddev=1e-6), precision=self.precision)
         x = dense(self.mlp_dim, "Dense_0")(x)
         x = nn.gelu(x, approximate=self.gelu_approximate)
         return dense(width, "Dense_1")(x)
@@ -38,7 +48,7 @@ def attention_implementation(name: str) -> str:
     return name
 
 
-def attend(q, k, v, implementation: str):
+def attend(q, k, v, implementation: str, precision: Optional[jax.lax.Precision] = None):
     """softmax(q k^T / sqrt(d)) v for q (B, N, H, d) over k, v (B, S, H, d) -> (B, N, H, d).
 
     'einsum' computes both products and their output with batch and heads leading
@@ -46,17 +56,19 @@ def attend(q, k, v, implementation: str):
     in the forward and in autodiff's backward; the logits and the softmax are float32
     whatever the dtype, as in `jax.nn.dot_product_attention`, which 'xla' and 'cudnn' call.
     (A hand-written backward with every product in that layout measured no faster.)"""
-    if implementation in ("xla", "cudnn"):
-        return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+    if implementation in ("xla", "cudnn"):  # no precision argument: its einsums read this
+        with jax.default_matmul_precision(_NAMES.get(precision, "default")):
+            return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
     scale = q.shape[-1] ** -0.5
     heads_first = lambda t: jnp.swapaxes(t, 1, 2)  # noqa: E731  (B, T, H, d) -> (B, H, T, d)
     logits = jnp.einsum("bhnd,bhsd->bhns", heads_first(q), heads_first(k),
-                        preferred_element_type=jnp.float32) * scale
+                        preferred_element_type=jnp.float32, precision=precision) * scale
     # softmax(l) v = (exp(l - max) v) / sum(exp(l - max)): the division moves to the (., d)
     # output, and autodiff's backward of this form is cheaper than softmax's (no gradient
     # flows through the max, which only shifts the exponent).
     unnormalised = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
-    out = jnp.einsum("bhns,bhsd->bhnd", unnormalised.astype(v.dtype), heads_first(v))
+    out = jnp.einsum("bhns,bhsd->bhnd", unnormalised.astype(v.dtype), heads_first(v),
+                     precision=precision)
     out = out / unnormalised.sum(-1, keepdims=True).astype(out.dtype)
     return heads_first(out)
 
@@ -74,6 +86,7 @@ class MultiHeadDotProductAttention(nn.Module):
     num_heads: int
     dtype: jnp.dtype = jnp.float32
     attention: str = "auto"
+    precision: Optional[jax.lax.Precision] = None
 
     @nn.compact
     def __call__(self, x, kv=None, extra=None, extra_position: str = "append"):
@@ -84,15 +97,16 @@ class MultiHeadDotProductAttention(nn.Module):
         head_dim = width // self.num_heads
         proj = lambda name: nn.DenseGeneral(  # noqa: E731
             (self.num_heads, head_dim), dtype=self.dtype, name=name,
-            kernel_init=nn.initializers.xavier_uniform())
+            kernel_init=nn.initializers.xavier_uniform(), precision=self.precision)
         query, key, value = proj("query"), proj("key"), proj("value")
         q, k, v = query(x), key(kv), value(kv)  # (B, ., H, hd)
         if extra is not None:  # (DenseGeneral casts it to the compute dtype)
             k = _with_extra_tokens(k, key(extra), extra_position)
             v = _with_extra_tokens(v, value(extra), extra_position)
-        y = attend(q, k, v, attention_implementation(self.attention))
+        y = attend(q, k, v, attention_implementation(self.attention), self.precision)
         return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, name="out",
-                               kernel_init=nn.initializers.xavier_uniform())(y)
+                               kernel_init=nn.initializers.xavier_uniform(),
+                               precision=self.precision)(y)
 
 
 class MAPHead(nn.Module):
@@ -104,6 +118,7 @@ class MAPHead(nn.Module):
     gelu_approximate: bool = False
     dtype: jnp.dtype = jnp.float32
     attention: str = "auto"
+    precision: Optional[jax.lax.Precision] = None
 
     @nn.compact
     def __call__(self, x):
@@ -111,9 +126,11 @@ class MAPHead(nn.Module):
         probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, d))
         probe = jnp.broadcast_to(probe.astype(self.dtype), (b, 1, d))
         x = MultiHeadDotProductAttention(self.num_heads, self.dtype, self.attention,
+                                         self.precision,
                                          name="MultiHeadDotProductAttention_0")(probe, x)
         y = nn.LayerNorm(epsilon=self.layernorm_epsilon, dtype=self.dtype, name="LayerNorm_0")(x)
-        x = x + MlpBlock(self.mlp_dim, self.gelu_approximate, self.dtype, name="MlpBlock_0")(y)
+        x = x + MlpBlock(self.mlp_dim, self.gelu_approximate, self.dtype, self.precision,
+                         name="MlpBlock_0")(y)
         return x[:, 0]
 
 

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 from lpt_jax.backbones import vit_weights
 from lpt_jax.backbones.layers import (
     ATTENTION_IMPLEMENTATIONS,
+    PRECISIONS,
     MAPHead,
     MlpBlock,
     MultiHeadDotProductAttention,
@@ -107,6 +108,7 @@ class Encoder1DBlock(nn.Module):
     gelu_approximate: bool = False
     dtype: jnp.dtype = jnp.float32
     attention: str = "auto"
+    precision: Optional[jax.lax.Precision] = None
 
     @nn.compact
     def __call__(self, x, extra=None, extra_position: str = "append",
@@ -119,11 +121,13 @@ class Encoder1DBlock(nn.Module):
         queries = y if rows is None else y[:, :rows]
         x = x if rows is None else x[:, :rows]
         y = MultiHeadDotProductAttention(self.num_heads, self.dtype, self.attention,
+                                         self.precision,
                                          name="MultiHeadDotProductAttention_0")(
             queries, y, y_extra, extra_position)
         x = x + y
         y = norm("LayerNorm_1")(x)
-        y = MlpBlock(self.mlp_dim, self.gelu_approximate, self.dtype, name="MlpBlock_0")(y)
+        y = MlpBlock(self.mlp_dim, self.gelu_approximate, self.dtype, self.precision,
+                     name="MlpBlock_0")(y)
         return x + y
 
 
@@ -136,6 +140,7 @@ class Encoder(nn.Module):
     dtype: jnp.dtype = jnp.float32
     remat: bool = False
     attention: str = "auto"
+    precision: Optional[jax.lax.Precision] = None
 
     def setup(self):
         block_cls = Encoder1DBlock
@@ -143,7 +148,7 @@ class Encoder(nn.Module):
             block_cls = nn.remat(Encoder1DBlock, static_argnums=(3, 4))
         self.blocks = [
             block_cls(self.mlp_dim, self.num_heads, self.layernorm_epsilon,
-                      self.gelu_approximate, self.dtype, self.attention,
+                      self.gelu_approximate, self.dtype, self.attention, self.precision,
                       name=f"encoderblock_{i}")
             for i in range(self.depth)]
         self.encoder_norm = nn.LayerNorm(epsilon=self.layernorm_epsilon, dtype=self.dtype,
@@ -186,6 +191,10 @@ class ViT(nn.Module):
     dtype: jnp.dtype = jnp.float32
     remat: bool = False
     attention: str = "auto"          # see `attention_implementation`
+    # How float32 matmuls run (jax.default_matmul_precision): 'float32' as the release's
+    # PyTorch defaults (no TF32 on NVIDIA GPUs), or the faster 'tensorfloat32' / 'bfloat16'
+    # passes, or 'default' (the backend's: TF32 on recent GPUs, bf16 passes on TPUs).
+    matmul_precision: str = "float32"
     # Stored in float32 when the rest is stored in `dtype`: Flax's LayerNorm multiplies its
     # scale and bias in float32 (lpt_jax.backbones.stored_in_compute_dtype).
     keep_float32 = (r"(^|/)LayerNorm_\d+/", r"(^|/)encoder_norm/")
@@ -209,7 +218,7 @@ class ViT(nn.Module):
         gh, gw = self.grid
         self.embedding = nn.Conv(self.width, tuple(_pair(self.patch_size)),
                                  strides=tuple(_pair(self.patch_size)), padding="VALID",
-                                 dtype=self.dtype, name="embedding")
+                                 dtype=self.dtype, precision=self.precision, name="embedding")
         self.pos_embedding = self.param(
             "pos_embedding", nn.initializers.normal(stddev=1 / self.width ** 0.5),
             (1, gh * gw, self.width))
@@ -217,17 +226,22 @@ class ViT(nn.Module):
             self.cls = self.param("cls", nn.initializers.zeros, (1, 1, self.width))
         self.Transformer = Encoder(
             self.depth, self.mlp_dim or 4 * self.width, self.num_heads, self.layernorm_epsilon,
-            self.gelu_approximate, self.dtype, self.remat, self.attention, name="Transformer")
+            self.gelu_approximate, self.dtype, self.remat, self.attention, self.precision,
+            name="Transformer")
         if self.pool_type == "map":
             self.MAPHead_0 = MAPHead(self.mlp_dim or 4 * self.width, self.num_heads,
                                      self.layernorm_epsilon, self.gelu_approximate, self.dtype,
-                                     self.attention)
+                                     self.attention, self.precision)
         if self.representation_size:
             self.pre_logits = nn.Dense(self.representation_size, dtype=self.dtype,
-                                       name="pre_logits")
+                                       precision=self.precision, name="pre_logits")
         if self.num_classes:
             self.head = nn.Dense(self.num_classes, dtype=self.dtype, name="head",
-                                 kernel_init=nn.initializers.zeros)
+                                 kernel_init=nn.initializers.zeros, precision=self.precision)
+
+    @property
+    def precision(self):
+        return PRECISIONS[self.matmul_precision]
 
     def embed(self, images):
         """NHWC images in [-1, 1] -> tokens (B, [1+]N, D): patches + position, CLS first."""
@@ -340,6 +354,11 @@ FIELDS = Section("the frozen ViT (spec §1): ViT-B/16, class token, LayerNorm ep
                 one_of("float32", "bfloat16", "float16")),
     remat=Field(False, "recompute block activations in the backward pass (memory for FLOPs)",
                 boolean(), INCIDENTAL),
+    matmul_precision=Field("float32", "how float32 matmuls run: 'float32' (the release's: "
+                           "no TF32 on NVIDIA GPUs), 'tensorfloat32', 'bfloat16' (faster "
+                           "passes) or 'default' (the backend's: TF32 on recent GPUs, bf16 "
+                           "passes on TPUs)", one_of("float32", "tensorfloat32", "bfloat16",
+                                                     "default"), INCIDENTAL),
     attention=Field("auto", "how attention is computed (the same function): 'einsum' "
                     "(fastest on CPU), 'xla' or 'cudnn' (jax.nn.dot_product_attention); "
                     "'auto' = 'einsum' on CPU, 'xla' elsewhere",

@@ -9,8 +9,13 @@ sequence: any step is computed directly, without replaying earlier ones.
 
 Instance-balanced stream, `ib_sampling`:
   'epoch_permutation' (default): global sample t = step * B + i is position t % N of
-    epoch t // N's permutation (uniform without replacement within an epoch: every
-    image once per epoch).
+    epoch t // N's order (uniform without replacement within an epoch: every image once per
+    epoch). A batch that straddles two epochs takes the last r images of epoch e and the
+    first B - r of epoch e + 1, so epoch e + 1's order is its permutation with the first
+    B - r images that are not among those r moved to the front: no batch holds an image
+    twice (for B <= N). The r images are the last of epoch e's permutation itself when
+    N >= 2B (its own front moves cannot reach its end), so any step is still computed
+    directly; smaller data sets derive them from the epoch before (memoized).
   'independent' (the release's behaviour: it builds a freshly shuffled loader every step
     and takes its first batch): each step's batch is B distinct images drawn uniformly
     from its own generator (seed, step), independent of every other step; over an
@@ -72,6 +77,7 @@ class DualSampler:
         self._member_cycle = functools.lru_cache(maxsize=2 * num_classes + 64)(
             self._member_cycle_uncached)
         self._epoch_perm = functools.lru_cache(maxsize=3)(self._epoch_perm_uncached)
+        self._epoch_order = functools.lru_cache(maxsize=3)(self._epoch_order_uncached)
 
     def _perm(self, n: int, *key: int) -> np.ndarray:
         return np.random.default_rng([self.seed, *key]).permutation(n)
@@ -85,6 +91,24 @@ class DualSampler:
 
     def _epoch_perm_uncached(self, epoch: int) -> np.ndarray:
         return self._perm(self.num_examples, _EPOCH, epoch)
+
+    def _straddle(self, epoch: int) -> int:
+        """How many images of epoch `epoch` - 1 share a batch with epoch `epoch`'s first."""
+        return (epoch * self.num_examples) % self.global_batch
+
+    def _epoch_order_uncached(self, epoch: int) -> np.ndarray:
+        """Epoch `epoch`'s permutation with the first B - r images not among the r that end
+        the previous epoch's order (the straddling batch's earlier part) moved to the front."""
+        perm, r = self._epoch_perm(epoch), self._straddle(epoch)
+        if epoch == 0 or r == 0:
+            return perm
+        n, b = self.num_examples, self.global_batch
+        previous = (self._epoch_perm(epoch - 1) if n >= 2 * b
+                    else self._epoch_order(epoch - 1))[n - r:]
+        front = np.flatnonzero(~np.isin(perm, previous))[:b - r]
+        rest = np.ones(n, bool)
+        rest[front] = False
+        return np.concatenate([perm[front], perm[rest]])
 
     def class_balanced(self, step: int) -> np.ndarray:
         """(B,) example indices of step `step`, in groups of k from one class."""
@@ -112,7 +136,7 @@ class DualSampler:
         out = np.empty(self.global_batch, dtype=np.int64)
         for e in np.unique(epochs):
             sel = epochs == e
-            out[sel] = self._epoch_perm(int(e))[positions[sel]]
+            out[sel] = self._epoch_order(int(e))[positions[sel]]
         return out
 
     def _independent(self, step: int) -> np.ndarray:

@@ -157,7 +157,8 @@ PHASES = (
           serve=_serve_phase1),
     Phase(2, LPT.phase2, ("pool_prompts", "pool_keys", r"head/.*"),
           doc="phase 2: the group-prompt pool, its keys and the head (from phase 1's export)",
-          starts_from=1, stack=_stack_pool, serve=_serve_phase2),
+          starts_from=1, stack=_stack_pool, serve=_serve_phase2,
+          trunk=("shared_prompt", r"backbone/.*")),
 )
 
 

@@ -54,7 +54,7 @@ class CosineHead(nn.Module):
     def __call__(self, feature):
         w = self.param("kernel", _unit_columns_init, (feature.shape[-1], self.num_classes))
         f = l2_normalize(feature.astype(jnp.float32))
-        return f @ l2_normalize(w, axis=0)
+        return jnp.matmul(f, l2_normalize(w, axis=0), precision=jax.lax.Precision.HIGHEST)
 
 
 class _PromptedBlocks:
@@ -118,8 +118,8 @@ class LPT(_PromptedBlocks, nn.Module):
 
     def select(self, query):
         """Per-sample cosine top-k of the keys. Returns (indices (B,k), cosines (B,k))."""
-        sims = l2_normalize(query.astype(jnp.float32)) @ l2_normalize(
-            self.pool_keys.astype(jnp.float32)).T
+        sims = jnp.matmul(l2_normalize(query.astype(jnp.float32)), l2_normalize(
+            self.pool_keys.astype(jnp.float32)).T, precision=jax.lax.Precision.HIGHEST)
         cos, idx = jax.lax.top_k(sims, self.top_k)
         return idx, cos
 
@@ -142,14 +142,14 @@ class LPT(_PromptedBlocks, nn.Module):
         return dict(logits=self._classify(feature, train), match=jnp.zeros((), jnp.float32),
                     indices=jnp.zeros((images.shape[0], 0), jnp.int32), query=feature)
 
-    def phase2(self, images, train: bool = False, stop_trunk_gradient: bool = True):
+    def phase2(self, images, train: bool = False, through_trunk: bool = False):
         """Phase 2 on the exact shared trunk (L + (L-K) block evaluations instead of 2L).
 
         Returns dict(logits (B,C), match S (scalar, mean over batch of summed top-k
         cosines), indices (B,k), query (B,D)).
         """
         x = self.trunk(images)
-        if stop_trunk_gradient:  # backbone and shared prompt are frozen: no backward here
+        if not through_trunk:  # backbone and shared prompt frozen: no backward through K blocks
             x = jax.lax.stop_gradient(x)
         query = self.query_from_trunk(x)
         idx, cos = self.select(query)
@@ -216,7 +216,7 @@ def select_per_example(query, keys, valid, top_k: int):
     """`LPT.select` with each example's own keys (B, M, D); keys where `valid` (B, M) is False
     (a smaller pool padded to M) are never picked. Returns (indices (B, k), cosines (B, k))."""
     sims = jnp.einsum("bd,bmd->bm", l2_normalize(query.astype(jnp.float32)),
-                      l2_normalize(keys.astype(jnp.float32)))
+                      l2_normalize(keys.astype(jnp.float32)), precision=jax.lax.Precision.HIGHEST)
     cos, idx = jax.lax.top_k(jnp.where(valid, sims, -jnp.inf), top_k)
     return idx, cos
 

@@ -34,6 +34,9 @@ class Phase:
     # stack. A phase without them cannot share a batch with other tasks.
     stack: Optional[Callable] = None
     serve: Optional[Callable] = None
+    # Params whose gradient the forward stops by default (the cheaper backward of a frozen
+    # trunk): when one of them is trained, the step runs the forward with through_trunk=True.
+    trunk: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -58,10 +61,13 @@ class Phase:
     def seed(self, config) -> int:
         return config.seed + 1000 * self.number
 
-    def forward(self, model) -> Callable:
-        """(params, images, train, dropout_rng) -> {'logits', 'match', 'indices'}."""
+    def forward(self, model, through_trunk: bool = False) -> Callable:
+        """(params, images, train, dropout_rng) -> {'logits', 'match', 'indices'};
+        `through_trunk`: gradients through the `trunk` params too."""
+        extra = {"through_trunk": True} if through_trunk else {}
+
         def forward(params, images, train, rng):
             rngs = {"dropout": rng} if train else {}
             return model.apply({"params": params}, images, train, method=self.forward_method,
-                               rngs=rngs)
+                               rngs=rngs, **extra)
         return forward

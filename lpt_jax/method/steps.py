@@ -62,15 +62,16 @@ def make_train_step(model, phase: Phase, config, *, class_counts: np.ndarray,
     """The train step of `phase` for `model` under `config`: the method's objective
     (config.model.method), the optim section and the phase's section."""
     epochs = phase.section(config).epochs
-    forward = phase.forward(model)
     method_objective = registry.of(config).objective(config, class_counts, epochs)
     schedule = optim.make_schedule(config.optim, batch_size=batch_size, epochs=epochs,
                                    steps_per_epoch=steps_per_epoch)
     tx = optim.make_optimizer(config.optim)
 
     def objective(trainable, frozen, batch, rng, epoch):
-        total, parts, picked = method_objective(forward, tree.merge(trainable, frozen), batch,
-                                                rng, epoch)
+        # A trained param the forward would stop the gradient of (phase 2's trunk): through it.
+        through = any(tree.matches(p, phase.trunk) for p in tree.flatten(trainable))
+        total, parts, picked = method_objective(phase.forward(model, through),
+                                                tree.merge(trainable, frozen), batch, rng, epoch)
         return total, (parts, picked)
 
     def step(state, frozen, batch):

@@ -68,6 +68,28 @@ def _tokenizer_exists(text_cfg, root) -> None:
     if not found:
         raise ConfigError(f"model.text.tokenizer={path!r}: no such file",
                           field="model.text.tokenizer")
+    _check_tokenizer_file(path, "model.text.tokenizer")
+
+
+MAX_TOKENIZER_BYTES = 256 << 20  # read whole into memory; a SentencePiece model is a few MiB
+
+
+def _check_tokenizer_file(path: str, field: str) -> None:
+    """One line if the tokenizer is not a file that can be read whole: a FIFO or a device
+    (files.check_regular), or larger than MAX_TOKENIZER_BYTES."""
+    try:
+        files.check_regular(path)
+        size = files.size(path)
+    except FileNotFoundError:
+        raise ConfigError(f"{field}={path!r}: no such file", field=field) from None
+    except files.NotRegularFileError as e:
+        raise ConfigError(f"{field}={path!r} is {e.strerror}", field=field) from None
+    except OSError as e:
+        raise ConfigError(f"{field}={path!r}: cannot read it ({e})", field=field) from None
+    if size > MAX_TOKENIZER_BYTES:
+        raise ConfigError(f"{field}={path!r} holds {size / 2**20:.0f} MiB, more than the "
+                          f"{MAX_TOKENIZER_BYTES >> 20} MiB read for a SentencePiece model (a "
+                          "few MiB): is this the tokenizer file?", field=field)
 
 
 def _size(doc):
@@ -113,6 +135,7 @@ def load_tokenizer(path: str, field: str = "model.text.tokenizer"):
         raise ConfigError(f"{field} is empty: head_init='text' needs the SentencePiece model "
                           "of the text tower (SigLIP en: c4_en, "
                           "gs://t5-data/vocabs/cc_en.32000/sentencepiece.model)")
+    _check_tokenizer_file(path, field)
     try:
         data = files.read_bytes(path)
     except FileNotFoundError:
@@ -131,6 +154,11 @@ def load_tokenizer(path: str, field: str = "model.text.tokenizer"):
     return sp
 
 
+# big_vision lower-cases with tf.strings.lower, which changes the ASCII letters only
+# ('ÉCLAIR' -> 'Éclair'); str.lower would change every Unicode letter.
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
 def tokenize(sp, texts: Sequence[str], max_len: int, *, pad_id: int = -1,
              lower: bool = True) -> np.ndarray:
     """int32 (N, max_len): big_vision's tokenize(eos='sticky', pad_value=pad_id)."""
@@ -138,7 +166,7 @@ def tokenize(sp, texts: Sequence[str], max_len: int, *, pad_id: int = -1,
     pad = eos if pad_id < 0 else pad_id
     out = np.full((len(texts), max_len), pad, np.int32)
     for row, text in enumerate(texts):
-        ids = list(sp.EncodeAsIds(text.lower() if lower else text)) + [eos]
+        ids = list(sp.EncodeAsIds(text.translate(_ASCII_LOWER) if lower else text)) + [eos]
         if len(ids) > max_len:
             ids = ids[:max_len - 1] + [eos]
         out[row, :len(ids)] = ids
