@@ -14,6 +14,9 @@
 Every result is a view of the input arrays (transposes and reshapes, no copies). Names this
 table does not know (layer scale, fc_norm, register tokens, ...) pass through unchanged, so
 the strict loader reports them as unexpected rather than this module guessing.
+An array whose rank or width the renaming cannot use (a 1-D pos_embed, a 0-D qkv weight, a
+cls_token of another width than patch_embed's) is one CheckpointError line naming it, rather
+than an IndexError or a silent broadcast; other sizes are the strict loader's to report.
 
 The number of heads is not in the weights; the standard ViT sizes give it by width.
 """
@@ -79,17 +82,15 @@ def timm_to_big_vision(state_dict: Mapping[str, np.ndarray], *, num_heads: Optio
     out["embedding/kernel"] = rest.pop("patch_embed.proj.weight").transpose(2, 3, 1, 0)
     if "patch_embed.proj.bias" in rest:
         out["embedding/bias"] = rest.pop("patch_embed.proj.bias")
-    _position_and_cls(rest, out)
+    _position_and_cls(rest, out, width, path)
 
     blocks = sorted({int(m.group(1)) for k in rest if (m := _BLOCK.match(k))})
     for i in blocks:
         src, dst = f"blocks.{i}.", f"Transformer/encoderblock_{i}/"
         norm(src + "norm1", dst + "LayerNorm_0")
         norm(src + "norm2", dst + "LayerNorm_1")
-        try:
-            _attention(rest, out, src + "attn.", dst + "MultiHeadDotProductAttention_0/", heads)
-        except ValueError as e:  # a reshape that the shapes do not allow
-            raise CheckpointError(f"{path}: {e}") from None
+        _attention(rest, out, src + "attn.", dst + "MultiHeadDotProductAttention_0/", heads,
+                   path)
         linear(src + "mlp.fc1", dst + "MlpBlock_0/Dense_0")
         linear(src + "mlp.fc2", dst + "MlpBlock_0/Dense_1")
     norm("norm", "Transformer/encoder_norm")
@@ -99,10 +100,23 @@ def timm_to_big_vision(state_dict: Mapping[str, np.ndarray], *, num_heads: Optio
     return out
 
 
-def _position_and_cls(rest: dict, out: dict) -> None:
+def expect_shape(path: str, name: str, array: np.ndarray, ok: bool, expected: str) -> None:
+    """One line when `array` (named `name`) does not have the shape the renaming needs; the
+    strict loader reports sizes, this only what would make slicing and reshaping fail or
+    broadcast (a 1-D pos_embed, a 0-D qkv, a class token of another width)."""
+    if not ok:
+        raise CheckpointError(f"{path}: {name} has shape {tuple(array.shape)}, expected "
+                              f"{expected}")
+
+
+def _position_and_cls(rest: dict, out: dict, width: int, path: str) -> None:
     pos = rest.pop("pos_embed", None)
     cls = rest.pop("cls_token", None)
+    if pos is not None:
+        expect_shape(path, "pos_embed", pos, pos.ndim == 3 and pos.shape[0] == 1
+                     and pos.shape[2] == width, f"(1, N, {width})")
     if cls is not None:
+        expect_shape(path, "cls_token", cls, cls.shape == (1, 1, width), f"(1, 1, {width})")
         if pos is not None and _has_cls_row(pos.shape[1]):
             cls = cls + pos[:, :1]  # the CLS token only ever sees their sum: exact
             pos = pos[:, 1:]
@@ -118,22 +132,29 @@ def _has_cls_row(rows: int) -> bool:
     return not (square(rows) and not square(rows - 1))
 
 
-def _attention(rest: dict, out: dict, src: str, dst: str, heads: int) -> None:
+def _attention(rest: dict, out: dict, src: str, dst: str, heads: int, path: str) -> None:
+    split = f"D divisible by {heads} heads"
     if src + "qkv.weight" in rest:
         w = rest.pop(src + "qkv.weight")  # (3D, D): rows q, k, v
-        d = w.shape[1]
-        if w.shape[0] != 3 * d or d % heads:
-            raise ValueError(f"{src}qkv.weight has shape {w.shape}: expected (3D, D) with D "
-                             f"divisible by {heads} heads")
+        d = w.shape[-1] if w.ndim else 0
+        expect_shape(path, src + "qkv.weight", w,
+                     w.ndim == 2 and w.shape[0] == 3 * d and d > 0 and d % heads == 0,
+                     f"(3D, D) with {split}")
         for j, name in enumerate(("query", "key", "value")):
             out[f"{dst}{name}/kernel"] = w[j * d:(j + 1) * d].T.reshape(d, heads, d // heads)
     if src + "qkv.bias" in rest:
         b = rest.pop(src + "qkv.bias")
-        d = b.shape[0] // 3
+        d = b.shape[0] // 3 if b.ndim else 0
+        expect_shape(path, src + "qkv.bias", b,
+                     b.ndim == 1 and b.shape[0] == 3 * d and d > 0 and d % heads == 0,
+                     f"(3D,) with {split}")
         for j, name in enumerate(("query", "key", "value")):
             out[f"{dst}{name}/bias"] = b[j * d:(j + 1) * d].reshape(heads, d // heads)
     if src + "proj.weight" in rest:
         w = rest.pop(src + "proj.weight")  # (D_out, D_in); D_in is heads x head_dim
+        expect_shape(path, src + "proj.weight", w,
+                     w.ndim == 2 and w.shape[1] > 0 and w.shape[1] % heads == 0,
+                     f"(D, D) with {split}")
         out[f"{dst}out/kernel"] = w.T.reshape(heads, w.shape[1] // heads, w.shape[0])
     if src + "proj.bias" in rest:
         out[f"{dst}out/bias"] = rest.pop(src + "proj.bias")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from typing import Iterable, Mapping
 
+import jax.numpy as jnp
 import numpy as np
 import scipy.ndimage
 
@@ -117,7 +118,16 @@ def to_big_vision_layout(arrays: Mapping[str, np.ndarray], subtree: str = "",
 
     old_pos = out.pop("Transformer/posembed_input/pos_embedding", None)
     if old_pos is not None:
+        kernel = out.get("embedding/kernel")  # (p, p, 3, D)
+        width = kernel.shape[3] if kernel is not None and kernel.ndim == 4 else None
+        vit_timm.expect_shape(source, "Transformer/posembed_input/pos_embedding", old_pos,
+                              old_pos.ndim == 3 and old_pos.shape[0] == 1
+                              and old_pos.shape[2] == (width or old_pos.shape[2]),
+                              f"(1, N, {width or 'D'})")
+        width = old_pos.shape[2]
         if "cls" in out:  # vit_jax adds posemb[0] to the CLS token; fold it in (exact)
+            vit_timm.expect_shape(source, "cls", out["cls"], out["cls"].shape == (1, 1, width),
+                                  f"(1, 1, {width})")
             out["cls"] = out["cls"] + old_pos[:, :1]
             old_pos = old_pos[:, 1:]
         out["pos_embedding"] = old_pos
@@ -128,6 +138,7 @@ def to_big_vision_layout(arrays: Mapping[str, np.ndarray], subtree: str = "",
                                                       ["Encoder_0", "encoderblock"])]
     for key in scanned:
         stacked = out.pop(key)
+        vit_timm.expect_shape(source, key, stacked, stacked.ndim >= 1, "(depth, ...)")
         encoder, _, rest = key.split("/", 2)
         for i in range(stacked.shape[0]):
             out[f"{encoder}/encoderblock_{i}/{rest}"] = stacked[i]
@@ -169,11 +180,12 @@ def load_params(path: str, init_params: Mapping, *, dont_load: Iterable[str] = (
                                 subtree, f"checkpoint {path}")
     model = flatten(init_params)
     _check_pooling(path, ckpt, model, dont_load, ignore)
+    check_floating(f"checkpoint {path}", ckpt, model, dont_load)
 
     if resample and "pos_embedding" in ckpt and "pos_embedding" in model:
         want = model["pos_embedding"].shape
         have = ckpt["pos_embedding"].shape
-        if have != want and have[-1] == want[-1]:
+        if have != want and len(have) == 3 and have[0] == 1 and have[-1] == want[-1]:
             g = int(round(np.sqrt(want[1])))
             ckpt["pos_embedding"] = resample_posemb(ckpt["pos_embedding"], grid or (g, g))
 
@@ -212,6 +224,26 @@ def _check_pooling(path, ckpt, model, dont_load, ignore) -> None:
         raise CheckpointError(
             f"checkpoint {path} has {_POOL_WORDS[have]} (pool_type={have!r}) but the model is "
             f"built with pool_type={want!r}: set ", Setting("model.vit.pool_type", have))
+
+
+def check_floating(source: str, ckpt: Mapping, model: Mapping,
+                   dont_load: Iterable[str] = ()) -> None:
+    """One line when an array the model would load as floating point is not (int32, bool,
+    ...): casting it would silently turn the weights into something else. `ckpt`: flat
+    arrays, `model`: flat params (anything with a dtype), `source` names the file."""
+    bad = sorted(k for k, init in model.items() if k in ckpt and not _matches(k, dont_load)
+                 and is_floating(init.dtype) and not is_floating(ckpt[k].dtype))
+    if bad:
+        more = f" (and {len(bad) - 1} more arrays)" if len(bad) > 1 else ""
+        raise CheckpointError(
+            f"{source}: {bad[0]} is {np.dtype(ckpt[bad[0]].dtype).name}, but the model's "
+            f"parameter is {np.dtype(model[bad[0]].dtype).name}{more}: weights are floating "
+            "point")
+
+
+def is_floating(dtype) -> bool:
+    """float16/32/64 and bfloat16 (which numpy does not count as floating)."""
+    return bool(jnp.issubdtype(dtype, jnp.floating))
 
 
 _POOL_WORDS = {"map": "a MAP head (MAPHead_0/...)", "tok": "a class token (cls)",

@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lpt_jax.backbones.vit_timm import expect_shape
+from lpt_jax.backbones.vit_weights import check_floating
 from lpt_jax.errors import CheckpointError
 
 _BLOCK = "Transformer/encoderblock_"
@@ -20,6 +22,9 @@ def vit_shapes(backbone: dict, path: str) -> dict:
     fc1 = backbone.get(f"{_BLOCK}0/MlpBlock_0/Dense_0/kernel")
     if depth == 0 or fc1 is None:
         raise CheckpointError(f"{path} is not a ViT state dict: it has no blocks.0.mlp.fc1.weight")
+    for name in (f"{_BLOCK}0/MlpBlock_0/Dense_0/kernel", "head/kernel", "pre_logits/kernel"):
+        if name in backbone:  # their widths become the model's: (in, out)
+            expect_shape(path, name, backbone[name], backbone[name].ndim == 2, "(in, out)")
     pos = backbone.get("pos_embedding")
     grid = int(round(np.sqrt(pos.shape[1]))) if pos is not None else 0
     if pos is None or grid * grid != pos.shape[1]:
@@ -42,7 +47,9 @@ def abstract_params(model) -> dict:
 
 
 def check_fits(path: str, have: dict, want: dict, what: str) -> None:
-    """`have` (flat arrays) holds exactly the flat shapes `want`; else one CheckpointError."""
+    """`have` (flat arrays) holds exactly the flat shapes `want`, floating point where the
+    model's parameter is; else one CheckpointError."""
+    check_floating(path, have, want)
     missing = sorted(f"{k} {tuple(want[k].shape)}" for k in want if k not in have)
     unexpected = sorted(f"{k} {tuple(have[k].shape)}" for k in have if k not in want)
     wrong = sorted(f"{k} {tuple(have[k].shape)} vs {tuple(want[k].shape)}" for k in want

@@ -118,9 +118,9 @@ def read_release(path: str, num_heads: Optional[int] = None,
                shared_depth=depth - pool.shape[1], top_k=top_k)
     prompts = {"shared_prompt": shared, "pool_prompts": pool, "pool_keys": keys,
                "head/kernel": head}
-    prompts = {k: np.asarray(v, np.float32) for k, v in prompts.items()}
     release = Release(path, vit, lpt, int(head.shape[1]), backbone, prompts)
-    _check_fits(release)
+    _check_fits(release)  # before the cast: int32 prompts are refused, not converted
+    release.prompts = {k: np.asarray(v, np.float32) for k, v in prompts.items()}
     return release
 
 

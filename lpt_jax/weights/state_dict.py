@@ -30,8 +30,9 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
     f = open_weights(path)
     try:
         if str(path).lower().endswith(SAFETENSORS_SUFFIXES):
-            return read_safetensors(path, f, files.size(path))
-        return _state_dict_in(read_torch_file(path, f), path)
+            return _checked_names(read_safetensors(path, f, files.size(path)), path)
+        return _checked_names(_state_dict_in(read_torch_file(path, f, files.size(path)), path),
+                              path)
     except OSError as e:
         raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
     finally:
@@ -45,14 +46,22 @@ def _state_dict_in(obj, path: str) -> dict[str, np.ndarray]:
                 obj = obj[key]
                 break
     if not isinstance(obj, dict) or not obj or not _is_tensor_dict(obj):
-        what = (f"a dict with the entries {sorted(map(str, obj))[:8]}" if isinstance(obj, dict)
-                else f"a {type(obj).__name__}")
+        what = (f"a dict with the entries {sorted(str(k)[:40] for k in obj)[:8]}"
+                if isinstance(obj, dict) else f"a {type(obj).__name__}")
         raise CheckpointError(f"{path} holds {what}, not a state dict (a dict of tensors, "
                               f"bare or under {' or '.join(repr(w) for w in _WRAPPERS)})")
     prefix = "module."  # torch.nn.DataParallel's
     if all(k.startswith(prefix) for k in obj):
         obj = {k[len(prefix):]: v for k, v in obj.items()}
     return obj
+
+
+def _checked_names(arrays: dict[str, np.ndarray], path: str) -> dict[str, np.ndarray]:
+    """Names end up in one-line messages: no line breaks or other control characters."""
+    bad = next((k for k in arrays if not k.isprintable()), None)
+    if bad is not None:
+        raise CheckpointError(f"{path} names a tensor with control characters ({bad[:60]!r})")
+    return arrays
 
 
 def _is_tensor_dict(d: dict) -> bool:

@@ -5,102 +5,101 @@ object in which every tensor is a call `torch._utils._rebuild_tensor_v2(storage,
 stride, ...)` and every storage a persistent id `('storage', torch.FloatStorage, key, device,
 numel)` whose raw bytes are the record `<name>/data/<key>`. Unpickling is running code: a
 pickle may name any importable function (`os.system`) and call it. So the pickle is read by an
-unpickler that knows a short allow-list of names (tensor rebuilds, storage types,
-`collections.OrderedDict`) and maps each to a function of this module; any other name refuses
-the file before anything is called. Tensors come back as numpy arrays (bfloat16 widened to
+unpickler that knows a short allow-list of names (`torch_pickle`); any other name refuses the
+file before anything is called. Tensors come back as numpy arrays (bfloat16 widened to
 float32), containers as dicts, lists and tuples.
+
+A hostile file is refused in one line before memory grows past what its size justifies:
+  * the pickle's opcodes are checked before it runs (`pickle_scan`: no memo index beyond the
+    memo, nothing torch does not write, a bounded number of opcodes);
+  * every record read is stored uncompressed, as torch.save writes them (a deflated record
+    can claim 3 GiB in 3 MB), and lies inside the archive; the storages together are no
+    bigger than the archive (zip records that share bytes);
+  * what the pickle builds is checked by `torch_pickle` (BUILD on the allow-list's stand-ins,
+    stride-0 and shared views, nesting, cycles).
 """
 
 from __future__ import annotations
 
-import collections
 import pickle
 import zipfile
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
 from lpt_jax.errors import CheckpointError, UnsafeCheckpointError
+from lpt_jax.weights.pickle_scan import check_opcodes
+from lpt_jax.weights.torch_pickle import Refused, RestrictedUnpickler, Storage, plain
 
-# torch's legacy storage classes, as they are named in the pickle -> their element type.
-STORAGE_DTYPES = {
-    "FloatStorage": np.dtype(np.float32),
-    "DoubleStorage": np.dtype(np.float64),
-    "HalfStorage": np.dtype(np.float16),
-    "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
-    "LongStorage": np.dtype(np.int64),
-    "IntStorage": np.dtype(np.int32),
-    "ShortStorage": np.dtype(np.int16),
-    "CharStorage": np.dtype(np.int8),
-    "ByteStorage": np.dtype(np.uint8),
-    "BoolStorage": np.dtype(np.bool_),
-}
+MAX_PICKLE_BYTES = 16 << 20  # a state dict's pickle: ~5 KB for 46 tensors (the fixtures)
 
 
-class _StorageType:
-    """Stands for `torch.<Name>Storage` inside the pickle; only its element type matters."""
+# ------------------------------------------------------------------------------------------
+# The archive.
 
-    def __init__(self, name: str):
-        self.name, self.dtype = name, STORAGE_DTYPES[name]
+class _Archive:
+    """One torch.save zip being read: its records, checked before they are read."""
 
+    def __init__(self, path: str, zf: zipfile.ZipFile, size: int):
+        self.path, self.zf, self.size = path, zf, size
+        self.prefix = _archive_prefix(path, zf.namelist())
+        self.storages: dict[str, Storage] = {}
+        self.storage_bytes = 0
+        order = self.read(self.prefix + "byteorder", 16) if self.has("byteorder") else b"little"
+        if order.strip() not in (b"little", b"big"):
+            raise CheckpointError(f"{path}: its byteorder record says {order[:16]!r}, not "
+                                  "little or big")
+        self.byteorder = "<" if order.strip() == b"little" else ">"
 
-def _rebuild_tensor(storage, offset, size, stride, *_ignored):
-    """`torch._utils._rebuild_tensor_v2`: a strided view into the storage (no copy)."""
-    size, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
-    if any(s < 0 for s in size + stride) or offset < 0:
-        raise CheckpointError(f"a tensor with size {size}, stride {stride}, offset {offset}")
-    last = offset + sum((n - 1) * s for n, s in zip(size, stride)) if all(size) else offset - 1
-    if last >= storage.size:
-        raise CheckpointError(f"a tensor of size {size} reaches past its storage "
-                              f"({storage.size} elements)")
-    if not all(size):
-        return np.zeros(size, storage.dtype)
-    item = storage.itemsize
-    return np.lib.stride_tricks.as_strided(storage[offset:], size, [s * item for s in stride],
-                                           writeable=False)
+    def has(self, name: str) -> bool:
+        return self.prefix + name in self.zf.namelist()
 
-
-def _rebuild_parameter(data, *_ignored):
-    """`torch._utils._rebuild_parameter(_with_state)`: an nn.Parameter is its tensor."""
-    return data
-
-
-def _ordered_dict(*args):
-    return collections.OrderedDict(*args)
-
-
-# (module, name) in the pickle -> what this reader calls instead.
-_ALLOWED = {
-    ("collections", "OrderedDict"): _ordered_dict,
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
-    **{("torch", name): _StorageType(name) for name in STORAGE_DTYPES},
-}
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, file, path: str, load_storage):
-        super().__init__(file)
-        self._path, self._load_storage = path, load_storage
-
-    def find_class(self, module, name):
+    def record(self, name: str) -> zipfile.ZipInfo:
+        """The record's entry; it is stored uncompressed and lies inside the archive."""
         try:
-            return _ALLOWED[(module, name)]
+            info = self.zf.getinfo(name)
         except KeyError:
-            raise UnsafeCheckpointError(
-                f"{self._path}: refused without running it: its pickle names {module}.{name}, "
-                "which is not a tensor, storage or container (lpt_jax reads only "
-                "torch tensors, dicts, lists and numbers from .pth/.bin files)") from None
+            raise CheckpointError(f"{self.path}: the record {name} is missing") from None
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise CheckpointError(
+                f"{self.path}: the record {name} is compressed (zip method "
+                f"{info.compress_type}); torch.save stores records uncompressed, and a "
+                f"compressed one can claim any size ({info.file_size} bytes here)")
+        if info.compress_size != info.file_size or info.header_offset + info.file_size > self.size:
+            raise CheckpointError(f"{self.path}: the record {name} declares {info.file_size} "
+                                  f"bytes, more than the archive holds ({self.size} bytes)")
+        return info
 
-    def persistent_load(self, pid):
-        if (not isinstance(pid, tuple) or len(pid) != 5 or pid[0] != "storage"
-                or not isinstance(pid[1], _StorageType)):
-            raise UnsafeCheckpointError(f"{self._path}: refused: an unknown persistent id "
-                                        f"{str(pid)[:80]} in its pickle")
-        _, storage_type, key, _location, numel = pid
-        return self._load_storage(str(key), storage_type.dtype, int(numel))
+    def read(self, name: str, limit: int) -> bytes:
+        info = self.record(name)
+        if info.file_size > limit:
+            raise CheckpointError(f"{self.path}: the record {name} has {info.file_size} bytes, "
+                                  f"more than the {limit} such a record needs")
+        return self.zf.read(info)
+
+    def storage(self, key: str, dtype: np.dtype, numel: int) -> Storage:
+        """The storage `key` as a 1-D array, read once; all storages together fit the file."""
+        if key in self.storages:
+            have = self.storages[key].array.dtype
+            if have != dtype:
+                raise CheckpointError(f"{self.path}: the storage {key} is named as both "
+                                      f"{have} and {dtype}")
+            return self.storages[key]
+        name = f"{self.prefix}data/{key}"
+        info = self.record(name)
+        want = numel * dtype.itemsize
+        if info.file_size != want:
+            raise CheckpointError(f"{self.path}: {name} holds {info.file_size} bytes, its "
+                                  f"tensor needs {want}")
+        self.storage_bytes += want
+        if self.storage_bytes > self.size:
+            raise CheckpointError(
+                f"{self.path}: its storages declare {self.storage_bytes} bytes by {name}, more "
+                f"than the archive's {self.size} (zip records that share bytes)")
+        stored = dtype.newbyteorder(self.byteorder)
+        array = np.frombuffer(self.zf.read(info), stored, count=numel)
+        self.storages[key] = Storage(key, array if stored == dtype else array.astype(dtype))
+        return self.storages[key]
 
 
 def _archive_prefix(path: str, names: list[str]) -> str:
@@ -114,12 +113,10 @@ def _archive_prefix(path: str, names: list[str]) -> str:
     return pickles[0][: -len("data.pkl")]
 
 
-def read_torch_file(path: str, fileobj) -> Any:
-    """The object saved in a torch zip archive, tensors as numpy arrays (see module doc).
-
-    `fileobj` is the opened (seekable) file; `path` is only used in messages. Each storage is
-    read once, straight into the array that its tensors view.
-    """
+def read_torch_file(path: str, fileobj, file_size: int) -> Any:
+    """The object saved in a torch zip archive of `file_size` bytes, tensors as numpy arrays
+    (see module doc). `fileobj` is the opened (seekable) file; `path` is only named in
+    messages. Each storage is read once, straight into the array its tensors view."""
     head = fileobj.read(4)
     fileobj.seek(0)
     if head[:1] == b"\x80":
@@ -130,46 +127,21 @@ def read_torch_file(path: str, fileobj) -> Any:
         raise CheckpointError(f"{path} is not a torch.save file (no zip archive)")
     try:
         with zipfile.ZipFile(fileobj) as zf:
-            prefix = _archive_prefix(path, zf.namelist())
-            byteorder = "little"
-            if prefix + "byteorder" in zf.namelist():
-                byteorder = zf.read(prefix + "byteorder").decode().strip()
-            storages: dict[str, np.ndarray] = {}
-
-            def load_storage(key: str, dtype: np.dtype, numel: int) -> np.ndarray:
-                if key not in storages:
-                    name = f"{prefix}data/{key}"
-                    try:
-                        info = zf.getinfo(name)
-                    except KeyError:
-                        raise CheckpointError(f"{path}: the record {name} is missing") from None
-                    want = numel * dtype.itemsize
-                    if info.file_size != want:
-                        raise CheckpointError(f"{path}: {name} holds {info.file_size} bytes, "
-                                              f"its tensor needs {want}")
-                    raw = zf.read(name)
-                    stored = dtype.newbyteorder("<" if byteorder == "little" else ">")
-                    array = np.frombuffer(raw, stored, count=numel)
-                    storages[key] = array if stored == dtype else array.astype(dtype)
-                return storages[key]
-
-            with zf.open(prefix + "data.pkl") as f:
-                obj = _RestrictedUnpickler(f, path, load_storage).load()
+            archive = _Archive(path, zf, file_size)
+            name = archive.prefix + "data.pkl"
+            data = archive.read(name, MAX_PICKLE_BYTES)
+            check_opcodes(data, path, name)
+            obj = RestrictedUnpickler(data, path, archive.storage).load()
+            return plain(obj, archive.storage_bytes)
+    except Refused as e:
+        if e.unsafe:
+            raise UnsafeCheckpointError(f"{path}: refused without running it: {e}") from None
+        raise CheckpointError(f"{path}: refused: {e}") from None
     except CheckpointError:
         raise
+    # What the unpickler raises for a pickle that is malformed: a short stack, a call with
+    # the wrong arguments, APPEND onto something that is not a list, ...
     except (zipfile.BadZipFile, pickle.UnpicklingError, EOFError, ValueError, TypeError,
-            KeyError, OSError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            KeyError, AttributeError, IndexError, OverflowError, OSError) as e:
+        msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
         raise CheckpointError(f"{path} is not a readable torch.save file ({msg})") from None
-    return _widen(obj)
-
-
-def _widen(obj):
-    """bfloat16 arrays -> float32 (numpy computes poorly in bf16); containers -> plain dicts."""
-    if isinstance(obj, np.ndarray):
-        return obj.astype(np.float32) if obj.dtype == ml_dtypes.bfloat16 else obj
-    if isinstance(obj, dict):
-        return {k: _widen(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_widen(v) for v in obj)
-    return obj
