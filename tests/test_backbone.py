@@ -244,8 +244,8 @@ def test_vit_backbone_module_resamples_to_the_model_grid(tmp_path):
     assert vit.from_config(dict(variant="Ti/16", image_size=224)).width == 192
 
 
-@pytest.mark.parametrize("size", [0, 1000, 1 << 20, (1 << 20) + 7, 3 << 20])
-def test_file_fingerprint_hashes_head_and_tail(tmp_path, size):
+@pytest.mark.parametrize("size", [0, 1000, 1 << 20, (1 << 20) + 7, 3 << 20, 17 << 20])
+def test_file_fingerprint_hashes_the_whole_file_and_its_head_and_tail(tmp_path, size):
     import hashlib
     data = np.random.default_rng(size).bytes(size)
     path = tmp_path / "f.npz"
@@ -254,6 +254,29 @@ def test_file_fingerprint_hashes_head_and_tail(tmp_path, size):
     tail = data[-mib:] if size > 2 * mib else data[mib:]
     want = hashlib.sha256(data[:mib] + tail).hexdigest()
     assert npz.file_fingerprint(str(path)) == {
-        "path": str(path), "size": size, "sha256_head_tail": want}
+        "path": str(path), "size": size, "sha256": hashlib.sha256(data).hexdigest(),
+        "sha256_head_tail": want}
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         npz.file_fingerprint(str(tmp_path / "nope.npz"))
+
+
+def test_a_backbone_changed_only_in_its_middle_is_another_backbone(tmp_path):
+    """The identity covers the whole file: a .safetensors / .pth / .npz changed only in the
+    middle (its first and last MiB as before) no longer passes for the file an export was
+    trained on; an export that recorded only the head-and-tail hash (written before) is
+    still judged by it."""
+    from lpt_jax.errors import ExportError
+    from lpt_jax.run import exports
+    data = bytearray(np.random.default_rng(0).bytes(5 << 20))
+    path = tmp_path / "vit.safetensors"
+    path.write_bytes(bytes(data))
+    trained_on = npz.file_fingerprint(str(path))
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    now = npz.file_fingerprint(str(path))
+    assert now["sha256_head_tail"] == trained_on["sha256_head_tail"]
+    assert now["sha256"] != trained_on["sha256"]
+    with pytest.raises(ExportError, match="was trained on another backbone"):
+        exports.check_backbone("export.npz", trained_on, str(path), now)
+    old_export = {k: v for k, v in trained_on.items() if k != "sha256"}
+    exports.check_backbone("export.npz", old_export, str(path), now)  # judged by what it has

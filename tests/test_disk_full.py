@@ -1,6 +1,6 @@
 """A full disk is one `error:` line naming the file or folder: a checkpoint that Orbax fails to
 write in its background threads (measured on a real 20 MB tmpfs where this machine allows the
-mount), and any other write that fails without naming its file."""
+mount). A write through the file seam names its file too (tests/test_exports.py)."""
 
 import errno
 import os
@@ -12,7 +12,6 @@ import pytest
 
 from lpt_jax import cli
 from lpt_jax.run.checkpoint import PhaseCheckpointer
-from lpt_jax.storage import files
 
 from helpers import REPO, make_image_folder
 from tiny_run import make_backbone
@@ -31,17 +30,6 @@ def test_a_failed_asynchronous_checkpoint_write_is_an_oserror_naming_the_folder(
     assert cli.os_error_line(err.value) == (
         f"cannot write or read {ckpt.directory}: No space left on device; free some space "
         "(the run resumes from its last checkpoint)")
-
-
-def test_a_write_that_fails_names_its_file(tmp_path, monkeypatch):
-    def no_space(*args):
-        raise OSError(errno.ENOSPC, "No space left on device")  # as file.write raises it
-    monkeypatch.setattr(os, "fsync", no_space)
-    path = str(tmp_path / "results" / "table.md")
-    with pytest.raises(OSError) as err:
-        files.write_bytes(path, b"x")
-    assert err.value.filename == path
-    assert not [p for p in (tmp_path / "results").iterdir()]  # no temporary file left
 
 
 @pytest.fixture

@@ -92,29 +92,20 @@ def test_another_class_order_is_allowed_when_asked(run, tmp_path):
 
 
 def test_a_failed_atomic_write_leaves_no_temp_file(tmp_path, monkeypatch):
-    """Disk full in the middle of a write: the old file stays, no `.tmp` is left."""
+    """Disk full in the middle of a write: the old file stays, no temporary file is left."""
+    import os
+
     from lpt_jax.storage import files
     target = tmp_path / "config.json"
     target.write_text("old")
 
-    class Full:
-        def __init__(self, f):
-            self.f = f
-
-        def write(self, data):
-            self.f.write(data[:3])
-            raise OSError(28, "No space left on device", str(target) + ".tmp")
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-    real = files.open_write
-    monkeypatch.setattr(files, "open_write", lambda p: Full(real(p)))
-    with pytest.raises(OSError):
+    def full(fd):  # the bytes went out; making them durable fails
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError) as err:
         files.write_bytes(str(target), b"new contents")
-    assert target.read_text() == "old" and not (tmp_path / "config.json.tmp").exists()
+    assert err.value.filename == str(target)
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["config.json"]
 
 
 def test_evaluation_beside_a_live_run_reads_and_leaves_its_lease(run):

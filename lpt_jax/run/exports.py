@@ -113,13 +113,15 @@ def check_backbone(path: str, recorded, backbone_path: str, ours: Mapping,
         raise ExportError(f"{who} records no backbone identity, so nothing shows it was "
                           f"trained on {backbone_path}; export it again with this lpt_jax",
                           path=path)
-    if (recorded.get("sha256_head_tail"), recorded.get("size")) != (
-            ours["sha256_head_tail"], ours["size"]):
+    # The whole file's hash; exports written before it existed record their first and last
+    # MiB only, and are judged by that.
+    key = "sha256" if recorded.get("sha256") else "sha256_head_tail"
+    if (recorded.get(key), recorded.get("size")) != (ours[key], ours["size"]):
         raise ExportError(
             f"{who} was trained on another backbone ({recorded.get('path')}, "
-            f"{recorded.get('size')} bytes, fingerprint {str(recorded['sha256_head_tail'])[:12]}) "
+            f"{recorded.get('size')} bytes, fingerprint {str(recorded[key])[:12]}) "
             f"than {backbone_path} ({ours['size']} bytes, fingerprint "
-            f"{ours['sha256_head_tail'][:12]}): prompts only work on the backbone they were "
+            f"{ours[key][:12]}): prompts only work on the backbone they were "
             "trained with", path=path, hint=("point ", Setting("backbone.checkpoint"),
                                              " at the file it was trained on"))
 

@@ -136,7 +136,7 @@ def _refuse_if_different(config, workdir: str, part: str, ours: dict) -> None:
 _ABSENT = object()
 # Input identities added after the first records: an older record without them still
 # resumes (it is judged by what it has).
-_LATER_IDENTITIES = ("data.train_content_sha256",)
+_LATER_IDENTITIES = ("data.train_content_sha256", "backbone.sha256")
 
 
 def _leaves(tree: dict, prefix: str = "") -> list[str]:

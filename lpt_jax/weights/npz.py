@@ -3,6 +3,7 @@ remote, read member by member and never unpickled; and the identity of a big fil
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import zipfile
 from typing import IO, Mapping
@@ -35,17 +36,37 @@ def open_weights(path: str) -> IO[bytes]:
 _MIB = 1 << 20
 
 
+_BLOCK = 8 * _MIB
+
+
 def file_fingerprint(path: str) -> dict:
-    """Identity of a (possibly huge, possibly remote) file without reading all of it:
-    ``{"path", "size", "sha256_head_tail"}``, the sha256 over its first and last MiB."""
+    """Identity of a (possibly huge, possibly remote) file, streamed in 8 MiB blocks:
+    ``{"path", "size", "sha256", "sha256_head_tail"}``: the sha256 of the whole content, and
+    the sha256 of its first and last MiB that exports written before the whole-file hash
+    record (they are still compared by it). Computed once per file and process."""
+    open_weights(path).close()  # a missing or unreadable file: one CheckpointError
+    return dict(_fingerprint(path, files.size(path), files.mtime(path)))
+
+
+@functools.lru_cache(maxsize=8)  # keyed on size and mtime: a rewritten file is hashed again
+def _fingerprint(path: str, size: int, mtime: float) -> tuple:
+    whole = hashlib.sha256()
+    head = tail = b""
     with open_weights(path) as f:
-        size = files.size(path)
-        head = f.read(_MIB)
-        if size > 2 * _MIB:
-            f.seek(size - _MIB)
-        tail = f.read(_MIB) if size > _MIB else b""  # 1-2 MiB: the bytes after the head
-    return {"path": path, "size": size,
-            "sha256_head_tail": hashlib.sha256(head + tail).hexdigest()}
+        while True:
+            block = f.read(_BLOCK)
+            if not block:
+                break
+            whole.update(block)
+            if len(head) < _MIB:
+                head += block[:_MIB - len(head)]
+            tail = (tail + block)[-_MIB:]
+    if size <= _MIB:
+        tail = b""  # head_tail of a small file is its content once (as it always was)
+    elif size <= 2 * _MIB:
+        tail = tail[-(size - _MIB):]  # the bytes after the head
+    return (("path", path), ("size", size), ("sha256", whole.hexdigest()),
+            ("sha256_head_tail", hashlib.sha256(head + tail).hexdigest()))
 
 
 def fix_dtype(a: np.ndarray) -> np.ndarray:
