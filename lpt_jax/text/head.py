@@ -68,6 +68,28 @@ def _tokenizer_exists(text_cfg, root) -> None:
     if not found:
         raise ConfigError(f"model.text.tokenizer={path!r}: no such file",
                           field="model.text.tokenizer")
+    _check_tokenizer_file(path, "model.text.tokenizer")
+
+
+MAX_TOKENIZER_BYTES = 256 << 20  # read whole into memory; a SentencePiece model is a few MiB
+
+
+def _check_tokenizer_file(path: str, field: str) -> None:
+    """One line if the tokenizer is not a file that can be read whole: a FIFO or a device
+    (files.check_regular), or larger than MAX_TOKENIZER_BYTES."""
+    try:
+        files.check_regular(path)
+        size = files.size(path)
+    except FileNotFoundError:
+        raise ConfigError(f"{field}={path!r}: no such file", field=field) from None
+    except files.NotRegularFileError as e:
+        raise ConfigError(f"{field}={path!r} is {e.strerror}", field=field) from None
+    except OSError as e:
+        raise ConfigError(f"{field}={path!r}: cannot read it ({e})", field=field) from None
+    if size > MAX_TOKENIZER_BYTES:
+        raise ConfigError(f"{field}={path!r} holds {size / 2**20:.0f} MiB, more than the "
+                          f"{MAX_TOKENIZER_BYTES >> 20} MiB read for a SentencePiece model (a "
+                          "few MiB): is this the tokenizer file?", field=field)
 
 
 def _size(doc):
@@ -113,6 +135,7 @@ def load_tokenizer(path: str, field: str = "model.text.tokenizer"):
         raise ConfigError(f"{field} is empty: head_init='text' needs the SentencePiece model "
                           "of the text tower (SigLIP en: c4_en, "
                           "gs://t5-data/vocabs/cc_en.32000/sentencepiece.model)")
+    _check_tokenizer_file(path, field)
     try:
         data = files.read_bytes(path)
     except FileNotFoundError:
