@@ -140,7 +140,7 @@ def test_the_tokenizer_may_not_be_a_fifo_a_device_or_huge(tmp_path):
     with open(huge, "wb") as f:  # sparse: no disk space used
         f.truncate(text_head.MAX_TOKENIZER_BYTES + (1 << 20))
     cases = [(fifo, "is a FIFO (named pipe), not a regular file"),
-             (huge, "holds 257 MiB, more than the 256 MiB read for a SentencePiece model")]
+             (huge, "holds 257.0 MiB, more than the 256 MiB read for a SentencePiece model")]
     if os.path.exists(DEV_ZERO):
         cases.append((DEV_ZERO, "is a character device, not a regular file"))
     for path, says in cases:

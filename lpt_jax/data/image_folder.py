@@ -79,10 +79,9 @@ def scan_tree(root: str) -> tuple[list, dict]:
                 raise DataError(f"image_folder: class folder {os.path.join(split_dir, c)} has no "
                                 f"counterpart in {train_dir}")
             names, other = _class_files(os.path.join(split_dir, c))
-            for f in names:
-                problem = check.problem(f"{split}/{c}/{f}")
-                if problem:
-                    raise DataError(f"image_folder: {os.path.join(split_dir, c, f)} {problem}")
+            name, problem = check.first_problem(f"{split}/{c}", names)
+            if problem:
+                raise DataError(f"image_folder: {os.path.join(split_dir, c, name)} {problem}")
             paths += [f"{split}/{c}/{f}" for f in names]
             labels += [class_ids[c]] * len(names)
             unread += [f"{split}/{c}/{f}" for f in other]
