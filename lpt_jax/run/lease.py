@@ -89,7 +89,10 @@ def _not_a_file(path: str) -> str:
     except FileNotFoundError:
         return ""
     if stat.S_ISLNK(mode):
-        return f"a symlink (to {os.readlink(path)})"
+        try:
+            return f"a symlink (to {os.readlink(path)})"
+        except OSError:  # removed meanwhile
+            return "a symlink"
     if stat.S_ISREG(mode):
         return ""
     return "a folder" if stat.S_ISDIR(mode) else "not a regular file (a FIFO, socket or device)"

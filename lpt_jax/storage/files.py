@@ -187,10 +187,13 @@ def _open_local(path: str) -> IO[bytes]:
     (opening a FIFO blocks until a writer comes), and again on the open descriptor (O_NONBLOCK
     until then), so a swap between the two cannot slip through."""
     check_regular(path)
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    nonblock = getattr(os, "O_NONBLOCK", 0)  # POSIX; elsewhere the stat above must do
+    fd = os.open(path, os.O_RDONLY | nonblock | getattr(os, "O_CLOEXEC", 0)
+                 | getattr(os, "O_BINARY", 0))
     try:
         _check_mode(path, os.fstat(fd).st_mode)
-        os.set_blocking(fd, True)
+        if nonblock:
+            os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
