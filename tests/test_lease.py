@@ -6,9 +6,11 @@ exclusive create is refused (gs:// buckets: tests/test_gcs.py, against an emulat
 import json
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
@@ -138,6 +140,146 @@ def test_unreadable_lease_file_is_refused_not_overwritten(tmp_path):
     with pytest.raises(LeaseError, match="unreadable lease file .* delete that file"):
         WorkdirLease(str(workdir)).acquire()
     assert (workdir / "lease.json").read_text() == "{not json"
+
+
+def _within(seconds, fn):
+    """fn()'s result or exception, failing the test if it takes longer than `seconds` (it runs
+    in a daemon thread, so a call that would hang forever does not hang the test run)."""
+    out = {}
+
+    def run():
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            out["error"] = e
+    thread = threading.Thread(target=run, daemon=True)
+    t0 = time.time()
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still running after {seconds} s"
+    if "error" in out:
+        raise out["error"]
+    return out["value"], time.time() - t0
+
+
+@pytest.fixture
+def quick_break(monkeypatch):
+    """A break lock may stay 0.5 s (not 5 s) and the lease be sought 3 s (not 30 s)."""
+    monkeypatch.setattr(lease, "_BREAK_WAIT_S", 0.5, raising=False)
+    monkeypatch.setattr(lease, "_ACQUIRE_TIMEOUT_S", 3.0)
+
+
+def test_a_young_break_lock_that_stays_is_one_prompt_line(tmp_path, quick_break):
+    """A stale lease and a break lock younger than 60 s that no run removes (its run crashed
+    a moment ago, or someone made it): one line with the lock's age, not 'other runs'."""
+    workdir = str(tmp_path / "w")
+    _plant(os.path.join(workdir, "lease.json"), pid=_dead_pid())
+    lock = tmp_path / "w" / "lease.json.break"
+    lock.write_bytes(b"")
+    os.utime(lock, (time.time() - 20, time.time() - 20))
+    with pytest.raises(LeaseError) as err:
+        _within(10, WorkdirLease(workdir).acquire)
+    msg = str(err.value)
+    assert "\n" not in msg and "other runs" not in msg, msg
+    assert re.search(re.escape(str(lock)) + r" \(created 2[01] s ago\) says another run is "
+                     r"taking it over right now, and it stayed for 0.5 s", msg), msg
+    assert "no longer runs" in msg and "if no other run is starting" in msg and "delete" in msg
+    assert lock.exists() and (tmp_path / "w" / "lease.json").exists()  # nothing removed
+
+
+def test_a_break_lock_that_goes_meanwhile_is_waited_for(tmp_path, quick_break, caplog):
+    """The run holding the break lock finishes its take-over within the wait: this run then
+    takes the lease (here the other run removed the break lock but not yet the stale lease,
+    which this run then removes itself)."""
+    workdir = str(tmp_path / "w")
+    _plant(os.path.join(workdir, "lease.json"), pid=_dead_pid())
+    lock = tmp_path / "w" / "lease.json.break"
+    lock.write_bytes(b"")
+    threading.Timer(0.2, lock.unlink).start()
+    caplog.set_level(logging.WARNING)
+    held, _ = _within(10, WorkdirLease(workdir).acquire)
+    held.release()
+    assert any("left by a run that is gone" in w for w in _warnings(caplog))
+
+
+def test_an_old_break_lock_is_removed(tmp_path, quick_break):
+    workdir = str(tmp_path / "w")
+    _plant(os.path.join(workdir, "lease.json"), pid=_dead_pid())
+    lock = tmp_path / "w" / "lease.json.break"
+    lock.write_bytes(b"")
+    os.utime(lock, (time.time() - 120, time.time() - 120))
+    held, _ = _within(10, WorkdirLease(workdir).acquire)
+    held.release()
+    assert not lock.exists()
+
+
+@pytest.mark.parametrize("name", ["lease.json", "lease.json.break"])
+@pytest.mark.parametrize("kind", ["dangling_symlink", "symlink_to_a_lease", "folder", "fifo"])
+def test_a_lease_or_break_lock_that_is_no_file_is_refused_at_once(tmp_path, quick_break, name,
+                                                                 kind):
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    if name == "lease.json.break":  # met while taking over a stale lease
+        _plant(str(workdir / "lease.json"), pid=_dead_pid())
+    path = workdir / name
+    if kind == "dangling_symlink":
+        path.symlink_to(tmp_path / "nowhere")
+    elif kind == "symlink_to_a_lease":
+        _plant(str(tmp_path / "elsewhere.json"), pid=_dead_pid())
+        path.symlink_to(tmp_path / "elsewhere.json")
+    elif kind == "folder":
+        path.mkdir()
+    else:
+        os.mkfifo(path)
+    with pytest.raises(LeaseError) as err:
+        _within(10, WorkdirLease(str(workdir)).acquire)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(f"{path} is "), msg
+    assert msg.endswith("; delete it"), msg
+    assert {"dangling_symlink": "is a symlink (to ", "symlink_to_a_lease": "is a symlink (to ",
+            "folder": "is a folder", "fifo": "is not a regular file"}[kind] in msg, msg
+    assert os.path.lexists(path)  # refused, not removed
+
+
+def test_a_heartbeat_from_the_future_is_stale(tmp_path, caplog):
+    """Another machine's heartbeat an hour ahead (its clock, or a forged file) is taken over,
+    saying by how much the holder's clock is ahead."""
+    workdir = str(tmp_path / "w")
+    _plant(os.path.join(workdir, "lease.json"), machine="other-host|x|y",
+           heartbeat=time.time() + 3600)
+    caplog.set_level(logging.WARNING)
+    held, _ = _within(10, WorkdirLease(workdir).acquire)
+    held.release()
+    warned = [w for w in _warnings(caplog) if "left by a run that is gone" in w]
+    assert len(warned) == 1, _warnings(caplog)
+    assert "heartbeat 3600 s in the future" in warned[0], warned
+    assert "the holder's clock is ahead by 3600 s" in warned[0], warned
+
+
+def test_a_heartbeat_slightly_ahead_or_a_live_local_holder_is_not_stale(tmp_path):
+    workdir = str(tmp_path / "w")
+    path = os.path.join(workdir, "lease.json")
+    _plant(path, machine="other-host|x|y", heartbeat=time.time() + 60)  # within stale_s
+    with pytest.raises(LeaseError, match="is in use by another run"):
+        WorkdirLease(workdir).acquire()
+    # this machine, a process that runs (this one): alive, whatever its heartbeat says
+    _plant(path, pid=os.getpid(), pid_start=process_identity.process_start(os.getpid()),
+           heartbeat=time.time() + 3600)
+    with pytest.raises(LeaseError, match="heartbeat 3600 s in the future"):
+        WorkdirLease(workdir).acquire()
+
+
+@pytest.mark.parametrize("beat", ["soon", None, float("nan")])
+def test_a_heartbeat_that_is_no_time_is_stale(tmp_path, caplog, beat):
+    workdir = str(tmp_path / "w")
+    path = os.path.join(workdir, "lease.json")
+    rec = _plant(path, machine="other-host|x|y")
+    rec["heartbeat"] = beat
+    files.write_text(path, json.dumps(rec))  # NaN: json writes it, Python reads it back
+    caplog.set_level(logging.WARNING)
+    held, _ = _within(10, WorkdirLease(workdir).acquire)
+    held.release()
+    assert any("is not a time" in w for w in _warnings(caplog)), _warnings(caplog)
 
 
 # ------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ trained here), and the one-line errors."""
 
 import io
 import json
+import os
 import shutil
 
 import jax
@@ -272,9 +273,16 @@ def test_lpt_runs_both_phases_on_a_siglip_tower_with_a_text_head(siglip_run_conf
 
 
 def test_text_head_errors_are_one_line(siglip_run_config, tmp_path):
+    fifo = tmp_path / "pipe.model"
+    os.mkfifo(fifo)  # read whole, it would block forever: refused by the config check
+    huge = tmp_path / "huge.model"
+    with open(huge, "wb") as f:  # sparse
+        f.truncate(text_head.MAX_TOKENIZER_BYTES + 1)
     cases = [
         (dict(tokenizer=""), "needs config.model.text.tokenizer"),
         (dict(tokenizer=str(tmp_path / "nope.model")), "no such file"),
+        (dict(tokenizer=str(fifo)), f"model.text.tokenizer={str(fifo)!r} is a FIFO (named pipe)"),
+        (dict(tokenizer=str(huge)), "more than the 256 MiB read for a SentencePiece model"),
         (dict(templates=("a photo of a class.",)), "model.text.templates="),
         (dict(max_len=1), "model.text.max_len=1"),
     ]

@@ -12,6 +12,7 @@ from lpt_jax.data._tf import tf
 from lpt_jax.data.sampling import process_slice
 from lpt_jax.data.tf_errors import first_line
 from lpt_jax.errors import DataError
+from lpt_jax.storage import files
 
 log = logging.getLogger(__name__)
 
@@ -157,12 +158,18 @@ def num_eval_examples(src, split: str) -> int:
 
 
 def load_image_files(paths, cfg) -> np.ndarray:
-    """Image files -> eval-preprocessed float32 (n, S, S, 3); DataError names a bad file."""
+    """Image files -> eval-preprocessed float32 (n, S, S, 3); DataError names a bad file
+    (a local FIFO or device too, before it is opened: tf.io.read_file would block or never
+    end)."""
     fn = tf.function(lambda data: preprocess.eval_image(
         data, "bytes", cfg.resize_size, cfg.image_size, cfg.antialias))
     images = []
     for path in paths:
         path = str(path)
+        try:
+            files.check_regular(path)
+        except OSError as e:
+            raise DataError(f"cannot read image {path}: {e.strerror or e}") from None
         try:
             images.append(fn(tf.io.read_file(path)).numpy())
         except tf.errors.OpError as e:

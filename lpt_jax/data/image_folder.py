@@ -9,7 +9,9 @@ In a tree, every file of a class folder is read: JPEG, PNG, BMP, GIF (first fram
 WebP, by extension (`IMAGE_EXTENSIONS`, what `tf.io.decode_image` decodes). Any other file
 there (e.g. `.tif`, `.txt`) stops the source with a DataError naming how many there are and
 one of them, rather than being left out without a word; hidden files (`.DS_Store`, `._x`)
-and subfolders of a class folder are ignored.
+and subfolders of a class folder are ignored. Under a local root, an image that is a symlink
+leading out of data.root (or sits in a class folder that is one), or that is not a regular
+file (a FIFO, a device), is a DataError naming it (local_images.py).
 """
 
 import os
@@ -24,6 +26,7 @@ from lpt_jax.data.list_datasets import (
     prepared_source,
     use_prepared,
 )
+from lpt_jax.data.local_images import RootCheck
 from lpt_jax.data.registry import register
 from lpt_jax.data.source import Source
 from lpt_jax.errors import DataError
@@ -64,6 +67,7 @@ def scan_tree(root: str) -> tuple[list, dict]:
         raise DataError(f"image_folder: {train_dir} has no class folders; data.root should be "
                         f"{_HINT}")
     class_ids = {c: i for i, c in enumerate(class_names)}
+    check = RootCheck(root)  # local root: no symlink out of it, no FIFO or device
     lists = {}
     for split in ("train", "val", "test"):
         split_dir = os.path.join(root, split)
@@ -75,6 +79,9 @@ def scan_tree(root: str) -> tuple[list, dict]:
                 raise DataError(f"image_folder: class folder {os.path.join(split_dir, c)} has no "
                                 f"counterpart in {train_dir}")
             names, other = _class_files(os.path.join(split_dir, c))
+            name, problem = check.first_problem(f"{split}/{c}", names)
+            if problem:
+                raise DataError(f"image_folder: {os.path.join(split_dir, c, name)} {problem}")
             paths += [f"{split}/{c}/{f}" for f in names]
             labels += [class_ids[c]] * len(names)
             unread += [f"{split}/{c}/{f}" for f in other]
@@ -112,7 +119,7 @@ def read_lists(cfg) -> tuple[list, dict]:
         if path:
             if not files.exists(path):
                 raise DataError(f"image_folder: data.{split}_list={path} does not exist")
-            lists[split] = split_lists.parse_split_list(path, num_classes, fix)
+            lists[split] = split_lists.parse_split_list(path, num_classes, fix, root=cfg.root)
     if class_names is None:
         c = cfg.num_classes or 1 + max(int(labels.max()) for _, labels in lists.values())
         class_names = [f"class_{i}" for i in range(c)]

@@ -69,7 +69,7 @@ def load_lists(layout: ListLayout, cfg) -> tuple[list, dict]:
     fix = (f"{layout.name} has {layout.num_classes} classes: is this list from another "
            "dataset? (data.split_dir / data.<split>_list)")
     lists = {split: split_lists.parse_split_list(resolve_list(layout, cfg, split),
-                                                 layout.num_classes, fix)
+                                                 layout.num_classes, fix, root=cfg.root)
              for split in layout.list_files}
     if layout.class_names_file:
         names_dir = cfg.split_dir if cfg.split_dir and split_lists.find_list(

@@ -8,6 +8,7 @@ import zlib
 import numpy as np
 
 from lpt_jax.data._tf import tf
+from lpt_jax.data.local_images import RootCheck
 from lpt_jax.errors import DataError
 from lpt_jax.storage import files
 
@@ -58,17 +59,20 @@ def find_list(split_dir: str, filename: str):
     return None
 
 
-def parse_split_list(path: str, num_classes: int = 0,
-                     fix: str = "fix the list") -> tuple[np.ndarray, np.ndarray]:
+def parse_split_list(path: str, num_classes: int = 0, fix: str = "fix the list",
+                     root: str = "") -> tuple[np.ndarray, np.ndarray]:
     """Reads a split list.
 
     Parameters
     ----------
     num_classes : if > 0, a label outside [0, num_classes) is an error naming its line.
     fix : what the error for such a label tells the user to do.
+    root : the image root (data.root); if local, each listed image is checked there
+        (local_images.RootCheck: one lstat per line).
 
     A path that is absolute or climbs out of the image root ('../x') is an error naming
-    its line too: every image of a list lives under data.root.
+    its line too: every image of a list lives under data.root. So is, under a local `root`,
+    an image whose real path leaves the root's (a symlink) or that is not a regular file.
 
     Returns
     -------
@@ -76,6 +80,7 @@ def parse_split_list(path: str, num_classes: int = 0,
     labels : (n,) int64.
     """
     paths, labels = [], []
+    check = RootCheck(root)
     for lineno, line in enumerate(read_text(path).splitlines(), start=1):
         line = line.strip()
         if not line:
@@ -96,6 +101,9 @@ def parse_split_list(path: str, num_classes: int = 0,
         if outside:
             raise DataError(f"{path}:{lineno}: {parts[0]!r} is {outside}; list paths are "
                             "relative to data.root and stay inside it: fix or remove that line")
+        problem = check.problem(parts[0])
+        if problem:
+            raise DataError(f"{path}:{lineno}: {parts[0]!r} {problem}")
         labels.append(label)
         paths.append(parts[0])
     if not paths:

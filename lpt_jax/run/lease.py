@@ -10,7 +10,8 @@ over with a warning:
   * same machine (hostname, boot id and pid namespace all match): its process is not running
     (or the pid now belongs to a process that started later);
   * another machine: its heartbeat (rewritten every `heartbeat_s` by a daemon thread, clock of
-    the holder) is older than `stale_s` (default 300 s; clocks must agree to well within that).
+    the holder) is older than `stale_s` (default 300 s; clocks must agree to well within that),
+    or lies more than `stale_s` in the future (a clock that far ahead, or a forged file).
 A holder that finds its lease taken over (it was stalled for longer than `stale_s`) logs an
 error, and its train loop stops at the next step with a LeaseError (`check_held`; with several
 processes only the error is logged, since process 0 alone cannot leave a collective).
@@ -20,8 +21,11 @@ atomically only if no such file exists (files.create_new: a hard-linked temp fil
 precondition ifGenerationMatch=0 on Cloud Storage, whose writes and listings Google documents
 as strongly consistent). Taking over a stale lease is serialised by a short-lived break lock
 (lease.json.break, created the same way), so of two runs that find the same stale lease
-exactly one wins. Tested on local disks and on a GCS emulator (fake-gcs-server). Other stores
-(memory://, s3://, ...) have no exclusive create: a workdir there is refused with one line.
+exactly one wins; a break lock that stays for `_BREAK_WAIT_S` while younger than 60 s is a
+LeaseError naming its age (delete it if no other run is starting). A `lease.json` or break
+lock that is a symlink or not a regular file is refused at once. Tested on local disks and
+on a GCS emulator (fake-gcs-server). Other stores (memory://, s3://, ...) have no exclusive
+create: a workdir there is refused with one line.
 """
 
 from __future__ import annotations
@@ -29,8 +33,10 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import math
 import os
 import socket
+import stat
 import sys
 import threading
 import time
@@ -47,15 +53,49 @@ LEASE_FILE = "lease.json"
 HEARTBEAT_S = 30.0
 STALE_S = 300.0
 _BREAK_STALE_S = 60.0            # a break lock older than this was left by a crashed run
+_BREAK_WAIT_S = 5.0              # how long a younger one may stay while its run takes over
 _ACQUIRE_TIMEOUT_S = 30.0
 
 _HELD: dict = {}                 # workdir -> lease held by this process (nested hold() calls)
 
 
+def _heartbeat(rec: dict) -> Optional[float]:
+    """The record's heartbeat (seconds since the epoch), None if it is not a finite number."""
+    value = rec.get("heartbeat")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
 def _describe(rec: dict, now: float) -> str:
-    age = now - float(rec.get("heartbeat", now))
+    beat = _heartbeat(rec)
+    if beat is None:
+        when = f"heartbeat {rec.get('heartbeat')!r}"
+    elif beat > now + 1:
+        when = f"heartbeat {beat - now:.0f} s in the future"
+    else:
+        when = f"heartbeat {max(now - beat, 0):.0f} s ago"
     return (f"host {rec.get('host', '?')}, pid {rec.get('pid', '?')}, started "
-            f"{rec.get('started', '?')}, heartbeat {max(age, 0):.0f} s ago")
+            f"{rec.get('started', '?')}, {when}")
+
+
+def _not_a_file(path: str) -> str:
+    """What a local `path` is if it is there and not a regular file ('' otherwise): a lease
+    or break lock that is a symlink (dangling or not), a folder or a FIFO is no run's."""
+    if files.is_remote(path):
+        return ""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return ""
+    if stat.S_ISLNK(mode):
+        try:
+            return f"a symlink (to {os.readlink(path)})"
+        except OSError:  # removed meanwhile
+            return "a symlink"
+    if stat.S_ISREG(mode):
+        return ""
+    return "a folder" if stat.S_ISDIR(mode) else "not a regular file (a FIFO, socket or device)"
 
 
 # ------------------------------------------------------------------------------------------
@@ -174,12 +214,20 @@ class WorkdirLease:
     def _stale(self, rec: dict) -> Optional[str]:
         """Why the holder `rec` is gone, or None if it may still run."""
         if rec.get("machine") == self.machine:
-            if not process_identity.running(int(rec.get("pid", -1)), rec.get("pid_start")):
-                return f"process {rec.get('pid')} no longer runs on this machine"
+            pid = rec.get("pid")
+            if isinstance(pid, bool) or not isinstance(pid, int) or not process_identity.running(
+                    pid, rec.get("pid_start")):
+                return f"process {pid} no longer runs on this machine"
             return None
-        age = time.time() - float(rec.get("heartbeat", 0))
+        beat = _heartbeat(rec)
+        if beat is None:
+            return f"its heartbeat {rec.get('heartbeat')!r} is not a time"
+        age = time.time() - beat
         if age > self.stale_s:
             return f"no heartbeat for {age:.0f} s (> {self.stale_s:.0f} s)"
+        if -age > self.stale_s:
+            return (f"its heartbeat lies {-age:.0f} s in the future: the holder's clock is ahead "
+                    f"by {-age:.0f} s (> {self.stale_s:.0f} s; or the file was forged)")
         return None
 
     def _refuse(self, rec: dict, path: str) -> LeaseError:
@@ -190,9 +238,18 @@ class WorkdirLease:
 
     # -- taking the lease: atomic create ----------------------------------------------------
 
+    def _refuse_odd(self, path: str) -> None:
+        """A LeaseError at once if `path` is there but is not a regular file."""
+        what = _not_a_file(path)
+        if what:
+            raise LeaseError(f"{path} is {what}, not a lease file that a run wrote: no run can "
+                             f"take the lease of {self.workdir} while it is there; delete it",
+                             path=path)
+
     def _acquire_exclusive(self) -> None:
         deadline = time.time() + _ACQUIRE_TIMEOUT_S
         while not files.create_new(self.path, self._encode()):
+            self._refuse_odd(self.path)
             if time.time() > deadline:
                 raise LeaseError(f"could not take the lease {self.path} within "
                                  f"{_ACQUIRE_TIMEOUT_S:.0f} s (other runs keep taking it): "
@@ -212,10 +269,7 @@ class WorkdirLease:
         lock (if another run holds that lock, it is breaking it: wait a moment)."""
         lock = f"{self.path}.break"
         if not files.create_new(lock, b""):
-            with contextlib.suppress(FileNotFoundError):
-                if time.time() - files.mtime(lock) > _BREAK_STALE_S:
-                    files.remove(lock)  # left by a run that crashed while breaking
-            time.sleep(0.05)
+            self._wait_for_break_lock(lock, why)
             return
         try:
             current = self._read(self.path)
@@ -224,6 +278,29 @@ class WorkdirLease:
                 self._warn_gone(stale, why)
         finally:
             files.remove(lock)
+
+    def _wait_for_break_lock(self, lock: str, why: str) -> None:
+        """Returns once the break lock `lock` is gone (its run has taken over the stale lease,
+        or it was older than `_BREAK_STALE_S`: left by a run that crashed, removed here);
+        LeaseError if a younger one stays for `_BREAK_WAIT_S`."""
+        deadline = time.time() + _BREAK_WAIT_S
+        while True:
+            self._refuse_odd(lock)
+            try:
+                age = time.time() - files.mtime(lock)
+            except FileNotFoundError:
+                return
+            if age > _BREAK_STALE_S:
+                with contextlib.suppress(FileNotFoundError):
+                    files.remove(lock)  # left by a run that crashed while breaking
+                return
+            if time.time() > deadline:
+                raise LeaseError(
+                    f"the lease of {self.workdir} is stale ({why}) but {lock} (created "
+                    f"{max(age, 0):.0f} s ago) says another run is taking it over right now, "
+                    f"and it stayed for {_BREAK_WAIT_S:g} s: retry in a minute; if no other "
+                    "run is starting on this workdir, delete that file", path=lock)
+            time.sleep(0.05)
 
     def _warn_gone(self, rec: dict, why: str) -> None:
         logging.warning("removed the lease of %s left by a run that is gone (%s; %s)",

@@ -8,7 +8,9 @@ Every module reads and writes files through these functions:
   * any other URL scheme (`memory://`, ...): fsspec, generically (storage/fsspec_store.py);
     readable and writable, but no workdir (no exclusive create).
 Errors are the OSError family, worded in one line: FileNotFoundError, PermissionError, and
-`RemoteError` for a store that cannot be reached or refused the operation.
+`RemoteError` for a store that cannot be reached or refused the operation. A local path read
+through the seam must be a regular file: a FIFO, a device or a socket (reading one blocks
+forever or never ends) is `NotRegularFileError`, a folder IsADirectoryError, before it is read.
 
     files.write_bytes(path, data)   # atomic: readers never see half a file
     files.create_new(path, data)    # atomic create-if-absent (local disks and gs://)
@@ -25,8 +27,10 @@ tensorstore for arrays): `configure_remote_libraries()` points them at the same 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
+import stat
 import uuid
 from typing import IO, Iterator
 
@@ -141,9 +145,65 @@ def remove(path: str) -> None:
         os.remove(path)
 
 
+class NotRegularFileError(OSError):
+    """A local path that is a FIFO, a device or a socket where a file is to be read."""
+
+    def __str__(self) -> str:
+        return f"{self.filename}: {self.strerror}"
+
+
+def kind_of(mode: int) -> str:
+    """What a non-regular file is, from its st_mode (for messages)."""
+    for test, name in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "a special file"
+
+
+def _check_mode(path: str, mode: int) -> None:
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(errno.EISDIR, "Is a directory", path)
+    if not stat.S_ISREG(mode):
+        raise NotRegularFileError(errno.EINVAL, f"{kind_of(mode)}, not a regular file: refusing to "
+                                  "read it (it may never end); give the path of a file", path)
+
+
+def check_regular(path: str) -> None:
+    """Raises NotRegularFileError (IsADirectoryError for a folder) if the local `path` (after
+    symlinks) is there and is not a regular file; a missing path or a remote one passes (the
+    read says what is wrong with it). One stat."""
+    if is_remote(path):
+        return
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    _check_mode(path, mode)
+
+
+def _open_local(path: str) -> IO[bytes]:
+    """A local regular file opened for reading; anything else refused before it is opened
+    (opening a FIFO blocks until a writer comes), and again on the open descriptor (O_NONBLOCK
+    until then), so a swap between the two cannot slip through."""
+    check_regular(path)
+    nonblock = getattr(os, "O_NONBLOCK", 0)  # POSIX; elsewhere the stat above must do
+    fd = os.open(path, os.O_RDONLY | nonblock | getattr(os, "O_CLOEXEC", 0)
+                 | getattr(os, "O_BINARY", 0))
+    try:
+        _check_mode(path, os.fstat(fd).st_mode)
+        if nonblock:
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def open_read(path: str) -> IO[bytes]:
-    """A binary file object (seekable; remote files are read lazily, in ranges)."""
-    return _store(path).open_read(path) if is_remote(path) else open(path, "rb")
+    """A binary file object (seekable; remote files are read lazily, in ranges; local ones
+    must be regular files: see `check_regular`)."""
+    return _store(path).open_read(path) if is_remote(path) else _open_local(path)
 
 
 def open_write(path: str) -> IO[bytes]:
@@ -171,9 +231,10 @@ def rename(src: str, dst: str) -> None:
 
 
 def read_bytes(path: str) -> bytes:
+    """The whole file (local: a regular file, see `check_regular`)."""
     if is_remote(path):
         return _store(path).read_bytes(path)
-    with open(path, "rb") as f:
+    with _open_local(path) as f:
         return f.read()
 
 

@@ -87,7 +87,7 @@ def _check_tokenizer_file(path: str, field: str) -> None:
     except OSError as e:
         raise ConfigError(f"{field}={path!r}: cannot read it ({e})", field=field) from None
     if size > MAX_TOKENIZER_BYTES:
-        raise ConfigError(f"{field}={path!r} holds {size / 2**20:.0f} MiB, more than the "
+        raise ConfigError(f"{field}={path!r} holds {size / 2**20:.1f} MiB, more than the "
                           f"{MAX_TOKENIZER_BYTES >> 20} MiB read for a SentencePiece model (a "
                           "few MiB): is this the tokenizer file?", field=field)
 
