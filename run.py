@@ -36,7 +36,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from lpt_jax import cli  # noqa: E402
+from lpt_jax import cli, predict_inputs  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, optionally with ':arg' (e.g. configs/cifar100_lt.py:50); "
@@ -108,7 +108,7 @@ def main(argv):
     from lpt_jax.run import inference, rundir, trainer  # imports TF (hidden from accelerators)
 
     config, workdir = _CONFIG.value, _WORKDIR.value
-    problem = cli.output_problem(workdir, _OUTPUT.value if _MODE.value == "predict" else None)
+    problem = predict_inputs.output_problem(workdir, _OUTPUT.value if _MODE.value == "predict" else None)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(1)
@@ -133,7 +133,7 @@ def main(argv):
             else:
                 lines = (json.dumps(row) + "\n" for row in _predict(config, workdir))
                 if _OUTPUT.value:  # whole or not at all: a failure leaves no partial file
-                    cli.write_lines_atomically(_OUTPUT.value, lines)
+                    predict_inputs.write_lines_atomically(_OUTPUT.value, lines)
                 else:
                     sys.stdout.writelines(lines)
         preemption.raise_if_interrupted()  # a signal whose exception a finalizer swallowed
@@ -168,17 +168,17 @@ def _predict(config, workdir):
     """The rows of --mode=predict: one export (single-task) or several on one backbone."""
     from lpt_jax.errors import ConfigError
     from lpt_jax.run import inference
-    plan = cli.predict_plan(_EXPORT.value, _FILES.value, _REQUESTS.value)
+    plan = predict_inputs.predict_plan(_EXPORT.value, _FILES.value, _REQUESTS.value)
     if plan is None:  # one export: the single-task path
         _refuse_ignored_settings(config, workdir, "predict",
                                  [_EXPORT.value] if _EXPORT.value else [])
-        files = cli.existing_files(_FILES.value)
+        files = predict_inputs.existing_files(_FILES.value)
         if not files:
             raise ConfigError("--mode=predict needs --files (image files or folders)")
-        cli.refuse_output_over_inputs(_OUTPUT.value, workdir, config, cli.config_file(sys.argv),
+        predict_inputs.refuse_output_over_inputs(_OUTPUT.value, workdir, config, cli.config_file(sys.argv),
                                       [_EXPORT.value] if _EXPORT.value else [], None, files)
         return inference.predict_files(config, workdir, files, _EXPORT.value)
-    cli.refuse_output_over_inputs(_OUTPUT.value, workdir, config, cli.config_file(sys.argv),
+    predict_inputs.refuse_output_over_inputs(_OUTPUT.value, workdir, config, cli.config_file(sys.argv),
                                   list(plan[0].values()), _REQUESTS.value,
                                   [f for _, f in plan[1]])
     from lpt_jax import (

@@ -254,3 +254,32 @@ def test_bad_files_are_one_clear_line(tmp_path, timm_vit):
     npz = tmp_path / "not_torch.pth"
     shutil.copy(DATA / "vit_tiny_tok.npz", npz)
     _one_line_error(lambda: convert.read_state_dict(str(npz)), "not one written by torch.save")
+
+
+def test_a_failed_release_convert_leaves_neither_output(tmp_path, capsys, monkeypatch):
+    """The pair is written under temporary names and renamed together: a disk that fills while
+    the export is written leaves no backbone.npz without its export (and no .partial), and a
+    rerun needs no --overwrite."""
+    from lpt_jax.convert import writing
+    real_write = writing.exports.write
+
+    def full_disk(path, *args, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"half an export")
+        raise OSError(28, "No space left on device", path)
+
+    monkeypatch.setattr(writing.exports, "write", full_disk)
+    out_dir = tmp_path / "converted"
+    argv = ["release", f"--checkpoint={FIX / 'release_module.pth'}", f"--out={out_dir}",
+            f"--num_heads={HEADS}", "--class_names=none"]
+    code, out, err = _cli(capsys, *argv)
+    assert code == 1 and err.count("\n") == 1 and "No space left" in err, err
+    assert sorted(os.listdir(out_dir)) == []
+
+    monkeypatch.setattr(writing.exports, "write", real_write)
+    code, out, err = _cli(capsys, *argv)
+    assert code == 0, err
+    assert sorted(os.listdir(out_dir)) == ["backbone.npz", "export.npz"]
+    _, meta = exports.read(str(out_dir / "export.npz"))
+    assert meta["backbone"]["path"] == str(out_dir / "backbone.npz")
+    assert meta["backbone"]["size"] == (out_dir / "backbone.npz").stat().st_size

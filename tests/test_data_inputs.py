@@ -136,12 +136,21 @@ def test_identity_names_the_training_data_not_its_path(folder, tmp_path):
     assert json.loads(json.dumps(ident)) == ident
     counts = json.dumps(list(TRAIN_COUNTS)).encode()  # "[24, 12, 6, 3]"
     names = json.dumps([f"class_{c}" for c in range(4)]).encode()
-    assert ident == {"name": "image_folder", "num_classes": 4, "num_train": sum(TRAIN_COUNTS),
-                     "train_counts_sha256": hashlib.sha256(counts).hexdigest(),
-                     "class_names_sha256": hashlib.sha256(names).hexdigest()}
+    assert {k: v for k, v in ident.items() if k != "train_content_sha256"} == {
+        "name": "image_folder", "num_classes": 4, "num_train": sum(TRAIN_COUNTS),
+        "train_counts_sha256": hashlib.sha256(counts).hexdigest(),
+        "class_names_sha256": hashlib.sha256(names).hexdigest()}
+    assert len(ident["train_content_sha256"]) == 64
     moved = tmp_path / "elsewhere"
     shutil.copytree(folder, moved)
     assert data.get_source(_cfg(moved)).identity() == ident  # a clone at another path
+    # An image replaced under its own name (other bytes, other size): only the content differs.
+    replaced = moved / "train" / "class_0" / "0.png"
+    replaced.write_bytes(replaced.read_bytes() + b"\0" * 7)
+    swapped = data.get_source(_cfg(moved)).identity()
+    assert swapped["train_content_sha256"] != ident["train_content_sha256"]
+    assert {k: v for k, v in swapped.items() if k != "train_content_sha256"} == {
+        k: v for k, v in ident.items() if k != "train_content_sha256"}
     shutil.copy(moved / "train" / "class_3" / "0.png", moved / "train" / "class_3" / "new.png")
     grown = data.get_source(_cfg(moved)).identity()
     assert grown["num_train"] == ident["num_train"] + 1

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lpt_jax import cli, data, parallel, tree
+from lpt_jax import data, parallel, predict_inputs, tree
 from lpt_jax.backbones import vit, vit_weights
 from lpt_jax.errors import ConfigError, ExportError
 from lpt_jax.method.lpt import METHOD
@@ -234,21 +234,21 @@ def test_exports_that_cannot_join_are_refused(served, prompt_length, edit, says)
 def test_command_line_task_names(served, tmp_path):
     tasks = served["tasks"]
     birds, cars = tasks["birds"]["export"], tasks["cars"]["export"]
-    assert cli.predict_plan(birds, ["a.png"], None) is None  # one export: single-task path
-    assert cli.task_exports(f"{birds},c={cars}") == {"birds": birds, "c": cars}
+    assert predict_inputs.predict_plan(birds, ["a.png"], None) is None  # one export: single-task path
+    assert predict_inputs.task_exports(f"{birds},c={cars}") == {"birds": birds, "c": cars}
     with pytest.raises(ConfigError, match="two exports serve the task 'birds'"):
-        cli.task_exports(f"{birds},{birds}")
+        predict_inputs.task_exports(f"{birds},{birds}")
     with pytest.raises(ConfigError, match=r"a.png names no task; write task=path"):
-        cli.predict_plan(f"{birds},{cars}", ["a.png"], None)
+        predict_inputs.predict_plan(f"{birds},{cars}", ["a.png"], None)
     with pytest.raises(ConfigError, match=r"asks for task 'cats', which no --export names"):
-        cli.predict_plan(f"{birds},{cars}", [f"cats={tmp_path}"], None)
+        predict_inputs.predict_plan(f"{birds},{cars}", [f"cats={tmp_path}"], None)
     requests = tmp_path / "requests.jsonl"
     requests.write_text(json.dumps({"task": "cars", "file": tasks["cars"]["files"][0]})
                         + "\n\n" + json.dumps({"task": "cars", "path": "x.png"}) + "\n")
     with pytest.raises(ConfigError, match=r"line 3: expected an object with exactly"):
-        cli.predict_plan(f"{birds},{cars}", [], str(requests))
+        predict_inputs.predict_plan(f"{birds},{cars}", [], str(requests))
     requests.write_text(json.dumps({"task": "cars", "file": tasks["cars"]["files"][0]}))
-    assert cli.predict_plan(f"{birds},{cars}", [], str(requests)) == (
+    assert predict_inputs.predict_plan(f"{birds},{cars}", [], str(requests)) == (
         {"birds": birds, "cars": cars}, [("cars", tasks["cars"]["files"][0])])
 
 

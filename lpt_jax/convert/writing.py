@@ -4,8 +4,10 @@ byte is written, and each file appears whole (written beside, then renamed)."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
+import uuid
 from typing import Optional
 
 import numpy as np
@@ -73,13 +75,14 @@ def eval_settings(release: Release) -> dict:
     return settings
 
 
-def export_meta(release: Release, backbone_path: str, class_names, source: dict) -> dict:
+def export_meta(release: Release, backbone_path: str, backbone_identity: dict, class_names,
+                source: dict) -> dict:
     size = release.vit["image_size"]
     meta = {"phase": 2, "step": None, "num_classes": release.num_classes,
             "config": {"model": release.model_config().to_dict(),
                        "data": {"image_size": size, "resize_size": size * 8 // 7},
                        "backbone": {"checkpoint": backbone_path}},
-            "backbone": file_fingerprint(backbone_path),
+            "backbone": backbone_identity,
             "converted_from": source, "eval_settings": eval_settings(release)}
     if class_names is not None:
         meta["class_names"] = list(class_names)
@@ -96,10 +99,14 @@ def convert_release(path: str, out_dir: str, *, num_heads: Optional[int] = None,
     backbone_path, export_path = _outputs(out_dir, ("backbone.npz", "export.npz"), overwrite)
     source = {"path": files.absolute(path), "format": RELEASE_FORMAT,
               **{k: v for k, v in file_fingerprint(path).items() if k != "path"}}
-    _write_npz(backbone_path, release.backbone)
-    trained = unflatten(release.prompts)
-    release.backbone = {}  # the storages can go before the export is written
-    exports.write(export_path, trained, export_meta(release, backbone_path, names, source))
+    # The pair appears together or not at all: both written under temporary names first.
+    with _temporaries(backbone_path, export_path) as (tmp_backbone, tmp_export):
+        _write_npz(tmp_backbone, release.backbone)
+        identity = {**file_fingerprint(tmp_backbone), "path": backbone_path}
+        trained = unflatten(release.prompts)
+        release.backbone = {}  # the storages can go before the export is written
+        exports.write(tmp_export, trained,
+                      export_meta(release, backbone_path, identity, names, source))
     return {"backbone": backbone_path, "export": export_path, "shapes": release.shapes(),
             "class_names": class_names if names is not None else None,
             "eval_settings": eval_settings(release)}
@@ -119,7 +126,8 @@ def convert_backbone(path: str, out: str, *, num_heads: Optional[int] = None,
                f"{shapes['num_heads']} heads)")
     check_finite(arrays, path)  # before anything is written
     (out,) = _outputs(os.path.dirname(out) or ".", (os.path.basename(out),), overwrite)
-    _write_npz(out, arrays)
+    with _temporaries(out) as (tmp,):
+        _write_npz(tmp, arrays)
     return {"out": out, "shapes": shapes}
 
 
@@ -134,9 +142,24 @@ def _outputs(folder: str, names, overwrite: bool) -> list[str]:
     return paths
 
 
+@contextlib.contextmanager
+def _temporaries(*paths):
+    """Temporary names beside `paths`, renamed over them once the block has written them all;
+    on any failure (disk full, Ctrl-C) removed, the outputs untouched."""
+    tmps = [f"{p}.{uuid.uuid4().hex[:8]}.partial" for p in paths]
+    try:
+        yield tmps
+        for tmp, path in zip(tmps, paths):
+            files.rename(tmp, path)
+    except BaseException:
+        for tmp in tmps:
+            with contextlib.suppress(OSError):
+                if files.exists(tmp):
+                    files.remove(tmp)
+        raise
+
+
 def _write_npz(path: str, arrays: dict) -> None:
-    """np.savez member by member (views are written without a full copy), then renamed."""
-    tmp = path + ".tmp"
-    with files.open_write(tmp) as f:
+    """np.savez member by member (views are written without a full copy)."""
+    with files.open_write(path) as f:
         np.savez(f, **arrays)
-    files.rename(tmp, path)
