@@ -84,6 +84,7 @@ def _parse_flags(argv):
 
 def main(argv):
     logging.get_absl_handler().addFilter(cli.QuietLibraries())
+    cli.quiet_closed_loop_callbacks()
     if len(argv) > 1:
         _fail_usage(f"unexpected arguments {argv[1:]}: every input is a flag, --name=value "
                     "(see --helpshort)")

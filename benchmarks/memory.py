@@ -1,5 +1,6 @@
 """Peak host memory, each case in a FRESH process (Linux /proc): `load_memory` (the backbone
-loader), `convert` (the release converter), `multitask` (one backbone serving many tasks).
+loader), `convert` (the release converter), `multitask` (one backbone serving many tasks);
+and `fingerprint`, the time of the backbone's identity beside its load.
 
 Peak extra = the RSS high-water mark during the call (reset right before it) minus the RSS
 right before it; retained = RSS after it minus the same. Temporary files are deleted.
@@ -129,6 +130,65 @@ def convert_child(p: dict) -> dict:
     return dict(r, file_bytes=os.path.getsize(path), outputs={
         n: os.path.getsize(f"{out}/{n}") for n in ("backbone.npz", "export.npz")
         if p["case"].startswith("convert") and os.path.exists(f"{out}/{n}")})
+
+
+# ----------------------------------------------------------------------------- fingerprint
+
+@child("fingerprint")
+def fingerprint_child(p: dict) -> dict:
+    """The backbone's identity (`npz.file_fingerprint`: the whole file's sha256, streamed)
+    first and again (cached per process), then the loader on the same path."""
+    from lpt_jax.weights import npz
+    first, _, ident = harness.timed(npz.file_fingerprint, p["path"])
+    again, _, _ = harness.timed(npz.file_fingerprint, p["path"])
+    load, _, _ = harness.timed(shipped.load_backbone, p["path"], shipped.vit_abstract("B/16"))
+    return dict(fingerprint_s=first, cached_s=again, load_s=load, file_bytes=ident["size"])
+
+
+@case("fingerprint", "backbone_fingerprint",
+      "the backbone identity's cost (whole-file sha256) beside loading ViT-B/16, local and in "
+      "a GCS emulator", arg("--repeats", type=int, default=3))
+def fingerprint(args, rec):
+    import sys
+    sys.path.insert(0, str(Path(harness.REPO) / "tests"))
+    from gcs_emulator import Emulator
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_fingerprint_") as tmp:
+        local = Path(tmp, "vit_b16.npz")
+        shipped.write_vit_checkpoint(str(local), "augreg")
+        emu = Emulator()
+        try:
+            emu.make_bucket("bench")
+            env = {"STORAGE_EMULATOR_HOST": emu.url}
+            remote = "gs://bench/vit_b16.npz"
+            harness.fresh("upload", dict(src=str(local), dst=remote), env=env)
+            for r in range(args.repeats):
+                for where, path, e in (("local", str(local), None), ("emulated gs://", remote,
+                                                                      env)):
+                    row = dict(harness.fresh("fingerprint", dict(path=path), env=e),
+                               where=where, round=r)
+                    log(f"{where}: fingerprint {row['fingerprint_s']:.2f} s, load "
+                        f"{row['load_s']:.2f} s")
+                    rows.append(row)
+        finally:
+            emu.stop()
+    text = (f"A random ViT-B/16 AugReg-layout .npz ({rows[0]['file_bytes'] / MiB:.0f} MiB), a "
+            f"fresh process per row, {args.repeats} rounds alternating local / emulated "
+            "(fake-gcs-server on the loopback, through the shipped gcsfs client). "
+            "ratio = fingerprint / load.\n\n")
+    text += harness.table(
+        ["where", "round", "fingerprint s", "again (cached) s", "load s", "ratio"],
+        [[r["where"], r["round"], f"{r['fingerprint_s']:.2f}", f"{r['cached_s']:.4f}",
+          f"{r['load_s']:.2f}", f"**{r['fingerprint_s'] / r['load_s']:.2f}**"] for r in rows])
+    rec.write(text, dict(rows=rows))
+
+
+@child("upload")
+def upload_child(p: dict) -> dict:
+    from lpt_jax.storage import files
+    with open(p["src"], "rb") as f:
+        files.write_bytes(p["dst"], f.read())
+    return dict(bytes=files.size(p["dst"]))
 
 
 @case("convert", "convert",

@@ -4,6 +4,7 @@ overrides a mode would ignore, and quiet library logs. Predict's inputs: predict
 
 from __future__ import annotations
 
+import asyncio
 import difflib
 import logging as logging_std
 import os
@@ -31,6 +32,25 @@ class QuietLibraries(logging_std.Filter):
             return False
         return record.levelno >= logging_std.WARNING or not any(
             n in record.pathname for n in noisy)
+
+
+def quiet_closed_loop_callbacks() -> None:
+    """When an Orbax write fails (disk full), Orbax closes its event loop while TensorStore's
+    other writes are still in flight; each one's completion callback then finds the loop
+    closed, and TensorStore reports that as an unraisable RuntimeError: a traceback per chunk
+    after the real failure, which run.py reports as one line. Only that exact case is
+    dropped; every other unraisable exception goes to the default hook."""
+    default = sys.unraisablehook
+    asyncio_dir = os.path.dirname(asyncio.__file__)
+
+    def hook(unraisable):
+        frames = traceback.extract_tb(unraisable.exc_traceback)
+        if (unraisable.exc_type is RuntimeError
+                and str(unraisable.exc_value) == "Event loop is closed" and frames
+                and all(os.path.dirname(f.filename) == asyncio_dir for f in frames)):
+            return
+        default(unraisable)
+    sys.unraisablehook = hook
 
 
 # ------------------------------------------------------------------------------------------

@@ -7,7 +7,9 @@ Constants and plain helpers are in helpers.py.
 import collections
 import os
 import shutil
+import sys
 import tempfile
+import warnings
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 _flag = "--xla_force_host_platform_device_count=8"
@@ -82,3 +84,60 @@ def cifar10_tree(cifar10_tarball, tmp_path_factory):
             shutil.copytree(root / eval_splits[0], root / split)
         return root
     return make
+
+
+# ------------------------------------------------------------------------------------------
+# Deprecations: one our code causes fails its test; the libraries' own stay visible.
+#
+# A library warns from its own frame (optax.global_norm warns in optax), so a filter on the
+# warning's module cannot tell "we call a deprecated API" from "orbax calls one of jax's".
+# The call stack can: leave the package that issued the warning, and look at who called it.
+
+_OURS = ("lpt_jax", "configs")
+
+
+def _package(frame) -> str:
+    return str(frame.f_globals.get("__name__", "")).split(".")[0]
+
+
+def _calling_frame(frame):
+    """The frame whose code called into the package that issued a warning (the issuing frame
+    itself where that package is ours); `frame` is the one that called warnings.warn."""
+    while frame is not None and _package(frame) in ("warnings", "_py_warnings"):
+        frame = frame.f_back
+    if frame is None or _package(frame) in _OURS:
+        return frame
+    issuer = _package(frame)
+    while frame is not None and _package(frame) == issuer:
+        frame = frame.f_back
+    return frame
+
+
+def deprecation_caller(frame) -> str:
+    """The top-level package of `_calling_frame(frame)` ('' where there is none)."""
+    caller = _calling_frame(frame)
+    return _package(caller) if caller is not None else ""
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    ours = []
+    impl = getattr(warnings, "_showwarnmsg_impl", None)  # pytest's recorder for this test
+
+    def record(msg):
+        if issubclass(msg.category, (DeprecationWarning, PendingDeprecationWarning)):
+            caller = _calling_frame(sys._getframe(1))
+            if caller is not None and _package(caller) in _OURS:
+                ours.append(f"{caller.f_code.co_filename}:{caller.f_lineno}: {msg.message}")
+        impl(msg)
+
+    if impl is not None:
+        warnings._showwarnmsg_impl = record
+    try:
+        result = yield
+    finally:
+        if impl is not None:
+            warnings._showwarnmsg_impl = impl
+    if ours:
+        pytest.fail("our code calls a deprecated API:\n" + "\n".join(ours), pytrace=False)
+    return result

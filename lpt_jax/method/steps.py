@@ -80,7 +80,7 @@ def make_train_step(model, phase: Phase, config, *, class_counts: np.ndarray,
         epoch = (step_no // steps_per_epoch).astype(jnp.float32)
         (loss, (parts, indices)), grads = jax.value_and_grad(objective, has_aux=True)(
             state["trainable"], frozen, batch, rng, epoch)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         direction, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
         lr = schedule(step_no)
         trainable = optax.apply_updates(state["trainable"],
@@ -88,7 +88,7 @@ def make_train_step(model, phase: Phase, config, *, class_counts: np.ndarray,
         # A non-finite step never reaches the state: keep the old one (and report it). The
         # updated parameters are checked too (a finite gradient can still overflow them).
         finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-                  & jnp.isfinite(optax.global_norm(trainable)))
+                  & jnp.isfinite(optax.tree.norm(trainable)))
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
         new_state = {"trainable": keep(trainable, state["trainable"]),
                      "opt_state": keep(opt_state, state["opt_state"]),

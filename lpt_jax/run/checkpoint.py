@@ -195,8 +195,11 @@ class PhaseCheckpointer:
         words as one line; what was saved before stays."""
         try:
             yield
-        except OSError:
-            raise
+        except OSError as e:
+            if e.filename is not None:
+                raise
+            # A file's write() that ran out of space names no file: name the folder.
+            raise OSError(e.errno, e.strerror or str(e), self.directory) from None
         except Exception as e:  # noqa: BLE001 - Orbax and TensorStore raise ValueError & co.
             text = str(e)
             full = "No space left on device" in text or "RESOURCE_EXHAUSTED" in text
