@@ -99,6 +99,12 @@ def main(argv):
         "--output": _OUTPUT.value})
     if misplaced:  # it would be ignored
         _fail_usage(misplaced)
+    config, workdir = _CONFIG.value, _WORKDIR.value
+    problem = predict_inputs.output_problem(
+        workdir, _OUTPUT.value if _MODE.value == "predict" else None)
+    if problem:  # before JAX and TensorFlow load: a typo costs a second, not five
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(1)
     from lpt_jax import parallel
     from lpt_jax.run import preemption
     parallel.maybe_initialize_distributed()
@@ -106,13 +112,8 @@ def main(argv):
     import jax
 
     from lpt_jax import errors
-    from lpt_jax.run import inference, rundir, trainer  # imports TF (hidden from accelerators)
+    from lpt_jax.run import inference, rundir
 
-    config, workdir = _CONFIG.value, _WORKDIR.value
-    problem = predict_inputs.output_problem(workdir, _OUTPUT.value if _MODE.value == "predict" else None)
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        sys.exit(1)
     snapshot = rundir.Snapshot(workdir, _MODE.value)  # what a failure will undo
 
     def fail(message: str, code: int):
@@ -126,6 +127,7 @@ def main(argv):
     try:
         with snapshot:
             if _MODE.value == "train":
+                from lpt_jax.run import trainer  # imports TF (hidden from accelerators)
                 trainer.train(config, workdir)
             elif _MODE.value == "eval":
                 _refuse_ignored_settings(config, workdir, "eval",
@@ -176,12 +178,13 @@ def _predict(config, workdir):
         files = predict_inputs.existing_files(_FILES.value)
         if not files:
             raise ConfigError("--mode=predict needs --files (image files or folders)")
-        predict_inputs.refuse_output_over_inputs(_OUTPUT.value, workdir, config, cli.config_file(sys.argv),
-                                      [_EXPORT.value] if _EXPORT.value else [], None, files)
+        predict_inputs.refuse_output_over_inputs(
+            _OUTPUT.value, workdir, config, cli.config_file(sys.argv),
+            [_EXPORT.value] if _EXPORT.value else [], None, files)
         return inference.predict_files(config, workdir, files, _EXPORT.value)
-    predict_inputs.refuse_output_over_inputs(_OUTPUT.value, workdir, config, cli.config_file(sys.argv),
-                                  list(plan[0].values()), _REQUESTS.value,
-                                  [f for _, f in plan[1]])
+    predict_inputs.refuse_output_over_inputs(
+        _OUTPUT.value, workdir, config, cli.config_file(sys.argv), list(plan[0].values()),
+        _REQUESTS.value, [f for _, f in plan[1]])
     from lpt_jax import (
         serving,  # several tasks on one backbone, every export and request checked first
     )
