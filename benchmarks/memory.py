@@ -1,6 +1,7 @@
 """Peak host memory, each case in a FRESH process (Linux /proc): `load_memory` (the backbone
 loader), `convert` (the release converter), `multitask` (one backbone serving many tasks);
-and `fingerprint`, the time of the backbone's identity beside its load.
+`fingerprint`, the time of the backbone's identity beside its load; and `microbatches`, the
+compiled peak of the trainer's step against train.microbatches and remat (compiled, not run).
 
 Peak extra = the RSS high-water mark during the call (reset right before it) minus the RSS
 right before it; retained = RSS after it minus the same. Temporary files are deleted.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import itertools
 import os
 import tempfile
 from pathlib import Path
@@ -19,7 +21,7 @@ import numpy as np
 import harness
 import host
 import shipped
-from harness import arg, case, child, log
+from harness import arg, case, child, fmt, log
 
 MiB = 2 ** 20
 TORCH_SCRIPT = harness.HERE / "bench_torch_reference.py"
@@ -334,3 +336,95 @@ def throughput(inputs: dict, repeats: int, batch: int) -> dict:
                 median_s={k: (float(np.median([w for w, _ in t])),
                               float(np.median([c for _, c in t]))) for k, t in times.items()})
 
+
+# ----------------------------------------------------------------------------- microbatches
+
+# The rows: METHOD:PHASE:BATCH (per stream; the streams are the method's own: LPT's dual
+# sampling reads 'cb' and 'ib', so 256 + 256 images a step; LIFT's recipe: one phase, 128
+# instance-balanced images).
+STEP_ROWS = ["lpt:1:256", "lift:1:128"]
+
+
+@case("microbatches", "memory_microbatches",
+      "compiled peak memory of the trainer's step (ViT-B/16) against train.microbatches and "
+      "model.vit.remat: compiled on this machine, not run",
+      arg("--rows", nargs="+", default=STEP_ROWS, help="METHOD:PHASE:BATCH per stream"),
+      arg("--microbatches", default="1,2,4,8"), arg("--remat", default="False,True"),
+      arg("--variant", default="B/16"), arg("--image-size", type=int, default=224),
+      arg("--classes", type=int, default=100),
+      arg("--dtypes", default="float32", help="model.vit.dtype values, e.g. float32,bfloat16"),
+      arg("--budget-gib", type=float, default=16.0, help="the memory to fit in"))
+def microbatches(args, rec):
+    counts = [int(k) for k in args.microbatches.split(",")]
+    remats = [{"true": True, "false": False}[r.strip().lower()] for r in args.remat.split(",")]
+    rows = []
+    for spec, dtype, remat, k in itertools.product(args.rows, args.dtypes.split(","), remats,
+                                                   counts):
+        method, phase, batch = spec.split(":")
+        config = shipped.step_config(method, int(phase), batch=int(batch), variant=args.variant,
+                                     image_size=args.image_size, microbatches=k, remat=remat,
+                                     dtype=dtype)
+        r = shipped.compile_step_abstract(config, int(phase), args.classes)
+        r.update(method=method, phase=int(phase), batch=int(batch), dtype=dtype, remat=remat,
+                 microbatches=k, streams=list(r["streams"]), **r.pop("footprint"))
+        rows.append(r)
+        log(f"{spec} {dtype} remat={remat} microbatches={k}: peak {r['peak'] / 2**30:.2f} GiB "
+            f"(temp {r['temp'] / 2**30:.2f}), compiled in {r['compile_s']:.0f} s")
+        gc.collect()
+    budget = args.budget_gib * 2**30
+    same = lambda r: (r["method"], r["phase"], r["batch"], r["dtype"], r["remat"])  # noqa: E731
+    for r in rows:  # ratios to microbatches = 1 of the same row, dtype and remat, this run
+        base = next((b for b in rows if same(b) == same(r) and b["microbatches"] == 1), None)
+        r["peak_ratio"] = r["peak"] / base["peak"] if base else float("nan")
+        r["temp_ratio"] = r["temp"] / base["temp"] if base else float("nan")
+    first = rows[0]
+    text = (f"{args.variant} at {args.image_size} px, {args.classes} classes; the "
+            "trainer's step (`steps.make_train_step(...).jit(mesh)`, one device) lowered and "
+            "compiled for abstract inputs of the real shapes (no weights, no images: nothing "
+            f"is run) by this machine's XLA CPU compiler. Frozen tree "
+            f"{first['frozen_bytes'] / 2**20:.0f} MiB, train state "
+            f"{first['state_bytes'] / 2**20:.1f} MiB, batch {first['batch_bytes'] / 2**20:.0f} "
+            "MiB (the first row's; a bfloat16 model stores its frozen backbone in bfloat16). From `compiled.memory_analysis()`: **peak = arguments + "
+            "outputs - aliased + temporaries**: the arguments (frozen backbone, state, batch) "
+            "are resident for the whole call, the outputs that do not reuse a donated argument "
+            "(`aliased`: the donated state) are new buffers, and the temporaries are XLA's "
+            "scratch at its largest point (the activations kept for the backward pass: what "
+            "micro-batches and remat shrink); counting the outputs beside the largest scratch "
+            "makes it an upper bound (by the outputs' size, a few MiB). Ratios: to microbatches = 1 of the same row, dtype "
+            "and remat, this run. A GPU compiles its own buffer assignment (other fusions; "
+            "attention `xla` instead of CPU's `einsum`) and needs headroom beyond it (CUDA "
+            "context, allocator, a prefetched batch): these are the CPU compiler's numbers.\n\n")
+    text += harness.table(
+        ["method", "phase", "images / step", "dtype", "remat", "microbatches", "args MiB",
+         "outputs MiB", "aliased MiB", "temp MiB", "peak GiB", "peak ratio", "temp ratio",
+         f"< {args.budget_gib:g} GiB", "compile s"],
+        [[r["method"], r["phase"], " + ".join([str(r["batch"])] * len(r["streams"])),
+          r["dtype"], r["remat"], r["microbatches"], f"{r['args'] / 2**20:.0f}",
+          f"{r['outputs'] / 2**20:.1f}", f"{r['alias'] / 2**20:.1f}",
+          f"{r['temp'] / 2**20:.0f}", f"**{r['peak'] / 2**30:.2f}**",
+          fmt(r["peak_ratio"]), fmt(r["temp_ratio"]), "yes" if r["peak"] < budget else "no",
+          f"{r['compile_s']:.0f}"] for r in rows])
+    text += "\n\n" + "\n\n".join(verdict(rows, spec, budget, args.budget_gib)
+                                  for spec in args.rows)
+    rec.write(text, dict(args=vars(args), rows=rows))
+
+
+def verdict(rows: list, spec: str, budget: float, gib: float) -> str:
+    """Which configurations of a row fit the budget (the fewest micro-batches first), or by
+    how much the smallest misses it."""
+    method, phase, batch = spec.split(":")
+    mine = [r for r in rows if (r["method"], str(r["phase"]), str(r["batch"])) == (
+        method, phase, batch)]
+    fit = sorted((r for r in mine if r["peak"] < budget),
+                 key=lambda r: (r["microbatches"], r["remat"], r["dtype"] != "float32"))
+    name = f"{method} phase {phase} at {batch} per stream"
+    if not fit:
+        best = min(mine, key=lambda r: r["peak"])
+        return (f"**{name}: no configuration fits {gib:g} GiB**; the smallest, microbatches "
+                f"{best['microbatches']}, remat {best['remat']}, {best['dtype']}, needs "
+                f"{best['peak'] / 2**30:.2f} GiB ({(best['peak'] - budget) / 2**30:.2f} GiB "
+                "over).")
+    return (f"**{name} fits {gib:g} GiB with** " + "; ".join(
+        f"microbatches {r['microbatches']}, remat {r['remat']}, {r['dtype']} "
+        f"({r['peak'] / 2**30:.2f} GiB)"
+        for r in fit) + ".")

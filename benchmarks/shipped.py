@@ -240,6 +240,61 @@ def prepare_predict(model: LPT, phase: Phase, params: dict, *, batch: int, image
                     batch, time.perf_counter() - t0, footprint(compiled))
 
 
+# ----------------------------------------------------------------------------- compiled memory
+
+
+def step_config(method: str, phase: int, *, batch: int, variant: str = "B/16",
+                image_size: int = 224, microbatches: int = 1, remat: bool = False,
+                dtype: str = "float32"):
+    """configs.common.base_config(method) with the ViT, the phase's batch per stream and
+    train.microbatches of a compiled-memory row (the method's own defaults otherwise)."""
+    c = base_config(method)
+    c.model.vit.update(dict(variant=variant, image_size=image_size, remat=remat, dtype=dtype))
+    c.data.image_size = image_size
+    c[f"phase{phase}"].batch_size = batch
+    c.train.microbatches = microbatches
+    return c
+
+
+def compile_step_abstract(config, phase: int, num_classes: int) -> dict:
+    """The trainer's step of `phase` (`steps.make_train_step(...).jit(mesh)` on one device)
+    lowered and compiled, not run, for abstract inputs of the real shapes: the method's
+    params (`model.init` under `jax.eval_shape`: no weights), `TrainStep.init`'s state and
+    frozen tree, and the batch of every stream the method reads (float32 images, int32
+    labels). Returns `footprint` (bytes from `memory_analysis()`), the streams and seconds."""
+    from lpt_jax import backbones
+    from lpt_jax.method import registry
+    method = registry.of(config)
+    family = backbones.get(config.model.backbone)
+    model = method.build(config.model, num_classes,
+                         family.from_config(config.model[config.model.backbone]))
+    size = config.model[config.model.backbone].image_size
+    batch = config[f"phase{phase}"].batch_size
+    c = np.arange(num_classes) / (num_classes - 1)  # long-tailed: 4980 ... 5
+    ts = steps.make_train_step(model, method.phase(phase), config,
+                               class_counts=np.round(4980 * (5 / 4980) ** c).astype(np.int64),
+                               steps_per_epoch=STEPS_PER_EPOCH, batch_size=batch)
+    rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
+    params = jax.eval_shape(model.init, rngs,
+                            jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))["params"]
+    state, frozen = jax.eval_shape(ts.init, params)
+    streams = tuple(method.streams(config))
+    data = {s: {"image": jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32),
+                "label": jax.ShapeDtypeStruct((batch,), jnp.int32)} for s in streams}
+    t0 = time.perf_counter()
+    compiled = ts.jit(make_mesh()).lower(state, frozen, data).compile()
+    return dict(footprint=footprint(compiled), streams=streams,
+                compile_s=time.perf_counter() - t0,
+                frozen_bytes=abstract_bytes(frozen), state_bytes=abstract_bytes(state),
+                batch_bytes=abstract_bytes(data))
+
+
+def abstract_bytes(tree) -> int:
+    """Bytes of a tree of abstract arrays (shape x item size)."""
+    return int(sum(np.prod(x.shape, dtype=np.int64) * np.dtype(x.dtype).itemsize
+                   for x in jax.tree.leaves(tree)))
+
+
 # ----------------------------------------------------------------------------- backbone loader
 
 AUGREG_NAMES = {"MultiHeadDotProductAttention_0": "MultiHeadDotProductAttention_1",

@@ -40,11 +40,34 @@ def use_siglip(c: ml_collections.ConfigDict, name: str) -> ml_collections.Config
     c.model.text.update(dict(variant=text_variant, max_len=text_len, vocab_size=32_000,
                              tokenizer=SIGLIP_TOKENIZER))
     # K = L/2 as the spec's 6 of 12 (So400m: 13 of 27).
-    c.model.lpt.shared_depth = VIT_VARIANTS[variant.split("/")[0]][1] // 2
+    if "lpt" in c.model:
+        c.model.lpt.shared_depth = VIT_VARIANTS[variant.split("/")[0]][1] // 2
     c.backbone.checkpoint = SIGLIP_DIR + file
     c.backbone.subtree = "img"
     c.data.image_size = res
     c.data.resize_size = res * 256 // 224   # the release's 256/224 resize-then-crop ratio
+    return c
+
+
+def method_of(arg) -> tuple[str, list[str]]:
+    """A config argument's method and its other parts: 'lift' or 'siglip_b16,lift' picks
+    LIFT, anything else LPT (`configs/places_lt.py:lift`)."""
+    parts = [p.strip() for p in str(arg or "").split(",") if p.strip()]
+    method = "lift" if "lift" in parts else "lpt"
+    return method, [p for p in parts if p != "lift"]
+
+
+def use_lift_schedule(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """LIFT's published recipe (spec §9): one phase of 10 epochs at batch 128, SGD momentum
+    0.9, lr 0.01 (not scaled with the batch), weight decay 5e-4, cosine decay without
+    warm-up, instance-balanced batches, the head from the class means of the training
+    features; the backbone's LayerNorm eps as LIFT's timm ViT."""
+    c.phase1.update(dict(epochs=10, batch_size=128))
+    c.optim.update(dict(base_lr=0.01, lr_reference_batch=c.phase1.batch_size, momentum=0.9,
+                        weight_decay=5e-4, warmup_epochs=0))
+    c.model.head_init = "class_mean"
+    # LIFT runs the in21k ViT-B/16 as timm builds it: LayerNorm eps 1e-6 (LPT's release: 1e-5).
+    c.model.vit.layernorm_epsilon = 1e-6
     return c
 
 

@@ -331,5 +331,5 @@ def test_so400m_shape_and_config():
             config.model.text.variant, config.model.text.max_len) == ("img", 13, 224,
                                                                        "So400m", 16)
     schema.check(config)
-    with pytest.raises(ConfigError, match="expected no argument or one of"):
+    with pytest.raises(ConfigError, match="expected no argument, .lift., one of"):
         load_config(CONFIGS / "places_lt.py", "siglip_huge")

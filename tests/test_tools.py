@@ -3,6 +3,7 @@
 import ast
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 import time
@@ -46,7 +47,8 @@ def test_replicate_ablation_help_lists_defaults_variants_and_run_time():
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     variants = _script().VARIANTS
-    assert len(variants) == 6
+    assert len(variants) == 7 and "lift" in variants
+    assert "--set" in out and "comparison" in out
     for name, variant in variants.items():
         assert name in out
         assert variant.help and variant.help in out, name
@@ -77,8 +79,13 @@ def test_replicate_ablation_imports_resolve():
             modules.update(a.name for a in node.names if a.name.startswith("lpt_jax"))
     assert "lpt_jax.run.trainer" in modules
     for name in modules:
-        assert (REPO / (name.replace(".", "/") + ".py")).exists() or \
-            (REPO / name.replace(".", "/") / "__init__.py").exists(), name
+        path = REPO / name.replace(".", "/")
+        if path.with_suffix(".py").exists() or (path / "__init__.py").exists():
+            continue  # a module
+        parent, attr = name.rsplit(".", 1)  # else a name the parent module defines
+        source = (REPO / parent.replace(".", "/")).with_suffix(".py")
+        assert source.exists() and re.search(rf"^(def|class) {attr}\b|^{attr} *=",
+                                             source.read_text(), re.M), name
     assert "lpt_jax.train." not in SCRIPT.read_text()
 
 

@@ -42,13 +42,18 @@ class Variant:
     overrides: dict
     phase1_from: str = ""     # variant whose phase-1 export phase 2 starts from
     help: str = ""            # one line for --help
+    config_arg: str = ""      # configs/demo.py's argument ('lift': LIFT's recipe)
 
 
 VARIANTS = {
+    # The plain backbone (LIFT's method with no module) and LPT's demo schedule.
     "linear_probe": Variant("linear probe (CE)", "1", {
-        "model.lpt.prompt_length": 0, "phase1.trainable": ("head/.*",),
-        "loss.ib.name": "ce", "loss.dual_sampling": False},
-        help="cosine head only, no prompts, cross-entropy, instance-balanced batches"),
+        "model.lift.tuners": "none", "phase1.trainable": ("head/.*",), "loss.name": "ce",
+        "loss.scale": 20.0, "model.head_init": "random", "phase1.epochs": 5,
+        "optim.base_lr": 0.16, "optim.lr_reference_batch": 256, "optim.weight_decay": 0.01},
+        config_arg="lift",
+        help="cosine head only on the plain backbone, cross-entropy, instance-balanced "
+             "batches, LPT's demo schedule"),
     "vpt_deep_ce": Variant("VPT-deep (CE)", "1", {
         "loss.ib.name": "ce", "loss.dual_sampling": False},
         help="shared (VPT-deep) prompt + head, cross-entropy, instance-balanced batches"),
@@ -62,6 +67,16 @@ VARIANTS = {
     "phase2_ce": Variant("phase 2 with CE", "2", {
         "loss.cb.name": "ce", "loss.ib.name": "ce"}, phase1_from="lpt_phase1",
         help="phase 2 with cross-entropy on both branches instead of A-GCL"),
+    "lift": Variant("LIFT (AdaptFormer)", "1", {}, config_arg="lift",
+                    help="LIFT: AdaptFormer in every block + cosine head from class means, "
+                         "logit-adjusted loss, instance-balanced batches, 10 epochs"),
+}
+
+# Named sets of variants (--set): the LPT ablation, and LPT against LIFT on one trunk.
+SETS = {
+    "ablation": ("linear_probe", "vpt_deep_ce", "lpt_phase1", "lpt_phase1_2", "phase2_no_dual",
+                 "phase2_ce"),
+    "comparison": ("linear_probe", "vpt_deep_ce", "lpt_phase1", "lpt_phase1_2", "lift"),
 }
 
 # Per-variant run times of the committed replication (docs/replication.md), shown by --help.
@@ -80,14 +95,14 @@ def set_path(config, path: str, value) -> None:
 def variant_config(name: str, seed: int, workdir: Path, base_overrides: dict):
     from configs import demo
     v = VARIANTS[name]
-    config = demo.get_config()
+    config = demo.get_config(v.config_arg or None)
     config.seed = seed
     config.train.phases = v.phases
     for path, value in {**v.overrides, **base_overrides}.items():
         set_path(config, path, value)
     if v.phase1_from:
-        config.train.phase1_export = str(run_dir(workdir, v.phase1_from, seed) /
-                                         "phase1" / "export.npz")
+        config.train.start_export = str(run_dir(workdir, v.phase1_from, seed) /
+                                        "phase1" / "export.npz")
     return config
 
 
@@ -104,7 +119,7 @@ def read_results(rdir: Path) -> dict | None:
     val_path = rdir / f"phase{test['phase']}" / "val" / "results.json"
     val = json.loads(val_path.read_text()) if val_path.exists() else None
     timing = rdir / "timing.json"
-    return {"test": test, "val": val,
+    return {"test": test, "val": val, "test_ensembled": test.get("ensembled"),
             "timing": json.loads(timing.read_text()) if timing.exists() else None}
 
 
@@ -123,6 +138,61 @@ def run_variant(name: str, seed: int, workdir: Path, base_overrides: dict) -> di
     (rdir / "timing.json").write_text(json.dumps(timing) + "\n")
     print(f"[done] {name} seed {seed}: {timing}", flush=True)
     return read_results(rdir)
+
+
+def cost(name: str, workdir: Path, base_overrides: dict, repeats: int = 10) -> dict:
+    """What a variant costs, from the trainer's own train step (steps.make_train_step, as
+    trainer.run_phase builds it): the parameters it trains (every phase it runs, with the
+    phase 1 it starts from), and per phase XLA's FLOPs of one step (cost_analysis of the
+    compiled step) and the median time of `repeats` steps on this machine times the steps
+    per epoch (the input pipeline is not included)."""
+    import jax
+
+    from lpt_jax import parallel, tree
+    from lpt_jax.method import steps
+    from lpt_jax.run import trainer
+    from lpt_jax.run.context import build_context
+    v = VARIANTS[name]
+    config = variant_config(name, 0, workdir, base_overrides)
+    ctx = build_context(config, str(workdir / "_cost"))  # checks and builds; writes nothing
+    numbers = ("1," if v.phase1_from else "") + v.phases
+    phases = ctx.method.parse_phases(numbers)
+    params = jax.device_get(ctx.params)  # host copies: each phase's step donates its own
+    flat = tree.flatten(params)
+    trained = set()
+    out = {"phases": {}}
+    for phase in phases:
+        patterns = phase.trainable_patterns(config)
+        trained |= {k for k in flat if tree.matches(k, patterns)}
+        batch_size, spe, _ = trainer.phase_schedule(config, phase, ctx.source.num_train)
+        step = steps.make_train_step(ctx.model, phase, config,
+                                     class_counts=ctx.source.train_counts,
+                                     steps_per_epoch=spe, batch_size=batch_size)
+        state, frozen = jax.device_put(step.init(params), parallel.replicated(ctx.mesh))
+        size = config.data.image_size
+        one = {"image": np.zeros((batch_size, size, size, 3), np.float32),
+               "label": np.arange(batch_size, dtype=np.int32) % ctx.source.num_classes}
+        batch = parallel.global_batch({"cb": one, "ib": one}, ctx.mesh)
+        fn = step.jit(ctx.mesh)
+        analysis = fn.lower(state, frozen, batch).compile().cost_analysis()
+        analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+        times = []
+        for i in range(repeats + 2):  # two warm-up calls
+            t0 = time.perf_counter()
+            state, metrics = fn(state, frozen, batch)
+            jax.block_until_ready(metrics)
+            if i >= 2:
+                times.append(time.perf_counter() - t0)
+        out["phases"][phase.number] = {
+            "gflop_per_step": float(analysis.get("flops", float("nan"))) / 1e9,
+            "step_s": float(np.median(times)), "steps_per_epoch": spe,
+            "epochs": phase.section(config).epochs,
+            "s_per_epoch": float(np.median(times)) * spe}
+    backbone = sum(int(np.size(a)) for k, a in flat.items()
+                   if k.startswith("backbone/") and k not in trained)
+    out["trainable_params"] = sum(int(np.size(flat[k])) for k in trained)
+    out["frozen_backbone_params"] = backbone
+    return out
 
 
 def _cpu_seconds() -> float:
@@ -147,7 +217,9 @@ def summarize(results: dict[str, dict[int, dict]]) -> dict:
     for name, by_seed in results.items():
         runs = [by_seed[s] for s in sorted(by_seed)]
         entry = {"label": VARIANTS[name].label, "seeds": sorted(by_seed)}
-        for split in ("test", "val"):
+        for split in ("test", "val", "test_ensembled"):
+            if not all(r.get(split) for r in runs):
+                continue  # (ensembled numbers exist only where eval.ensemble was set)
             entry[split] = {}
             for rule in ("release", "oltr"):
                 vals = metric_values(runs, split, rule)
@@ -170,6 +242,36 @@ def markdown(summary: dict, split: str = "test", rule: str = "release") -> str:
             m = e[split][rule][k]
             cells.append("–" if m["mean"] is None else f"{m['mean']:.1f} ± {m['std']:.1f}")
         lines.append(f"| {e['label']} | " + " | ".join(cells) + f" | {len(e['seeds'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def comparison_markdown(summary: dict, costs: dict, rule: str = "release") -> str:
+    """One row per variant: test accuracy single-view and ensembled, and what it costs."""
+    ensembled = any("test_ensembled" in e for e in summary.values())
+    head = ["variant", "overall", "many", "medium", "few"]
+    if ensembled:
+        head += ["overall, ensembled", "many", "medium", "few"]
+    head += ["trained params (% of backbone)", "GFLOP / step", "s / epoch (step only)",
+             "epochs"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, e in summary.items():
+        cells = []
+        for split in ("test", "test_ensembled") if ensembled else ("test",):
+            for k in ("overall",) + GROUPS:
+                m = e.get(split, {}).get(rule, {}).get(k)
+                cells.append("–" if not m or m["mean"] is None
+                             else f"{m['mean']:.1f} ± {m['std']:.1f}")
+        c = costs.get(name)
+        if c:
+            phases = c["phases"].values()
+            share = 100 * c["trainable_params"] / c["frozen_backbone_params"]
+            cells += [f"{c['trainable_params']:,} ({share:.2f} %)",
+                      " + ".join(f"{p['gflop_per_step']:.1f}" for p in phases),
+                      " + ".join(f"{p['s_per_epoch']:.2f}" for p in phases),
+                      " + ".join(str(p["epochs"]) for p in phases)]
+        else:
+            cells += ["–"] * 4
+        lines.append(f"| {e['label']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -267,9 +369,21 @@ def main(argv=None) -> None:
                         "(default: %(default)s)")
     p.add_argument("--seeds", default=default_seeds,
                    help="comma-separated seeds; each runs every variant (default: %(default)s)")
-    p.add_argument("--variants", default=",".join(VARIANTS),
-                   help="comma-separated subset of the variants below (default: all: "
-                        "%(default)s)")
+    p.add_argument("--set", default="ablation", choices=sorted(SETS),
+                   help="the variants to run: 'ablation' (LPT's) or 'comparison' (linear "
+                        "probe, VPT-deep, LPT, LIFT on one trunk) (default: %(default)s)")
+    p.add_argument("--variants", default="",
+                   help="comma-separated variants (below) instead of --set's")
+    p.add_argument("--ensemble", default="five_crop",
+                   choices=("none", "five_crop", "ten_crop"),
+                   help="test-time ensembling reported beside the single view (eval.ensemble; "
+                        "default: %(default)s)")
+    p.add_argument("--ensemble_expand", type=int, default=4,
+                   help="eval.ensemble_expand: LIFT's 24 is for 224 px; the demo's 32 px get "
+                        "the same share, 4 (default: %(default)s)")
+    p.add_argument("--cost", action=argparse.BooleanOptionalAction, default=True,
+                   help="measure each variant's trained parameters, GFLOP and time per step "
+                        "(the trainer's own step, compiled and run here)")
     p.add_argument("--plot", default="",
                    help="PNG path of the plot (default: <workdir>/replication.png)")
     p.add_argument("--max_steps", type=int, default=0,
@@ -279,7 +393,7 @@ def main(argv=None) -> None:
 
     workdir = Path(args.workdir)
     seeds = [int(s) for s in args.seeds.split(",") if s]
-    names = [n for n in args.variants.split(",") if n]
+    names = [n for n in args.variants.split(",") if n] or list(SETS[args.set])
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; known: {list(VARIANTS)}")
@@ -287,9 +401,9 @@ def main(argv=None) -> None:
         dep = VARIANTS[n].phase1_from
         if dep and dep not in names:
             names.insert(names.index(n), dep)
-    base = {}
+    base = {"eval.ensemble": args.ensemble, "eval.ensemble_expand": args.ensemble_expand}
     if args.max_steps:
-        base = {"train.max_steps": args.max_steps, "eval.max_examples": 64}
+        base.update({"train.max_steps": args.max_steps, "eval.max_examples": 64})
 
     from lpt_jax.run import trainer  # noqa: F401  (imports TF and JAX once)
     results: dict[str, dict[int, dict]] = {n: {} for n in names}
@@ -298,19 +412,26 @@ def main(argv=None) -> None:
         for n in names:
             results[n][seed] = run_variant(n, seed, workdir, base)
     summary = summarize(results)
+    costs = {n: cost(n, workdir, base) for n in names} if args.cost else {}
+    for n, c in costs.items():
+        summary[n]["cost"] = c
     meta = {"command": " ".join([os.path.basename(sys.executable), *sys.argv]),
             "machine": machine(), "date": time.strftime("%Y-%m-%d"),
             "total_wall_s_this_call": round(time.time() - t0, 1)}
     (workdir / "summary.json").write_text(json.dumps({"meta": meta, "variants": summary},
                                                      indent=1) + "\n")
     table = (f"test split, release rule (many > 100, medium 21-100, few <= 20 training "
-             f"images), mean ± sample std over seeds {seeds}\n\n" + markdown(summary) +
-             "\nOLTR rule (few < 20):\n\n" + markdown(summary, rule="oltr") +
+             f"images), mean ± sample std over seeds {seeds}; ensembled: {args.ensemble} of "
+             f"the image resized to image_size + {args.ensemble_expand}\n\n" +
+             comparison_markdown(summary, costs) +
+             "\nOLTR rule (few < 20; LIFT's groups):\n\n" +
+             comparison_markdown(summary, costs, rule="oltr") +
              "\nval split (20 images per class), release rule:\n\n" +
              markdown(summary, split="val"))
     (workdir / "table.md").write_text(table)
     plot_path = args.plot or str(workdir / "replication.png")
-    plot(summary, plot_path, f"LPT ablations on the demo (CIFAR-10 6-class LT, own ViT), "
+    what = "LPT and LIFT" if "lift" in names else "LPT ablations"
+    plot(summary, plot_path, f"{what} on the demo (CIFAR-10 6-class LT, own ViT), "
                              f"{len(seeds)} seeds: test accuracy, mean ± std")
     print(table)
     print(f"wrote {workdir / 'summary.json'}, {workdir / 'table.md'}, {plot_path}")

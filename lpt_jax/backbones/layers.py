@@ -18,6 +18,35 @@ PRECISIONS = {"float32": jax.lax.Precision.HIGHEST, "tensorfloat32": jax.lax.Pre
 _NAMES = {v: k for k, v in PRECISIONS.items() if v is not None}
 
 
+class BlockTuner(nn.Module):
+    """The sites where a method changes a frozen transformer block (LIFT's AdaptFormer,
+    Adapter, LoRA, SSF: lpt_jax.method.lift_model). A block built with a tuner calls it at
+    each site; every site is the identity here, and a tuner overrides the ones it uses. Its
+    params live in the block, under `tuner/`, and are initialised, never loaded.
+
+        norm(name, y)                  after LayerNorm_0 / LayerNorm_1 (prompt tokens too)
+        projection(name, x, out)       after each projection: 'query', 'key', 'value'
+                                       ((B, T, H, d) outputs), 'out', 'Dense_0', 'Dense_1'
+        mlp_branch(x, mlp)             what the MLP sub-block adds to the stream x entering it
+                                       (default: the MLP's output `mlp`)
+    """
+    width: int
+    mlp_dim: int
+
+    def norm(self, name: str, y):
+        return y
+
+    def projection(self, name: str, x, out):
+        return out
+
+    def mlp_branch(self, x, mlp):
+        return mlp
+
+
+def _tuned(tuner, name, x, out):
+    return out if tuner is None else tuner.projection(name, x, out)
+
+
 class MlpBlock(nn.Module):
     mlp_dim: int
     gelu_approximate: bool = False
@@ -25,14 +54,14 @@ class MlpBlock(nn.Module):
     precision: Optional[jax.lax.Precision] = None
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, tuner: Optional[BlockTuner] = None):
         width = x.shape[-1]
         dense = lambda n, name: nn.Dense(  # noqa: E731
             n, dtype=self.dtype, name=name, kernel_init=nn.initializers.xavier_uniform(),
             bias_init=nn.initializers.normal(stddev=1e-6), precision=self.precision)
-        x = dense(self.mlp_dim, "Dense_0")(x)
-        x = nn.gelu(x, approximate=self.gelu_approximate)
-        return dense(width, "Dense_1")(x)
+        h = _tuned(tuner, "Dense_0", x, dense(self.mlp_dim, "Dense_0")(x))
+        h = nn.gelu(h, approximate=self.gelu_approximate)
+        return _tuned(tuner, "Dense_1", h, dense(width, "Dense_1")(h))
 
 
 ATTENTION_IMPLEMENTATIONS = ("auto", "einsum", "xla", "cudnn")
@@ -89,7 +118,8 @@ class MultiHeadDotProductAttention(nn.Module):
     precision: Optional[jax.lax.Precision] = None
 
     @nn.compact
-    def __call__(self, x, kv=None, extra=None, extra_position: str = "append"):
+    def __call__(self, x, kv=None, extra=None, extra_position: str = "append",
+                 tuner: Optional[BlockTuner] = None):
         kv = x if kv is None else kv
         width = x.shape[-1]
         if width % self.num_heads:
@@ -99,14 +129,17 @@ class MultiHeadDotProductAttention(nn.Module):
             (self.num_heads, head_dim), dtype=self.dtype, name=name,
             kernel_init=nn.initializers.xavier_uniform(), precision=self.precision)
         query, key, value = proj("query"), proj("key"), proj("value")
-        q, k, v = query(x), key(kv), value(kv)  # (B, ., H, hd)
+        q = _tuned(tuner, "query", x, query(x))  # (B, ., H, hd)
+        k, v = _tuned(tuner, "key", kv, key(kv)), _tuned(tuner, "value", kv, value(kv))
         if extra is not None:  # (DenseGeneral casts it to the compute dtype)
-            k = _with_extra_tokens(k, key(extra), extra_position)
-            v = _with_extra_tokens(v, value(extra), extra_position)
+            k = _with_extra_tokens(k, _tuned(tuner, "key", extra, key(extra)), extra_position)
+            v = _with_extra_tokens(v, _tuned(tuner, "value", extra, value(extra)),
+                                   extra_position)
         y = attend(q, k, v, attention_implementation(self.attention), self.precision)
-        return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, name="out",
-                               kernel_init=nn.initializers.xavier_uniform(),
-                               precision=self.precision)(y)
+        out = nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, name="out",
+                              kernel_init=nn.initializers.xavier_uniform(),
+                              precision=self.precision)(y)
+        return _tuned(tuner, "out", y, out)
 
 
 class MAPHead(nn.Module):

@@ -31,7 +31,7 @@ class-token pooling discards.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Mapping, Optional, Sequence
+from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -41,6 +41,7 @@ from lpt_jax.backbones import vit_weights
 from lpt_jax.backbones.layers import (
     ATTENTION_IMPLEMENTATIONS,
     PRECISIONS,
+    BlockTuner,
     MAPHead,
     MlpBlock,
     MultiHeadDotProductAttention,
@@ -109,26 +110,30 @@ class Encoder1DBlock(nn.Module):
     dtype: jnp.dtype = jnp.float32
     attention: str = "auto"
     precision: Optional[jax.lax.Precision] = None
+    tuner: Optional[Callable[..., BlockTuner]] = None  # (width, mlp_dim, name) -> BlockTuner
 
     @nn.compact
     def __call__(self, x, extra=None, extra_position: str = "append",
                  rows: Optional[int] = None):
+        t = None if self.tuner is None else self.tuner(x.shape[-1], self.mlp_dim, name="tuner")
         norm = lambda name: nn.LayerNorm(  # noqa: E731
             epsilon=self.layernorm_epsilon, dtype=self.dtype, name=name)
+        tuned_norm = lambda name, y: y if t is None else t.norm(name, y)  # noqa: E731
         norm_0 = norm("LayerNorm_0")
-        y = norm_0(x)
-        y_extra = None if extra is None else norm_0(jnp.asarray(extra, x.dtype))
+        y = tuned_norm("LayerNorm_0", norm_0(x))
+        y_extra = (None if extra is None
+                   else tuned_norm("LayerNorm_0", norm_0(jnp.asarray(extra, x.dtype))))
         queries = y if rows is None else y[:, :rows]
         x = x if rows is None else x[:, :rows]
         y = MultiHeadDotProductAttention(self.num_heads, self.dtype, self.attention,
                                          self.precision,
                                          name="MultiHeadDotProductAttention_0")(
-            queries, y, y_extra, extra_position)
+            queries, y, y_extra, extra_position, tuner=t)
         x = x + y
-        y = norm("LayerNorm_1")(x)
+        y = tuned_norm("LayerNorm_1", norm("LayerNorm_1")(x))
         y = MlpBlock(self.mlp_dim, self.gelu_approximate, self.dtype, self.precision,
-                     name="MlpBlock_0")(y)
-        return x + y
+                     name="MlpBlock_0")(y, tuner=t)
+        return x + (y if t is None else t.mlp_branch(x, y))
 
 
 class Encoder(nn.Module):
@@ -141,6 +146,7 @@ class Encoder(nn.Module):
     remat: bool = False
     attention: str = "auto"
     precision: Optional[jax.lax.Precision] = None
+    tuner: Optional[Callable[..., BlockTuner]] = None
 
     def setup(self):
         block_cls = Encoder1DBlock
@@ -149,7 +155,7 @@ class Encoder(nn.Module):
         self.blocks = [
             block_cls(self.mlp_dim, self.num_heads, self.layernorm_epsilon,
                       self.gelu_approximate, self.dtype, self.attention, self.precision,
-                      name=f"encoderblock_{i}")
+                      self.tuner, name=f"encoderblock_{i}")
             for i in range(self.depth)]
         self.encoder_norm = nn.LayerNorm(epsilon=self.layernorm_epsilon, dtype=self.dtype,
                                          name="encoder_norm")
@@ -195,6 +201,9 @@ class ViT(nn.Module):
     # PyTorch defaults (no TF32 on NVIDIA GPUs), or the faster 'tensorfloat32' / 'bfloat16'
     # passes, or 'default' (the backend's: TF32 on recent GPUs, bf16 passes on TPUs).
     matmul_precision: str = "float32"
+    # A method's changes inside every block (lpt_jax.backbones.layers.BlockTuner): a factory
+    # (width, mlp_dim, name) -> tuner, set by the method (`vit.clone(block_tuner=...)`).
+    block_tuner: Optional[Callable[..., BlockTuner]] = None
     # Stored in float32 when the rest is stored in `dtype`: Flax's LayerNorm multiplies its
     # scale and bias in float32 (lpt_jax.backbones.stored_in_compute_dtype).
     keep_float32 = (r"(^|/)LayerNorm_\d+/", r"(^|/)encoder_norm/")
@@ -207,6 +216,12 @@ class ViT(nn.Module):
         if h < ph or w < pw:
             raise ValueError(f"image size {(h, w)} is smaller than the patch size {(ph, pw)}")
         return h // ph, w // pw
+
+    @property
+    def initialised_params(self) -> tuple[str, ...]:
+        """Regexes over its param paths that it initialises and no checkpoint holds: the
+        block tuner's, when a method set one."""
+        return (r"Transformer/encoderblock_\d+/tuner/.*",) if self.block_tuner else ()
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -227,7 +242,7 @@ class ViT(nn.Module):
         self.Transformer = Encoder(
             self.depth, self.mlp_dim or 4 * self.width, self.num_heads, self.layernorm_epsilon,
             self.gelu_approximate, self.dtype, self.remat, self.attention, self.precision,
-            name="Transformer")
+            self.block_tuner, name="Transformer")
         if self.pool_type == "map":
             self.MAPHead_0 = MAPHead(self.mlp_dim or 4 * self.width, self.num_heads,
                                      self.layernorm_epsilon, self.gelu_approximate, self.dtype,

@@ -61,8 +61,16 @@ def root(method: str = "lpt", backbone: str = "vit") -> Section:
     sections = {"seed": run_fields.SEED, "model": model, "backbone": backbones.LOADING,
                 "data": DATA, "loss": m.loss, "optim": optim.FIELDS}
     sections.update({p.name: p.fields() for p in m.phases})
-    sections.update(train=run_fields.TRAIN, eval=run_fields.EVAL, predict=run_fields.PREDICT)
+    sections.update(train=_train_section(m), eval=run_fields.EVAL, predict=run_fields.PREDICT)
     return Section("a run", sections, rules=(_backbone_fits_data, _phases_exist))
+
+
+def _train_section(method) -> Section:
+    """The train section, whose `phases` default is every phase of `method`."""
+    field = run_fields.TRAIN.fields["phases"]
+    every = ",".join(str(p.number) for p in method.phases)
+    return run_fields.TRAIN.with_fields(
+        phases=f.Field(every, field.doc, field.accepts, *field.roles, kind=field.kind))
 
 
 def of(config) -> Section:

@@ -28,6 +28,7 @@ _EXPORTS = {
     "SplitData": "source",
     "get_source": "source",
     "registered_sources": "registry",
+    "ENSEMBLE_VIEWS": "preprocess",
     "EvalStream": "eval_stream",
     "TrainStream": "streams",
     "load_image_files": "eval_stream",
@@ -61,6 +62,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; never runs
         num_eval_examples,
     )
     from lpt_jax.data.groups import GROUP_NAMES, cifar_lt_counts, shot_groups, steps_per_epoch  # noqa: F401
+    from lpt_jax.data.preprocess import ENSEMBLE_VIEWS  # noqa: F401
     from lpt_jax.data.registry import registered_sources  # noqa: F401
     from lpt_jax.data.sampling import DualSampler  # noqa: F401
     from lpt_jax.data.source import Source, SplitData, get_source  # noqa: F401

@@ -18,7 +18,9 @@ log = logging.getLogger(__name__)
 
 
 class EvalStream:
-    """One pass over a split, re-iterable: batches {'image', 'label', 'mask'}.
+    """One pass over a split, re-iterable: batches {'image', 'label', 'mask'}, and with
+    `ensemble` ('five_crop' | 'ten_crop') 'views' too: (B, V, S, S, 3), each image's V
+    test-time ensemble views (`preprocess.eval_views`), decoded once with its 'image'.
 
     Global batch k holds positions [k B, (k + 1) B); process p takes its slice.
     Positions past the end (and skipped unreadable images) have mask False and a
@@ -31,7 +33,11 @@ class EvalStream:
     """
 
     def __init__(self, src, cfg, split: str, batch_size: int, process_index: int = 0,
-                 process_count: int = 1):
+                 process_count: int = 1, ensemble: str = "none", ensemble_expand: int = 24):
+        if ensemble != "none" and ensemble not in preprocess.ENSEMBLE_VIEWS:
+            raise ValueError(f"ensemble={ensemble!r}: expected 'none' or one of "
+                             f"{list(preprocess.ENSEMBLE_VIEWS)}")
+        self.ensemble, self.ensemble_expand = ensemble, int(ensemble_expand)
         self._slice = process_slice(batch_size, process_index, process_count)
         self.split_name = split
         self._split = src.split(split)
@@ -74,9 +80,15 @@ class EvalStream:
         """One image's decoding; a function that does not hold the stream."""
         kind, resize, size = self._store.kind, int(self._cfg.resize_size), int(self._cfg.image_size)
         antialias = bool(self._cfg.antialias)
+        ensemble, expand = self.ensemble, self.ensemble_expand
 
         def one(payload, label, mask):
-            return preprocess.eval_image(payload, kind, resize, size, antialias), label, mask
+            pixels = preprocess.pixels(payload, kind)  # decoded once for every view
+            out = {"image": preprocess.eval_image(pixels, "pixels", resize, size, antialias)}
+            if ensemble != "none":
+                out["views"] = preprocess.eval_views(pixels, "pixels", size, expand, ensemble,
+                                                     antialias)
+            return out, label, mask
         return one
 
     def dataset(self, start_batch: int = 0) -> tf.data.Dataset:
@@ -92,8 +104,10 @@ class EvalStream:
                               tf.bool, [b])  # labels, mask of real (not padding) rows
 
         def pack(images, labels, mask):
-            images = tf.where(mask[:, None, None, None], images, tf.zeros_like(images))
-            return {"image": images, "label": labels, "mask": mask}
+            def zero(x):  # padding and skipped rows: zeros, whatever the rank
+                keep = tf.reshape(mask, [-1] + [1] * (x.shape.rank - 1))
+                return tf.where(keep, x, tf.zeros_like(x))
+            return {**{k: zero(v) for k, v in images.items()}, "label": labels, "mask": mask}
 
         return pipeline.decoded_batches(tf.data.Dataset.range(start_batch, self.num_batches).map(plan_tf),
                                 self._one, b, pack, self._cfg)
@@ -148,9 +162,12 @@ class EvalStream:
 
 
 def make_eval_stream(src, cfg, split: str, batch_size: int, process_index: int = 0,
-                     process_count: int = 1) -> EvalStream:
-    """One-pass, re-iterable evaluation stream over `split` ('val' | 'test')."""
-    return EvalStream(src, cfg, split, batch_size, process_index, process_count)
+                     process_count: int = 1, ensemble: str = "none",
+                     ensemble_expand: int = 24) -> EvalStream:
+    """One-pass, re-iterable evaluation stream over `split` ('val' | 'test'); `ensemble`
+    ('five_crop' | 'ten_crop') adds each image's test-time ensemble views."""
+    return EvalStream(src, cfg, split, batch_size, process_index, process_count, ensemble,
+                      ensemble_expand)
 
 
 def num_eval_examples(src, split: str) -> int:

@@ -4,6 +4,8 @@ Train: RandomResizedCrop (torchvision's sampling: 10 tries of area scale
 U(0.08, 1) and log-uniform aspect ratio in [3/4, 4/3], else a centre crop with
 the ratio clamped), bilinear resize to the output size, random horizontal flip.
 Eval: resize to a square `resize_size` (aspect ratio not kept), centre crop.
+Test-time ensemble views (eval.ensemble, LIFT's `tte`): torchvision's Resize to the shorter
+side, then FiveCrop or TenCrop.
 Pixels end in [-1, 1] (mean = std = 0.5). `antialias=True` matches PIL's
 bilinear downscaling, which the PyTorch reference uses.
 """
@@ -66,7 +68,7 @@ def _resize(image, size, antialias: bool):
     plain = lambda: tf.image.resize(image, size, method="bilinear")  # noqa: E731
     if not antialias:
         return plain()
-    shrinks = tf.reduce_any(tf.shape(image)[:2] > tf.constant(size, tf.int32))
+    shrinks = tf.reduce_any(tf.shape(image)[:2] > tf.convert_to_tensor(size, tf.int32))
     return tf.cond(shrinks,
                    lambda: tf.image.resize(image, size, method="bilinear", antialias=True), plain)
 
@@ -116,16 +118,71 @@ def centre_offset(resize_size: int, image_size: int) -> int:
     return int(round((resize_size - image_size) / 2.0))
 
 
+def pixels(payload, kind: str) -> tf.Tensor:
+    """uint8 (h, w, 3) of a payload: encoded bytes ('bytes'), a file ('path') or pixels."""
+    if kind == "pixels":
+        return payload
+    return decode_rgb(tf.io.read_file(payload) if kind == "path" else payload)
+
+
 def eval_image(payload, kind: str, resize_size: int, image_size: int,
                antialias: bool = True) -> tf.Tensor:
     """One evaluation image: square resize, centre crop -> float32 in [-1, 1]."""
-    if kind == "pixels":
-        image = payload
-    else:
-        image = decode_rgb(tf.io.read_file(payload) if kind == "path" else payload)
-    image = _resize(image, (resize_size, resize_size), antialias)
+    image = _resize(pixels(payload, kind), (resize_size, resize_size), antialias)
     o = centre_offset(resize_size, image_size)
     image = image[o:o + image_size, o:o + image_size]
     image = to_unit_range(image)
     image.set_shape([image_size, image_size, 3])
     return image
+
+
+# ------------------------------------------------------------------------------------------
+# Test-time ensemble views (LIFT, Shi et al. ICML 2024, github.com/shijxcs/LIFT trainer.py:
+# Resize(resolution + expand), then FiveCrop / TenCrop(resolution), each crop normalised).
+
+ENSEMBLE_VIEWS = {"five_crop": 5, "ten_crop": 10}
+
+
+def resize_shorter_side(image, size: int, antialias: bool = True) -> tf.Tensor:
+    """torchvision's Resize(size) with an int size: the shorter side becomes `size`, the
+    longer int(size * long / short) (truncated; in float64 as Python computes it)."""
+    shape = tf.shape(image)
+    h, w = shape[0], shape[1]
+    short, long = tf.minimum(h, w), tf.maximum(h, w)
+    new_long = tf.cast(tf.math.floor(tf.cast(size * long, tf.float64)
+                                     / tf.cast(short, tf.float64)), tf.int32)
+    size = tf.constant(size, tf.int32)
+    new_hw = tf.where(h <= w, tf.stack([size, new_long]), tf.stack([new_long, size]))
+    return _resize(image, new_hw, antialias)
+
+
+def five_crop_offsets(height, width, size: int) -> list:
+    """(top, left) of torchvision FiveCrop(size)'s crops of an (height, width) image, in its
+    order: top-left (0, 0), top-right (0, W - S), bottom-left (H - S, 0), bottom-right
+    (H - S, W - S), centre (round((H - S) / 2), round((W - S) / 2)). The centre is
+    CenterCrop's int(round(x / 2.0)): Python's round, half to even, as tf.round."""
+    dh, dw = height - size, width - size
+    half = lambda d: tf.cast(tf.round(tf.cast(d, tf.float64) / 2.0), tf.int32)  # noqa: E731
+    return [(0, 0), (0, dw), (dh, 0), (dh, dw), (half(dh), half(dw))]
+
+
+def five_crop(image, size: int) -> list:
+    shape = tf.shape(image)
+    return [image[top:top + size, left:left + size]
+            for top, left in five_crop_offsets(shape[0], shape[1], size)]
+
+
+def eval_views(payload, kind: str, image_size: int, expand: int, ensemble: str,
+               antialias: bool = True) -> tf.Tensor:
+    """The test-time ensemble's views of one image -> float32 (V, S, S, 3) in [-1, 1]:
+    resized to S + expand on its shorter side, then torchvision's FiveCrop (V = 5), or
+    TenCrop (V = 10: the five, then the five of the resized image flipped left-right)."""
+    if ensemble not in ENSEMBLE_VIEWS:
+        raise ValueError(f"ensemble={ensemble!r}: expected one of {list(ENSEMBLE_VIEWS)}")
+    image = resize_shorter_side(pixels(payload, kind), image_size + expand, antialias)
+    crops = five_crop(image, image_size)
+    if ensemble == "ten_crop":
+        crops += five_crop(tf.image.flip_left_right(image), image_size)
+    views = to_unit_range(tf.stack(crops))
+    views.set_shape([ENSEMBLE_VIEWS[ensemble], image_size, image_size, 3])
+    return views

@@ -226,6 +226,7 @@ LOSSES: dict[str, LossFn] = {
     "gcl": gcl_loss,
     "ce": softmax_xent,
     "balanced_ce": balanced_softmax_xent,
+    "logit_adjusted": balanced_softmax_xent,  # LIFT's name for it (Menon et al. 2021)
 }
 
 
@@ -270,7 +271,7 @@ def make_branch_loss(name: str, class_counts: Any, **overrides: Any) -> Callable
     if missing:
         raise ValueError(f"loss {name!r} needs {missing}")
     counts = None if class_counts is None else _validated_counts(class_counts)
-    if counts is None and name in ("agcl", "gcl", "balanced_ce"):
+    if counts is None and name in ("agcl", "gcl", "balanced_ce", "logit_adjusted"):
         raise ValueError(f"loss {name!r} needs the training class counts")
     constants = dict(overrides)
 

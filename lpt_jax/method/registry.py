@@ -1,6 +1,6 @@
 """Methods by name (`model.method`): what a method around the frozen backbone brings.
 
-A method is one module (`lpt_jax.method.lpt`) defining a `METHOD`; the trainer, the train
+A method is one module (`lpt_jax.method.lpt`, `lpt_jax.method.lift`) defining a `METHOD`; the trainer, the train
 step, inference, exports and serving read everything method- and phase-specific from it:
 
     fields             its model section, `model.<name>`
@@ -28,7 +28,7 @@ from lpt_jax.config.fields import Section
 from lpt_jax.errors import ConfigError
 from lpt_jax.method.phases import Phase
 
-_BUILTIN = {"lpt": "lpt_jax.method.lpt"}   # name -> module defining METHOD
+_BUILTIN = {"lpt": "lpt_jax.method.lpt", "lift": "lpt_jax.method.lift"}   # name -> module defining METHOD
 _METHODS: dict[str, "Method"] = {}
 
 
@@ -59,10 +59,12 @@ class Method:
         known = [p.number for p in self.phases]
         if not numbers or None in numbers or any(n not in known for n in numbers) or (
                 numbers != sorted(set(numbers))):
+            examples = [repr(str(n)) for n in known[:2]] + (
+                [repr(",".join(map(str, known)))] if len(known) > 1 else [])
             raise ConfigError(f"train.phases={spec!r}: expected increasing phase numbers from "
-                              f"{{{', '.join(map(str, known))}}}, e.g. "
-                              f"{', '.join(repr(str(n)) for n in known[:2])} or "
-                              f"'{','.join(map(str, known))}'", field="train.phases")
+                              f"{{{', '.join(map(str, known))}}} ({self.name}), e.g. "
+                              f"{', '.join(examples[:-1]) + ' or ' if len(examples) > 1 else ''}"
+                              f"{examples[-1]}", field="train.phases")
         return tuple(self.phase(n) for n in numbers)
 
     def exported_patterns(self, phase: Phase) -> tuple[str, ...]:

@@ -11,6 +11,9 @@ leaves have no gradient, no optimiser state and no update — there is nothing t
     state, frozen = train_step.init(params)
     step = train_step.jit(mesh)            # what the trainer runs
     state, metrics = step(state, frozen, batch)
+
+`train.microbatches` = k > 1 computes the gradient of a batch from k slices of it in turn
+(`accumulated`): the same update to float rounding, with one slice's activations in memory.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import numpy as np
 import optax
 
 from lpt_jax import backbones, parallel, tree
+from lpt_jax.errors import ConfigError
 from lpt_jax.method import optim, registry
 from lpt_jax.method.phases import Phase
 
@@ -74,12 +78,14 @@ def make_train_step(model, phase: Phase, config, *, class_counts: np.ndarray,
                                                 tree.merge(trainable, frozen), batch, rng, epoch)
         return total, (parts, picked)
 
+    gradient = accumulated(jax.value_and_grad(objective, has_aux=True),
+                           int(config.train.microbatches))
+
     def step(state, frozen, batch):
         step_no = state["step"]
         rng = jax.random.fold_in(state["rng"], step_no)
         epoch = (step_no // steps_per_epoch).astype(jnp.float32)
-        (loss, (parts, indices)), grads = jax.value_and_grad(objective, has_aux=True)(
-            state["trainable"], frozen, batch, rng, epoch)
+        (loss, (parts, indices)), grads = gradient(state["trainable"], frozen, batch, rng, epoch)
         grad_norm = optax.tree.norm(grads)
         direction, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
         lr = schedule(step_no)
@@ -101,3 +107,50 @@ def make_train_step(model, phase: Phase, config, *, class_counts: np.ndarray,
 
     return TrainStep(step, phase, phase.trainable_patterns(config), tx, schedule,
                      phase.seed(config), model)
+
+
+def accumulated(value_and_grad: Callable, k: int) -> Callable:
+    """`value_and_grad(trainable, frozen, batch, rng, epoch)` -> ((loss, (parts, picked)),
+    grads) of the whole batch computed from k slices of it, one after the other (a
+    `lax.scan`: memory holds one slice's activations); k = 1 is `value_and_grad` itself.
+
+    Every term of an objective is a mean over the batch (the branch losses, the matching
+    term S; the dual-sampling weight is the epoch's), so the mean over k equal slices of
+    loss, parts and gradient is the full batch's up to float rounding. Slice i holds rows
+    i, i+k, i+2k, ... of every stream: a device's contiguous rows hold an equal share of each
+    slice (`train.microbatches` divides batch / devices), so no slice moves between devices.
+    The picked indices are put back in the batch's row order.
+
+    Randomness: slice i draws from `fold_in(rng, i)` (split by the objective as the full batch's
+    rng is). Head dropout and A-GCL's noise draw per row and element from the shape they are
+    given, so the slices cannot reproduce the full batch's numbers without the objective taking
+    pre-drawn noise; they get draws of the same distribution instead, independent between
+    slices (one shared key would repeat a slice's noise in every slice). The update equals
+    k = 1's to rounding where neither draws (head_dropout 0, cloud_weight 0), and is another
+    sample of the same stochastic update otherwise.
+    """
+    if k == 1:
+        return value_and_grad
+
+    def split(x):  # (B, ...) -> (k, B / k, ...), slice i = rows i, i+k, ...
+        if x.shape[0] % k:
+            raise ConfigError(f"train.microbatches={k} does not divide the batch of "
+                              f"{x.shape[0]} rows", field="train.microbatches")
+        return jnp.moveaxis(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 1, 0)
+
+    def unsplit(x):  # the inverse of `split`
+        return jnp.moveaxis(x, 0, 1).reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
+
+    def accumulate(trainable, frozen, batch, rng, epoch):
+        def one(grads, xs):  # the gradient summed in the carry: one copy, not k
+            i, piece = xs
+            (loss, (parts, picked)), g = value_and_grad(
+                trainable, frozen, piece, jax.random.fold_in(rng, i), epoch)
+            return jax.tree.map(jnp.add, grads, g), (loss, parts, picked)
+        grads, (loss, parts, picked) = jax.lax.scan(
+            one, jax.tree.map(jnp.zeros_like, trainable),
+            (jnp.arange(k, dtype=jnp.int32), jax.tree.map(split, batch)))
+        mean = lambda x: jnp.mean(x, axis=0)  # noqa: E731
+        return ((mean(loss), (jax.tree.map(mean, parts), [unsplit(p) for p in picked])),
+                jax.tree.map(lambda g: g / k, grads))
+    return accumulate

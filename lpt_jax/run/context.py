@@ -10,11 +10,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from lpt_jax import backbones, data, parallel
+from lpt_jax import backbones, data, parallel, tree
 from lpt_jax.config import schema
 from lpt_jax.errors import CheckpointError, ConfigError, Setting
 from lpt_jax.method import registry
 from lpt_jax.method.registry import Method
+from lpt_jax.run import head_init
 from lpt_jax.text import head as text_head
 from lpt_jax.weights.npz import file_fingerprint
 
@@ -35,7 +36,7 @@ def build_context(config, workdir: str, *, load_backbone: bool = True,
                   trained_head: bool = False) -> Context:
     """Validates config, data and checkpoint, and builds the model and its parameters.
     `trained_head`: an export will supply the head (eval, predict), so model.head_init='text'
-    need not run the text tower."""
+    or 'class_mean' need not run the text tower or the training images."""
     schema.check(config)
     method = registry.of(config)
     n = config.train.num_devices
@@ -52,6 +53,7 @@ def build_context(config, workdir: str, *, load_backbone: bool = True,
                 f"{phase.name}.batch_size={batch} must be a multiple of "
                 f"data.cb_images_per_class x processes = {group}: the class-balanced batch "
                 "comes in same-class groups", field=f"{phase.name}.batch_size")
+        _check_microbatches(config.train.microbatches, batch, mesh.devices.size, phase.name)
     parallel.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
     source = data.get_source(config.data)
     _check_against_data(config, source)
@@ -64,7 +66,8 @@ def build_context(config, workdir: str, *, load_backbone: bool = True,
         try:
             params["backbone"] = family.load_params(
                 config.backbone.checkpoint, params["backbone"],
-                dont_load=config.backbone.dont_load, ignore=config.backbone.ignore,
+                dont_load=tuple(config.backbone.dont_load) + _initialised(model.backbone),
+                ignore=config.backbone.ignore,
                 model=model.backbone, subtree=config.backbone.subtree)
             backbones.check_finite(params["backbone"], config.backbone.checkpoint)
             identity = file_fingerprint(config.backbone.checkpoint)
@@ -74,7 +77,24 @@ def build_context(config, workdir: str, *, load_backbone: bool = True,
                               field="backbone.checkpoint") from None
         if config.model.head_init == "text" and not trained_head:
             params["head"] = _text_head(config, source, params["head"])
+        if config.model.head_init == "class_mean" and not trained_head:
+            kernel = head_init.class_mean_kernel(config, source, model.backbone,
+                                                 params["backbone"], mesh)
+            params["head"] = {**params["head"], "kernel": kernel}
     return Context(config, workdir, mesh, source, method, model, params, identity)
+
+
+def _check_microbatches(k: int, batch: int, devices: int, phase: str) -> None:
+    """Each device cuts its share of every stream into k equal slices (steps.py): k must
+    divide batch / devices (then it divides the stream's batch too)."""
+    share = batch // devices
+    if share % k:
+        where = "on the one device" if devices == 1 else f"on each of {devices} devices"
+        raise ConfigError(
+            f"train.microbatches={k} does not divide {phase}.batch_size={batch} per device "
+            f"({share} image{'s' * (share != 1)} per stream {where}): choose a divisor of "
+            f"{share}",
+            field="train.microbatches")
 
 
 def _text_head(config, source, head: dict) -> dict:
@@ -111,11 +131,20 @@ def init_params(model, config) -> dict:
     def init_all():
         return model.init(rngs, dummy)["params"]
 
+    initialised = _initialised(model.backbone)
+
     def init_prompts():
         params = dict(init_all())
-        params.pop("backbone")
-        return params
+        backbone = params.pop("backbone")  # what a method added to it is initialised here
+        return params, tree.split(backbone, initialised)[0] if initialised else {}
 
-    params = dict(jax.jit(init_prompts)())
-    params["backbone"] = jax.eval_shape(init_all)["backbone"]
+    params, added = jax.jit(init_prompts)()
+    params = dict(params)
+    params["backbone"] = tree.unflatten({**tree.flatten(jax.eval_shape(init_all)["backbone"]),
+                                         **tree.flatten(added)})
     return params
+
+
+def _initialised(backbone) -> tuple[str, ...]:
+    """The backbone's params no checkpoint holds (a method's block tuner), as regexes."""
+    return tuple(getattr(backbone, "initialised_params", ()))

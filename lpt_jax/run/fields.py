@@ -39,6 +39,10 @@ TRAIN = Section("how the configured phases run", dict(
                                at_least=0, note="0: no limit"), TRAINING),
     num_devices=Field(0, "devices to use: the first n (0: all)",
                       integer(at_least=0, note="0: all devices"), INCIDENTAL),
+    microbatches=Field(1, "gradient accumulation: each device's share of a stream's batch "
+                       "in this many slices, run one after another and averaged (less memory; "
+                       "the same update up to rounding and the slices' own random draws)",
+                       integer(at_least=1), INCIDENTAL, TRAINING),
     start_export=Field("", "when the first configured phase starts from an earlier one "
                        "(phase 2 from phase 1): that phase's export.npz ('' = the workdir's)",
                        text(), LOCATION, TRAINING),
@@ -55,7 +59,16 @@ EVAL = Section("evaluation: validation during training and the final table", dic
                        "split)", integer(at_least=0, note="0: the whole split")),
     plot=Field(True, "write per_class.png beside the table", boolean()),
     allow_other_class_names=Field(False, "evaluate or predict with an export trained on other "
-                                  "classes or another class order", boolean())),
+                                  "classes or another class order", boolean()),
+    # Test-time ensembling as in LIFT (Shi et al., ICML 2024): reported beside the single-view
+    # accuracy, never instead of it; training is unchanged (no role: a workdir resumes).
+    ensemble=Field("none", "also report the accuracy of the logits averaged over views of "
+                   "each image: 'five_crop' (torchvision FiveCrop of the image resized to "
+                   "data.image_size + eval.ensemble_expand on its shorter side) or 'ten_crop' "
+                   "(those five and the five of the flipped image)",
+                   one_of("none", "five_crop", "ten_crop")),
+    ensemble_expand=Field(24, "pixels added to data.image_size for the shorter side that "
+                          "eval.ensemble crops from (LIFT's 24)", integer(at_least=0))),
     run_defining=False)
 
 PREDICT = Section("prediction: top-k labels of image files", dict(

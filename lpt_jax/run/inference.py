@@ -35,6 +35,23 @@ def make_predict_fn(model, phase: Phase, mesh) -> Callable:
                    out_shardings=rep)
 
 
+@functools.lru_cache(maxsize=8)
+def make_ensemble_predict_fn(model, phase: Phase, mesh) -> Callable:
+    """Jitted (params, views (B, V, H, W, 3)) -> (B, C) float32: the cosine logits of the
+    phase's forward averaged over the V views (the mean of logits, not of probabilities, as
+    LIFT). The views go through the forward one at a time as batches of B (lax.map), so
+    device memory stays that of single-view evaluation (LIFT loops over ten crops for it)."""
+    forward = phase.forward(model)
+
+    def predict(params, views):
+        def one_view(images):
+            return forward(params, images, False, None)["logits"].astype(jnp.float32)
+        return jnp.mean(jax.lax.map(one_view, jnp.swapaxes(views, 0, 1)), axis=0)
+    rep = parallel.replicated(mesh)
+    return jax.jit(predict, in_shardings=(rep, parallel.batch_sharding(mesh)),
+                   out_shardings=rep)
+
+
 def place_params(model, params, mesh):
     """`params` on `mesh` as the predict function reads them: replicated, and a bfloat16
     model's frozen backbone in bfloat16 (`backbones.stored_in_compute_dtype`)."""
@@ -51,15 +68,20 @@ def _gather(x):
 
 def predict_split(ctx: Context, params, phase: Phase, split: str):
     """(predicted labels, true labels, unreadable images skipped) over one pass of a split,
-    padding removed."""
+    padding removed; with eval.ensemble, predicted labels is a pair: (single view,
+    ensembled), from the same pass."""
+    ensemble = ctx.config.eval.ensemble
     predict = make_predict_fn(ctx.model, phase, ctx.mesh)
+    predict_views = (make_ensemble_predict_fn(ctx.model, phase, ctx.mesh)
+                     if ensemble != "none" else None)
     params = place_params(ctx.model, params, ctx.mesh)
     limit = ctx.config.eval.max_examples
     stream = data.make_eval_stream(ctx.source, ctx.config.data, split=split,
                                    batch_size=ctx.config.eval.batch_size,
                                    process_index=jax.process_index(),
-                                   process_count=jax.process_count())
-    preds, labels, seen = [], [], 0
+                                   process_count=jax.process_count(), ensemble=ensemble,
+                                   ensemble_expand=ctx.config.eval.ensemble_expand)
+    preds, ens_preds, labels, seen = [], [], [], 0
     with contextlib.closing(stream):  # a `break` (eval.max_examples) stops the pipeline too
         for batch in stream:
             mask = parallel.global_batch(batch["mask"], ctx.mesh)
@@ -68,23 +90,35 @@ def predict_split(ctx: Context, params, phase: Phase, split: str):
             mask, label, logits = (np.asarray(jax.device_get(x)) for x in (
                 _gather(mask), _gather(label), logits))
             preds.append(np.argmax(logits, -1)[mask])
+            if predict_views is not None:
+                mean = predict_views(params, parallel.global_batch(batch["views"], ctx.mesh))
+                ens_preds.append(np.argmax(np.asarray(jax.device_get(mean)), -1)[mask])
             labels.append(label[mask])
             seen += int(mask.sum())
             if limit and seen >= limit:
                 break
-    preds, labels = np.concatenate(preds), np.concatenate(labels)
-    if limit:
-        preds, labels = preds[:limit], labels[:limit]
+    end = limit or None
+    preds, labels = np.concatenate(preds)[:end], np.concatenate(labels)[:end]
+    if predict_views is not None:
+        preds = (preds, np.concatenate(ens_preds)[:end])
     return preds, labels, getattr(stream, "num_skipped", 0)
 
 
 def accuracy(ctx: Context, params, phase: Phase, split: str) -> dict:
-    """The accuracy report (overall, many/medium/few under both rules, per class)."""
+    """The accuracy report (overall, many/medium/few under both rules, per class); with
+    eval.ensemble, the ensembled one under 'ensembled' (reports.ensembled_report)."""
     t0 = time.time()
     logging.info("evaluating phase %d on the %s split", phase.number, split)
     preds, labels, skipped = predict_split(ctx, params, phase, split)
-    report = reports.accuracy_report(preds, labels, ctx.source.train_counts,
-                                     ctx.source.class_names)
+    counts, names = ctx.source.train_counts, ctx.source.class_names
+    ensemble = ctx.config.eval.ensemble
+    if ensemble != "none":
+        preds, ens_preds = preds
+    report = reports.accuracy_report(preds, labels, counts, names)
+    if ensemble != "none":
+        report["ensembled"] = reports.ensembled_report(
+            reports.accuracy_report(ens_preds, labels, counts, names), ensemble,
+            data.ENSEMBLE_VIEWS[ensemble], ctx.config.eval.ensemble_expand)
     report.update(split=split, phase=phase.number, seconds=round(time.time() - t0, 1),
                   skipped_images=int(skipped))
     return report
@@ -104,12 +138,18 @@ def evaluate(ctx: Context, params, phase: Phase, split: str, outdir: str, title:
 
 
 def validation_scalars(ctx: Context, params, phase: Phase) -> dict:
-    """Validation accuracy for TensorBoard: overall and many/medium/few (release rule)."""
+    """Validation accuracy for TensorBoard: overall and many/medium/few (release rule), and
+    with eval.ensemble the ensembled ones as val_<ensemble>/overall, ..."""
     report = accuracy(ctx, params, phase, "val")
-    scalars = {"val/overall": report["overall"]}
-    for group in reports.GROUPS:
-        if report["release"][group] is not None:
-            scalars[f"val/{group}"] = report["release"][group]
+    scalars = {}
+    for prefix, r in (("val", report), (f"val_{ctx.config.eval.ensemble}",
+                                        report.get("ensembled"))):
+        if r is None:
+            continue
+        scalars[f"{prefix}/overall"] = r["overall"]
+        for group in reports.GROUPS:
+            if r["release"][group] is not None:
+                scalars[f"{prefix}/{group}"] = r["release"][group]
     return scalars
 
 

@@ -51,31 +51,59 @@ def accuracy_report(predictions: np.ndarray, labels: np.ndarray, train_counts: n
     return report
 
 
+def ensembled_report(report: Mapping, ensemble: str, views: int, expand: int) -> dict:
+    """The parts of an `accuracy_report` of test-time ensembled predictions (eval.ensemble)
+    that a report keeps under 'ensembled' beside its single-view numbers: overall, both
+    rules' groups, per-class accuracies (in class order), and how the views were made."""
+    return {"ensemble": ensemble, "views": int(views), "expand": int(expand),
+            "overall": report["overall"], **{rule: report[rule] for rule in RULES},
+            "per_class_accuracy": [row["accuracy"] for row in report["per_class"]]}
+
+
+def ensembled_title(ensembled: Mapping) -> str:
+    return f"ensembled ({ensembled['ensemble']}, {ensembled['views']} views)"
+
+
 def markdown_table(report: Mapping, title: str = "") -> str:
     def fmt(v):
         return "–" if v is None else f"{v:.2f}"
     lines = [f"### {title}" if title else "", "",
              "| group rule | overall | many | medium | few | classes (many/medium/few) |",
              "|---|---|---|---|---|---|"]
-    for rule in RULES:
-        r = report[rule]
-        lines.append(f"| {RULE_TITLES[rule]} | {fmt(report['overall'])} | {fmt(r['many'])} | "
-                     f"{fmt(r['medium'])} | {fmt(r['few'])} | "
-                     f"{r['many_classes']}/{r['medium_classes']}/{r['few_classes']} |")
+    ensembled = report.get("ensembled")
+    for numbers, suffix in ((report, ""), (ensembled, ensembled and ensembled_title(ensembled))):
+        if numbers is None:
+            continue
+        for rule in RULES:
+            r = numbers[rule]
+            name = RULE_TITLES[rule] + (f", {suffix}" if suffix else "")
+            lines.append(f"| {name} | {fmt(numbers['overall'])} | {fmt(r['many'])} | "
+                         f"{fmt(r['medium'])} | {fmt(r['few'])} | "
+                         f"{r['many_classes']}/{r['medium_classes']}/{r['few_classes']} |")
     lines.append("")
     skipped = report.get("skipped_images", 0)
     lines.append(f"top-1 accuracy in %, {report['num_examples']} images"
                  + (f" ({skipped} unreadable images skipped)." if skipped else "."))
+    if ensembled is not None:
+        lines.append(f"Ensembled: argmax of the mean logits of {ensembled['views']} views per "
+                     f"image ({ensembled['ensemble']} of the image resized to data.image_size "
+                     f"+ {ensembled['expand']} on its shorter side); the other rows: one "
+                     "centre view.")
     return "\n".join(lines).lstrip("\n") + "\n"
 
 
 def per_class_csv(report: Mapping) -> str:
+    def fmt(acc):
+        return "" if acc is None else f"{acc:.4f}"
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["class", "name", "train_count", "test_count", "accuracy"])
-    for row in report["per_class"]:
-        acc = "" if row["accuracy"] is None else f"{row['accuracy']:.4f}"
-        w.writerow([row["class"], row["name"], row["train_count"], row["test_count"], acc])
+    ensembled = report.get("ensembled")
+    extra = [f"accuracy_{ensembled['ensemble']}"] if ensembled else []
+    w.writerow(["class", "name", "train_count", "test_count", "accuracy"] + extra)
+    for i, row in enumerate(report["per_class"]):
+        more = [fmt(ensembled["per_class_accuracy"][i])] if ensembled else []
+        w.writerow([row["class"], row["name"], row["train_count"], row["test_count"],
+                    fmt(row["accuracy"])] + more)
     return buf.getvalue()
 
 

@@ -30,9 +30,11 @@ from lpt_jax.errors import ConfigError, Setting
 from lpt_jax.storage import files
 from lpt_jax.text import tower as siglip_text
 
-HEAD_INIT = Field("random", "the cosine head's start: 'random' (unit columns, spec §2) or "
+HEAD_INIT = Field("random", "the cosine head's start: 'random' (unit columns, spec §2), "
                   "'text' (class-name prompts through the two-tower model's text tower, "
-                  "model.text; docs/siglip.md)", f.one_of("random", "text"), TRAINING)
+                  "model.text; docs/siglip.md) or 'class_mean' (the normalised class means of "
+                  "the frozen backbone's training features, LIFT's; lpt_jax.run.head_init)",
+                  f.one_of("random", "text", "class_mean"), TRAINING)
 
 
 def _one_slot(template) -> bool:
