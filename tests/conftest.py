@@ -35,6 +35,26 @@ jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+# The files that take longest (seconds on an idle 2-core machine, `--durations`), run first:
+# with `-n 2 --dist loadfile` the two workers take files in collection order, and xdist's
+# default order (most tests first) left a long file with few tests (test_multiprocess) for the
+# end, with the other worker idle. Longest first keeps both busy to the end.
+SLOW_FIRST = ("test_train", "test_multiprocess", "test_bad_inputs", "test_preemption",
+              "test_gcs", "test_lease_e2e", "test_places_config", "test_backbone",
+              "test_toy_backbone", "test_toy_phase", "test_demo", "test_lift", "test_siglip")
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist: keep the order below
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(session, config, items):
+    del session, config
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: files whole
+
+
 def pytest_sessionfinish(session, exitstatus):
     del session, exitstatus
     if not _USER_CACHE:

@@ -211,3 +211,78 @@ def test_a_bad_lift_value_is_one_line(tmp_path, path, value, says):
     with pytest.raises(ConfigError) as e:
         schema.check(c)
     assert says in str(e.value) and "\n" not in str(e.value)
+
+
+def test_deep_prompts_equal_lpts_shared_prompt_and_shallow_ones_are_carried_through():
+    from lpt_jax.method.lift_model import LIFT
+    from lpt_jax.method.lpt_model import LPT
+    plain = ViT(**vit_kwargs(TINY_VIT))
+    x = jax.random.normal(jax.random.key(1), (3, 32, 32, 3))
+    backbone = plain.init(jax.random.key(0), x)["params"]
+    depth, width = TINY_VIT["depth"], TINY_VIT["width"]
+    prompt = jax.random.normal(jax.random.key(2), (depth, 5, width))
+
+    # 'deep' is LPT's phase-1 prompt by another path (LPT: its shared prompt at every block).
+    lift = LIFT(plain, 4, vpt="deep", vpt_length=5)
+    params = lift.init(jax.random.key(3), x)["params"]
+    assert params["vpt_prompt"].shape == (depth, 5, width)
+    bound = (6 / (3 * TINY_VIT["patch_size"] ** 2 + width)) ** 0.5  # LIFT's uniform init
+    assert 0.8 * bound < np.abs(params["vpt_prompt"]).max() <= bound
+    ours = lift.apply({"params": {**params, "backbone": backbone, "vpt_prompt": prompt}}, x,
+                      method=LIFT.classify)["query"]
+    lpt = LPT(plain, 4, prompt_length=5, pool_size=2, shared_depth=depth)
+    lpt_params = lpt.init(jax.random.key(4), x)["params"]
+    theirs = lpt.apply({"params": {**lpt_params, "backbone": backbone, "shared_prompt": prompt}},
+                       x, method=LPT.phase1)["query"]
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), atol=1e-5)
+
+    # 'shallow': tokens appended before block 0 and computed through every block, as the
+    # plain ViT computes a longer sequence (all rows of every block, then its class token).
+    lift = LIFT(plain, 4, vpt="shallow", vpt_length=5)
+    params = lift.init(jax.random.key(3), x)["params"]
+    tokens = prompt[0]
+    ours = lift.apply({"params": {**params, "backbone": backbone, "vpt_prompt": tokens}}, x,
+                      method=LIFT.classify)["query"]
+
+    def full(module, images):
+        seq = module.embed(images)
+        seq = jnp.concatenate([seq, jnp.broadcast_to(tokens, (3,) + tokens.shape)], axis=1)
+        return module.features(module.encode(seq))
+    want = plain.apply({"params": backbone}, x, method=full)
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(want), atol=1e-5)
+    without = plain.apply({"params": backbone}, x,
+                          method=lambda m, i: m.encode_features(m.embed(i)))
+    assert np.abs(np.asarray(ours) - np.asarray(without)).max() > 1e-3
+
+
+def test_shallow_prompts_with_a_pooling_that_would_pool_them_are_refused(tmp_path):
+    from lpt_jax.config import schema
+    c = lift_config(tmp_path)
+    c.model.lift.vpt = "shallow"
+    schema.check(c)
+    c.model.vit.pool_type = "gap"
+    with pytest.raises(ConfigError, match="model.lift.vpt='shallow' carries its tokens"):
+        schema.check(c)
+
+
+def test_bitfit_is_the_plain_backbone_with_its_block_biases_trained(tmp_path):
+    from lpt_jax.method import steps
+    c = lift_config(tmp_path)
+    c.model.lift.tuners = "none"
+    c.phase1.trainable = (r"backbone/Transformer/encoderblock_\d+/.*/bias", "head/.*")
+    ctx = build_context(c, str(tmp_path / "wd"))
+    phase = ctx.method.phase(1)
+    step = steps.make_train_step(ctx.model, phase, c, class_counts=ctx.source.train_counts,
+                                 steps_per_epoch=4, batch_size=8)
+    params = jax.device_get(ctx.params)
+    state, frozen = step.init(params)
+    rng = np.random.default_rng(0)
+    one = {"image": rng.uniform(-1, 1, (8, 32, 32, 3)).astype(np.float32),
+           "label": np.arange(8, dtype=np.int32) % 4}
+    state, _ = jax.jit(step.fn)(state, frozen, {"cb": one, "ib": one})
+    after = tree.flatten(tree.merge(jax.device_get(state["trainable"]), frozen))
+    before = tree.flatten(params)
+    moved = {k for k in before if not np.array_equal(np.asarray(before[k]), np.asarray(after[k]))}
+    assert moved and all(k.endswith("/bias") or k.startswith("head/") for k in moved)
+    assert any(k.startswith("backbone/") for k in moved)
+    assert not any("/tuner/" in k for k in before)  # no module: the plain backbone

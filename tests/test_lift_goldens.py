@@ -120,7 +120,8 @@ def _forward(config: str):
     vit = _vit(meta)
     model_cfg = types.SimpleNamespace(
         backbone="vit", lift=types.SimpleNamespace(tuners=TUNERS[config],
-                                                  bottleneck=meta["bottleneck"]))
+                                                  bottleneck=meta["bottleneck"], vpt="none",
+                                                  vpt_length=1))
     model = lift.METHOD.build(model_cfg, meta["num_classes"], vit)
     images = _unit(golden["images_u8"])
     abstract = jax.eval_shape(model.init, jax.random.key(0), images[:1])["params"]

@@ -312,9 +312,9 @@ def test_balanced_softmax_matches_reference(tau, x64):
     np.testing.assert_allclose(uniform, losses.softmax_xent(jnp.asarray(z), jnp.asarray(y)), rtol=1e-12)
 
 
-@pytest.mark.parametrize("name", ["agcl", "gcl", "ce", "balanced_ce"])
+@pytest.mark.parametrize("name", ["agcl", "gcl", "ce", "balanced_ce", "logit_adjusted"])
 def test_registered_losses_jit_and_finite_gradients_at_edges(name):
-    assert set(losses.LOSSES) == {"agcl", "gcl", "ce", "balanced_ce"}
+    assert set(losses.LOSSES) == {"agcl", "gcl", "ce", "balanced_ce", "logit_adjusted"}
     extra = CB if name == "agcl" else {}
     value_and_grad = jax.jit(jax.value_and_grad(losses.make_branch_loss(name, LONG_TAIL, **extra)))
     for case in ("plus_minus_one", "p_y_is_one"):

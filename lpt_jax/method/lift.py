@@ -23,6 +23,14 @@ from lpt_jax.method.phases import Phase
 
 _TUNER_SET = rf"none|({'|'.join(TUNERS)})(\+({'|'.join(TUNERS)}))*"
 
+def _shallow_prompts_need_a_class_token(lift, root) -> None:
+    vit = root.model.get(root.model.backbone) if root is not None else None
+    if lift.vpt == "shallow" and vit is not None and vit.get("pool_type", "tok") != "tok":
+        raise ConfigError(f"model.lift.vpt='shallow' carries its tokens to the end, where "
+                          f"pool_type={vit.pool_type!r} would pool them with the image's: use "
+                          "'deep', or a backbone with a class token", field="model.lift.vpt")
+
+
 FIELDS = Section("LIFT's modules in every frozen block and its cosine head (spec §9)", dict(
     tuners=Field("adaptformer", "the modules in every block, '+'-joined: " + ", ".join(TUNERS)
                  + "; 'none': the plain backbone (a linear probe, or BitFit with the block "
@@ -31,7 +39,12 @@ FIELDS = Section("LIFT's modules in every frozen block and its cosine head (spec
                       "or 'lora+ssf'")),
     bottleneck=Field(0, "the modules' bottleneck width r (AdaptFormer, Adapter, LoRA); 0: "
                      "LIFT's 2 ** max(0, floor(log2(C / 2L)))",
-                     integer(at_least=0, note="0: LIFT's rule"))))
+                     integer(at_least=0, note="0: LIFT's rule")),
+    vpt=Field("none", "LIFT's visual prompts: 'shallow' (tokens added before block 0 and "
+              "carried through), 'deep' (every block's own tokens) or 'none'",
+              one_of("none", "shallow", "deep")),
+    vpt_length=Field(10, "prompt tokens (with vpt)", integer(at_least=1))),
+    rules=(_shallow_prompts_need_a_class_token,))
 
 LOSS = Section("LIFT's loss on the instance-balanced batch (spec §9)", dict(
     name=Field("logit_adjusted", "'logit_adjusted': CE(scale z + tau log prior) (Menon et al.); "
@@ -57,7 +70,8 @@ def objective(config, class_counts, epochs: int):
 
 
 PHASES = (
-    Phase(1, LIFT.classify, (r"backbone/Transformer/encoderblock_\d+/tuner/.*", r"head/.*"),
+    Phase(1, LIFT.classify, (r"backbone/Transformer/encoderblock_\d+/tuner/.*", "vpt_prompt",
+                             r"head/.*"),
           doc="LIFT: the modules in every block and the head", epochs=10, batch_size=128),
 )
 
@@ -68,11 +82,12 @@ def _build(model_cfg, num_classes: int, backbone) -> LIFT:
                           f"(lpt_jax.backbones.layers.BlockTuner); model.backbone="
                           f"{model_cfg.backbone!r} has none", field="model.method")
     lift = model_cfg.lift
+    prompts = dict(vpt=lift.vpt, vpt_length=int(lift.vpt_length))
     if lift.tuners == "none":
-        return LIFT(backbone=backbone, num_classes=num_classes)
+        return LIFT(backbone=backbone, num_classes=num_classes, **prompts)
     r = lift.bottleneck or bottleneck_width(num_classes, backbone.depth)
     tuner = functools.partial(LiftTuner, tuners=tuple(lift.tuners.split("+")), bottleneck=r)
-    return LIFT(backbone=backbone.clone(block_tuner=tuner), num_classes=num_classes)
+    return LIFT(backbone=backbone.clone(block_tuner=tuner), num_classes=num_classes, **prompts)
 
 
 METHOD = registry.Method(

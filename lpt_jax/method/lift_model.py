@@ -126,17 +126,46 @@ class LiftTuner(BlockTuner):
         return mlp
 
 
+def _vpt_init(patch_area: int):
+    """LIFT's VPT init: U(+-sqrt(6 / (3 * patch_h * patch_w + D)))."""
+    def init(key, shape, dtype=jnp.float32):
+        bound = math.sqrt(6.0 / (3 * patch_area + shape[-1]))
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+    return init
+
+
 class LIFT(nn.Module):
-    """The tuned backbone's pooled feature -> cosine head (the loss scales the cosines)."""
+    """The tuned backbone's pooled feature -> cosine head (the loss scales the cosines).
+
+    `vpt` adds LIFT's visual prompts (`vpt_prompt`): 'shallow' appends `vpt_length` tokens to
+    the sequence before block 0, carried through every block (class-token pooling reads
+    only the class token); 'deep' gives every block its own tokens, which the block attends
+    over and whose outputs the next block does not see (the mechanism of LPT's prompts)."""
     backbone: nn.Module   # built with `block_tuner` set (lpt_jax.method.lift.build)
     num_classes: int
+    vpt: str = "none"     # 'none', 'shallow' or 'deep'
+    vpt_length: int = 10
 
     def setup(self):
         self.head = CosineHead(self.num_classes, name="head")
+        if self.vpt != "none":
+            patch = self.backbone.patch_size
+            area = patch * patch if isinstance(patch, int) else patch[0] * patch[1]
+            shape = (self.vpt_length, self.backbone.width)
+            if self.vpt == "deep":
+                shape = (self.backbone.depth,) + shape
+            self.vpt_prompt = self.param("vpt_prompt", _vpt_init(area), shape)
 
     def classify(self, images, train: bool = False):
         """-> dict(logits (B, C), match 0, indices (B, 0), query (B, D)) (nothing picked)."""
-        feature = self.backbone.encode_features(self.backbone.embed(images))
+        x, extras = self.backbone.embed(images), None
+        if self.vpt == "shallow":
+            prompt = jnp.broadcast_to(self.vpt_prompt.astype(x.dtype),
+                                      (x.shape[0],) + self.vpt_prompt.shape)
+            x = jnp.concatenate([x, prompt], axis=1)
+        elif self.vpt == "deep":
+            extras = {i: self.vpt_prompt[i] for i in range(self.backbone.depth)}
+        feature = self.backbone.encode_features(x, 0, extras)
         return dict(logits=self.head(feature), match=jnp.zeros((), jnp.float32),
                     indices=jnp.zeros((images.shape[0], 0), jnp.int32), query=feature)
 
