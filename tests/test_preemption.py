@@ -269,6 +269,8 @@ class _SignalledWhileFinalized:
         time.sleep(1)  # the handler runs here, inside the finalizer
 
 
+# The finalizer's exception is the point of the test: Python reports it as unraisable.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_a_signal_whose_exception_a_finalizer_swallowed_is_not_lost():
     """A signal that lands while Python runs a `__del__` raises there, and Python only prints
     "Exception ignored": the signal must still stop the run at the next boundary (seen: a

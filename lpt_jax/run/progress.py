@@ -1,71 +1,24 @@
-"""What a phase reports while it trains: TensorBoard scalars (clu writers, process 0 only), a
-console line with the rate and ETA, and the non-finite step guard's verdicts.
-
-TensorBoard's event writer reaches remote folders only through TensorFlow's own file systems,
-which cannot be pointed at an emulator: for a remote log folder the events are written to a
-local temporary folder and copied there through lpt_jax.files (at every flush, and at most
-every `SYNC_EVERY_S` seconds while the phase writes: the delay TensorFlow's own writer has)."""
+"""What a phase reports while it trains: TensorBoard scalars (lpt_jax.run.events: clu writers,
+process 0 only; a remote log folder is written locally and copied), a console line with the
+rate and ETA, and the non-finite step guard's verdicts."""
 
 from __future__ import annotations
 
-import atexit
-import os
-import shutil
-import tempfile
 import time
 
 import jax
 import numpy as np
 from absl import logging
-from clu import metric_writers, periodic_actions
 
 from lpt_jax.errors import NonFiniteError
-from lpt_jax.storage import files
-
-SYNC_EVERY_S = 120.0
 
 
 def make_writer(logdir: str):
-    """TensorBoard events from process 0 only. (clu's create_default_writer would also log
-    every scalar to the console; `Progress` prints one readable line instead.)"""
-    if jax.process_index() > 0:
-        return metric_writers.MultiWriter([])
-    if files.is_remote(logdir):
-        return RemoteEventsWriter(logdir)
-    return metric_writers.AsyncWriter(metric_writers.SummaryWriter(logdir))
-
-
-class RemoteEventsWriter(metric_writers.MultiWriter):
-    """Events written to a local temporary folder, copied to the remote `logdir` through the
-    file seam at `flush()` and, while writing, at most every `sync_every_s` seconds. A copy
-    that fails is a warning (training goes on; the events stay in the local folder)."""
-
-    def __init__(self, logdir: str, sync_every_s: float = SYNC_EVERY_S):
-        self.logdir, self.sync_every_s = logdir, sync_every_s
-        self.local = tempfile.mkdtemp(prefix="lpt_events_")
-        atexit.register(shutil.rmtree, self.local, True)
-        self._synced = time.monotonic()
-        super().__init__([metric_writers.AsyncWriter(metric_writers.SummaryWriter(self.local))])
-
-    def write_scalars(self, step, scalars):
-        super().write_scalars(step, scalars)
-        if time.monotonic() - self._synced > self.sync_every_s:
-            self.flush()
-
-    def flush(self):
-        super().flush()
-        self._synced = time.monotonic()
-        try:
-            for name in sorted(os.listdir(self.local)):
-                with open(os.path.join(self.local, name), "rb") as f:
-                    files.write_bytes(os.path.join(self.logdir, name), f.read())
-        except OSError as e:
-            logging.warning("TensorBoard events not copied to %s (%s); they are in %s until "
-                            "this process ends", self.logdir, e, self.local)
-
-    def close(self):
-        self.flush()
-        super().close()
+    """TensorBoard events from process 0 only (`events.make_writer`). clu's writers import
+    TensorFlow (2 s): loaded here, when a phase starts, not by every command that imports
+    the trainer and may stop at a config check first."""
+    from lpt_jax.run import events
+    return events.make_writer(logdir)
 
 
 def _duration(seconds: float) -> str:
@@ -85,6 +38,7 @@ class Progress:
         self.latest_checkpoint = latest_checkpoint  # () -> the newest saved step, or None
         self.pending: list = []
         self.t0, self.s0 = None, None
+        from clu import periodic_actions  # (imports TensorFlow: only once a phase runs)
         self.report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
                                                       every_steps=every)
 
