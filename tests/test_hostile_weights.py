@@ -205,7 +205,7 @@ print(json.dumps(out))
 
 def refused_in_probe(path, match, unsafe=False):
     """Reads `path` in a subprocess capped at HEADROOM; asserts one refusal line naming the
-    file and `match`, and little memory and time for it."""
+    file and `match` (or one of a tuple of them), and little memory and time for it."""
     run = subprocess.run([sys.executable, "-c", _PROBE, str(path), str(HEADROOM)], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
@@ -214,7 +214,8 @@ def refused_in_probe(path, match, unsafe=False):
     print(f"\n{path.name} ({size:.2f} MiB): {out}")
     want = "UnsafeCheckpointError" if unsafe else "CheckpointError"
     assert out["error"] == want, out
-    assert str(path) in out["message"] and match in out["message"], out
+    matches = (match,) if isinstance(match, str) else match
+    assert str(path) in out["message"] and any(m in out["message"] for m in matches), out
     assert "\n" not in out["message"]
     assert out["peak_growth_mib"] < 32 and out["seconds"] < 10, out
     return out
@@ -389,7 +390,8 @@ def test_overlapping_zip_records_are_refused(tmp_path):
                              [r["size"]]) for i, r in enumerate(records[:k])}
     path = tmp_path / "overlap.pth"
     write_pth(path, state, records=records)
-    refused_in_probe(path, "more than the archive's")
+    # Our check's words, or zipfile's own where it finds the overlap first (Python 3.13).
+    refused_in_probe(path, ("more than the archive's", "Overlapped entries"))
 
 
 def test_stride_zero_tensors_are_refused(tmp_path):
