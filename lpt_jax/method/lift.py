@@ -2,9 +2,10 @@
 (AdaptFormer by default), a cosine head, the logit-adjusted loss on instance-balanced
 batches, one phase of 10 epochs (docs/spec.md §9). The modules are in `lift_model`.
 
-    phase 1   trains the block modules (`tuner/` in every block) and the head; the head
-              starts from the class means of the frozen backbone's training features
-              (model.head_init='class_mean', set by LIFT's configs) or the text tower
+    phase 1   trains the block modules (`tuner/` in every block), the visual prompts if any
+              (`vpt_prompt`) and the head; the head starts from the class means of the
+              frozen backbone's training features (model.head_init='class_mean', set by
+              LIFT's configs) or the text tower
 
 Everything else (the trainer, the step, exports, resume, evaluation, prediction) is the
 generic machinery every method runs; LIFT's phase declares no per-example forward for mixed
@@ -22,6 +23,7 @@ from lpt_jax.method.lift_model import LIFT, TUNERS, LiftTuner, bottleneck_width
 from lpt_jax.method.phases import Phase
 
 _TUNER_SET = rf"none|({'|'.join(TUNERS)})(\+({'|'.join(TUNERS)}))*"
+
 
 def _shallow_prompts_need_a_class_token(lift, root) -> None:
     vit = root.model.get(root.model.backbone) if root is not None else None
