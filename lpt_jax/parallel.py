@@ -64,6 +64,14 @@ def global_batch(local_tree, mesh: Mesh):
         lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_tree)
 
 
+def gather(x):
+    """A global batch-sharded array, whole, on every process (itself with one process)."""
+    if jax.process_count() == 1:
+        return x
+    from jax.experimental import multihost_utils
+    return multihost_utils.process_allgather(x, tiled=True)
+
+
 def sync(name: str) -> None:
     """Waits until every process reaches this point (no-op with one process)."""
     if jax.process_count() > 1:

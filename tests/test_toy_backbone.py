@@ -17,15 +17,15 @@ import numpy as np
 import pytest
 
 from configs.common import base_config
-from lpt_jax import backbones, parallel, tree
+from lpt_jax import backbones, tree
 from lpt_jax.config import fields as f
 from lpt_jax.config.fields import EXPORTED, INCIDENTAL, Field, Section
 from lpt_jax.errors import CheckpointError
 from lpt_jax.run import exports, inference, rundir, trainer
-from lpt_jax.serving import MultiTaskPredictor
 from lpt_jax.weights.npz import read_npz, write_npz
 
 from helpers import make_image_folder
+from tiny_run import assert_mixed_batch_matches_single_tasks
 
 
 class ToyBlock(nn.Module):
@@ -161,19 +161,9 @@ def test_toy_backbone_end_to_end(toy_registered, tmp_path):
     # Serving: a phase-1 and a phase-2 export of the run on one toy trunk, in one mixed batch,
     # equal to each export's single-task prediction.
     paths = {"p1": rundir.export_path(workdir, 1), "p2": rundir.export_path(workdir, 2)}
-    predictor = MultiTaskPredictor.from_exports(config.backbone.checkpoint, paths, batch_size=8)
     images = np.random.default_rng(0).uniform(-1, 1, (6, 32, 32, 3)).astype(np.float32)
-    order = ["p2", "p1", "p1", "p2", "p2", "p1"]
-    mixed = predictor.scores(images, order).logits
-    ctx = inference.build_context(config, workdir, trained_head=True)
-    mesh = parallel.make_mesh(jax.devices()[:1])
-    for task, path in paths.items():
-        params, phase = inference.load_trained(ctx, path)
-        predict = inference.make_predict_fn(ctx.model, phase, mesh)
-        rows = [i for i, t in enumerate(order) if t == task]
-        single, _ = predict(inference.place_params(ctx.model, params, mesh),
-                            jnp.asarray(images[rows]))
-        np.testing.assert_allclose(mixed[rows], np.asarray(single), atol=2e-5)
+    assert_mixed_batch_matches_single_tasks(config, workdir, paths,
+                                            ["p2", "p1", "p1", "p2", "p2", "p1"], images)
 
 
 def test_toy_backbone_config_is_checked_from_its_declarations(toy_registered, tmp_path):

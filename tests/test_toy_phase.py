@@ -9,20 +9,17 @@ contents all come from the declaration."""
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lpt_jax import parallel
 from lpt_jax.config import schema
 from lpt_jax.method import lpt, registry
 from lpt_jax.method.lpt_model import PromptedBackbone
 from lpt_jax.method.phases import Phase
 from lpt_jax.run import exports, inference, rundir, trainer
-from lpt_jax.serving import MultiTaskPredictor
 
-from tiny_run import tiny_config
+from tiny_run import assert_mixed_batch_matches_single_tasks, tiny_config
 
 
 def shallow(model, images, train=False):
@@ -84,17 +81,7 @@ def test_a_registered_phase_runs_end_to_end(with_phase3, tmp_path):
     # Serving: phase 3 beside phases 1 and 2, in one batch, each row equal to its task's own
     # single-task prediction.
     paths = {f"p{n}": rundir.export_path(workdir, n) for n in (1, 2, 3)}
-    predictor = MultiTaskPredictor.from_exports(config.backbone.checkpoint, paths, batch_size=8)
     images = np.random.default_rng(0).uniform(-1, 1, (7, 32, 32, 3)).astype(np.float32)
-    order = ["p3", "p1", "p2", "p3", "p2", "p1", "p3"]
-    mixed = predictor.scores(images, order).logits
     config.phase3.epochs = 1
-    ctx = inference.build_context(config, workdir, trained_head=True)
-    mesh = parallel.make_mesh(jax.devices()[:1])
-    for task, path in paths.items():
-        params, phase = inference.load_trained(ctx, path)
-        predict = inference.make_predict_fn(ctx.model, phase, mesh)
-        rows = [i for i, t in enumerate(order) if t == task]
-        single, _ = predict(inference.place_params(ctx.model, params, mesh),
-                            jnp.asarray(images[rows]))
-        np.testing.assert_allclose(mixed[rows], np.asarray(single), atol=2e-5, err_msg=task)
+    assert_mixed_batch_matches_single_tasks(config, workdir, paths,
+                                            ["p3", "p1", "p2", "p3", "p2", "p1", "p3"], images)

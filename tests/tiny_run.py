@@ -54,3 +54,24 @@ def multiprocess_config(tmp_path):
     c.optim.base_lr = 5.0  # large steps, so that a difference would show
     c.eval.plot = False
     return c
+
+
+def assert_mixed_batch_matches_single_tasks(config, workdir, paths, order, images):
+    """Serving: `images` scored in one mixed batch of the exports `paths` ({task: path}; row i
+    is task `order[i]`'s) equal each export's own single-task prediction of its rows."""
+    import numpy as np
+
+    from lpt_jax import parallel
+    from lpt_jax.run import inference
+    from lpt_jax.serving import MultiTaskPredictor
+    predictor = MultiTaskPredictor.from_exports(config.backbone.checkpoint, paths, batch_size=8)
+    mixed = predictor.scores(images, order).logits
+    ctx = inference.build_context(config, workdir, trained_head=True)
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    for task, path in paths.items():
+        params, phase = inference.load_trained(ctx, path)
+        predict = inference.make_predict_fn(ctx.model, phase, mesh)
+        rows = [i for i, t in enumerate(order) if t == task]
+        single, _ = predict(inference.place_params(ctx.model, params, mesh),
+                            jnp.asarray(images[rows]))
+        np.testing.assert_allclose(mixed[rows], np.asarray(single), atol=2e-5, err_msg=task)

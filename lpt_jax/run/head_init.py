@@ -49,7 +49,7 @@ def class_mean_kernel(config, source, backbone, backbone_params: dict, mesh) -> 
         for batch in stream:
             f = np.asarray(features(params, parallel.global_batch(batch["image"], mesh)),
                            np.float64)
-            mask, label = (np.asarray(_gather(parallel.global_batch(batch[k], mesh)))
+            mask, label = (np.asarray(parallel.gather(parallel.global_batch(batch[k], mesh)))
                            for k in ("mask", "label"))
             if sums is None:
                 sums = np.zeros((source.num_classes, f.shape[-1]), np.float64)
@@ -65,9 +65,3 @@ def class_mean_kernel(config, source, backbone, backbone_params: dict, mesh) -> 
                  time.perf_counter() - start)
     return means.T.astype(np.float32)
 
-
-def _gather(x):
-    if jax.process_count() == 1:
-        return x
-    from jax.experimental import multihost_utils
-    return multihost_utils.process_allgather(x, tiled=True)

@@ -59,13 +59,6 @@ def place_params(model, params, mesh):
                           parallel.replicated(mesh))
 
 
-def _gather(x):
-    if jax.process_count() == 1:
-        return x
-    from jax.experimental import multihost_utils
-    return multihost_utils.process_allgather(x, tiled=True)
-
-
 def predict_split(ctx: Context, params, phase: Phase, split: str):
     """(predicted labels, true labels, unreadable images skipped) over one pass of a split,
     padding removed; with eval.ensemble, predicted labels is a pair: (single view,
@@ -88,7 +81,7 @@ def predict_split(ctx: Context, params, phase: Phase, split: str):
             label = parallel.global_batch(batch["label"], ctx.mesh)
             logits, _ = predict(params, parallel.global_batch(batch["image"], ctx.mesh))
             mask, label, logits = (np.asarray(jax.device_get(x)) for x in (
-                _gather(mask), _gather(label), logits))
+                parallel.gather(mask), parallel.gather(label), logits))
             preds.append(np.argmax(logits, -1)[mask])
             if predict_views is not None:
                 mean = predict_views(params, parallel.global_batch(batch["views"], ctx.mesh))
