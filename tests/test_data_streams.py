@@ -47,6 +47,21 @@ def test_source_from_tree(tree):
     assert data.num_eval_examples(src, "test") == 10 * EVAL_PER_CLASS
 
 
+def test_a_method_reading_one_stream_gets_it_alone_and_unchanged(tree):
+    """LIFT reads the instance-balanced batch alone: the class-balanced one is neither sampled
+    into the batch nor decoded, and the ib images and augmentations are the dual stream's."""
+    cfg = _cfg(tree)
+    src = data.get_source(cfg)
+    dual = _take(data.make_train_stream(src, cfg, global_batch_size=16, seed=0), 2)
+    alone = _take(data.make_train_stream(src, cfg, global_batch_size=16, seed=0,
+                                         streams=("ib",)), 2)
+    for both, ib in zip(dual, alone):
+        assert set(ib) == {"ib"}
+        _assert_same(both["ib"], ib["ib"])
+    with pytest.raises(ValueError, match="streams"):
+        data.make_train_stream(src, cfg, global_batch_size=16, streams=("balanced",))
+
+
 def test_train_batch_structure_and_labels(tree):
     cfg = _cfg(tree)
     src = data.get_source(cfg)

@@ -18,7 +18,9 @@ _CB, _IB = 0, 1  # stream ids mixed into augmentation seeds
 
 
 class TrainStream:
-    """Iterator of dual-sampling batches: {'cb': {image, label}, 'ib': {image, label}}.
+    """Iterator of dual-sampling batches: {'cb': {image, label}, 'ib': {image, label}}, or
+    of the `streams` a method reads alone (LIFT: 'ib'), the others neither read nor decoded;
+    a stream's images and augmentations are the same whether the other is made or not.
 
     `step` is the index of the next batch; a stream made with `start_step=k`
     yields exactly batch k of a fresh stream, in O(1).
@@ -30,7 +32,11 @@ class TrainStream:
     """
 
     def __init__(self, src, cfg, global_batch_size: int, seed: int = 0, start_step: int = 0,
-                 process_index: int = 0, process_count: int = 1):
+                 process_index: int = 0, process_count: int = 1,
+                 streams: tuple[str, ...] = ("cb", "ib")):
+        if not streams or set(streams) - {"cb", "ib"}:
+            raise ValueError(f"streams={streams!r}: expected 'cb' and/or 'ib'")
+        self.streams = tuple(s for s in ("cb", "ib") if s in streams)
         k = int(cfg.cb_images_per_class)
         self._slice = process_slice(global_batch_size, process_index, process_count, multiple_of=k)
         self._split = src.split("train")
@@ -48,20 +54,19 @@ class TrainStream:
         self._iterator = None
 
     # Index plan ------------------------------------------------------------
-    def local_indices(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-        """This process's (class-balanced, instance-balanced) example indices of `step`."""
-        cb = self.sampler.class_balanced(step)[self._slice]
-        ib = self.sampler.instance_balanced(step)[self._slice]
-        return self._substitute[cb], self._substitute[ib]
+    def local_indices(self, step: int) -> tuple[np.ndarray, ...]:
+        """This process's example indices of `step`, one array per stream (class-balanced,
+        instance-balanced)."""
+        draw = {"cb": self.sampler.class_balanced, "ib": self.sampler.instance_balanced}
+        return tuple(self._substitute[draw[s](step)[self._slice]] for s in self.streams)
 
     def _plan(self, step: int):
-        cb, ib = self.local_indices(step)
-        idx = np.concatenate([cb, ib])
+        idx = np.concatenate(self.local_indices(step))
         slots = step * self.global_batch_size + np.arange(self._slice.start, self._slice.stop)
+        ids = {"cb": _CB, "ib": _IB}
         seeds = np.stack([
-            np.concatenate([np.full_like(slots, self.seed * 2 + _CB),
-                            np.full_like(slots, self.seed * 2 + _IB)]),
-            np.concatenate([slots, slots])], axis=1).astype(np.int64)
+            np.concatenate([np.full_like(slots, self.seed * 2 + ids[s]) for s in self.streams]),
+            np.concatenate([slots] * len(self.streams))], axis=1).astype(np.int64)
         return idx, self._labels[idx].astype(np.int32), seeds, self._store.fetch(idx)
 
     # tf.data ---------------------------------------------------------------
@@ -84,14 +89,14 @@ class TrainStream:
         return ds
 
     def _dataset(self, start_step: int) -> tf.data.Dataset:
-        n = 2 * self.local_batch_size
-        b = self.local_batch_size
+        b, streams = self.local_batch_size, self.streams  # locals: `split` must not hold self
+        n = len(streams) * b
         plan_tf = pipeline.numpy_plan(pipeline.weak_plan(self), self._store, n,
                               tf.int64, [n, 2])  # labels, per-image augmentation seeds
 
         def split(images, labels):
-            return {"cb": {"image": images[:b], "label": labels[:b]},
-                    "ib": {"image": images[b:], "label": labels[b:]}}
+            return {s: {"image": images[i * b:(i + 1) * b], "label": labels[i * b:(i + 1) * b]}
+                    for i, s in enumerate(streams)}
 
         return pipeline.decoded_batches(tf.data.Dataset.range(start_step, _MAX_STEPS).map(plan_tf),
                                 self._one, n, split, self._cfg)
@@ -163,6 +168,9 @@ def _same_class_substitutes(labels: np.ndarray, bad: set, describe=str) -> np.nd
 
 
 def make_train_stream(src, cfg, global_batch_size: int, seed: int = 0, start_step: int = 0,
-                      process_index: int = 0, process_count: int = 1) -> TrainStream:
-    """Dual-sampling training stream; see `TrainStream`."""
-    return TrainStream(src, cfg, global_batch_size, seed, start_step, process_index, process_count)
+                      process_index: int = 0, process_count: int = 1,
+                      streams: tuple[str, ...] = ("cb", "ib")) -> TrainStream:
+    """Dual-sampling training stream (or the `streams` of it a method reads); see
+    `TrainStream`."""
+    return TrainStream(src, cfg, global_batch_size, seed, start_step, process_index, process_count,
+                       streams)

@@ -102,7 +102,8 @@ def run_phase(ctx: Context, phase: Phase, params: dict, *, first: bool = True) -
     stream = data.make_train_stream(ctx.source, config.data, global_batch_size=batch_size,
                                     seed=phase.seed(config), start_step=start,
                                     process_index=jax.process_index(),
-                                    process_count=jax.process_count())
+                                    process_count=jax.process_count(),
+                                    streams=ctx.method.streams(config))  # only what it reads
     writer = make_writer(rundir.phase_dir(workdir, phase))
     images_per_step = batch_size * len(ctx.method.streams(config))
     progress = Progress(phase.number, total, spe, images_per_step, writer,
